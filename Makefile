@@ -1,0 +1,53 @@
+# Every target installs what it needs: a fresh clone needs only python3, a JDK 17 and Maven.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-unit test-integration bench lint stack-up stack-down stack-status kafka-jars clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install vtp with its dev tools
+
+kafka-jars: $(STAMP) ## resolve the pinned Apache Kafka jars with Maven into .cache/
+	$(BIN)/vtp stack fetch
+
+demo: $(STAMP) kafka-jars ## run the whole pipeline on a simulated fleet and print what owners see
+	$(BIN)/vtp demo
+
+test: $(STAMP) kafka-jars ## run the whole test suite (unit + integration on a real broker)
+	$(BIN)/pytest -q -ra
+
+test-unit: $(STAMP) ## unit tests only (no broker)
+	$(BIN)/pytest -q -ra tests/unit
+
+test-integration: $(STAMP) kafka-jars ## integration tests only
+	$(BIN)/pytest -q -ra tests/integration
+
+bench: $(STAMP) kafka-jars ## measure end-to-end and per-stage throughput
+	$(BIN)/python -m bench.e2e
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+stack-up: $(STAMP) kafka-jars ## start the local Kafka broker on a free loopback port
+	$(BIN)/vtp stack up
+
+stack-down: $(STAMP) ## stop the local Kafka broker
+	$(BIN)/vtp stack down
+
+stack-status: $(STAMP) ## show whether the local broker runs, and where
+	$(BIN)/vtp stack status
+
+clean: ## remove the virtualenv, caches and all local data
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,1 @@
+"""vtp: vehicle telemetry pipeline."""
