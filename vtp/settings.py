@@ -59,6 +59,8 @@ class Settings:
     # Kafka. Empty bootstrap means "the broker that `vtp stack up` started".
     kafka_bootstrap: str = ""
     kafka_version: str = "4.1.1"
+    # Port of the local broker `vtp stack up` starts; 0 picks a free loopback port.
+    broker_port: int = 0
     # librdkafka / aiokafka keys passed through unchanged (operators know them).
     kafka_extra: dict[str, Any] = field(default_factory=dict)
     topic_prefix: str = "vtp"
@@ -146,6 +148,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             cache_dir=Path(_env("CACHE_DIR", str(REPO_ROOT / ".cache"))).resolve(),
             kafka_bootstrap=_env("KAFKA_BOOTSTRAP", ""),
             kafka_version=_env("KAFKA_VERSION", "4.1.1"),
+            broker_port=_int("BROKER_PORT", 0),
             kafka_extra=_json_map("KAFKA_EXTRA"),
             topic_prefix=_env("TOPIC_PREFIX", "vtp"),
             topic_partitions=_int("TOPIC_PARTITIONS", 4),
