@@ -80,7 +80,8 @@ class SchemaStore:
         matches = [
             s
             for (full, v), s in self._by_name.items()
-            if (full == name or full.rsplit(".", 1)[-1] == name) and (version is None or v == version)
+            if (full == name or full.rsplit(".", 1)[-1] == name)
+            and (version is None or v == version)
         ]
         if not matches:
             raise KeyError(f"no schema {name!r} version {version} in the store")

@@ -51,3 +51,44 @@ def sample_signals(upload_schema: Schema) -> dict[str, Signal]:
             symbols=symbols,
         )
     return out
+
+
+def sample_problems(sample: dict[str, Any], signals: dict[str, Signal]) -> list[str]:
+    """Why a sample is invalid (empty when valid): unknown signals, wrong types, out of range.
+
+    Shared by the SDK (which raises at the call) and the stream job (which dead-letters).
+    NaN fails every range check on purpose.
+    """
+    problems = []
+    for key in ("event_time_ms", "seq"):
+        value = sample.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(f"{key} must be a non-negative integer, got {value!r}")
+    for name, value in sample.items():
+        if name in ("event_time_ms", "seq") or value is None:
+            continue
+        signal = signals.get(name)
+        if signal is None:
+            problems.append(f"unknown signal {name!r}")
+        elif signal.kind == "enum":
+            if value not in signal.symbols:
+                problems.append(
+                    f"{name} ({signal.vss}) must be one of {signal.symbols}, got {value!r}"
+                )
+        elif signal.kind == "boolean":
+            if not isinstance(value, bool):
+                problems.append(f"{name} ({signal.vss}) must be a boolean, got {value!r}")
+        elif signal.kind == "array":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                problems.append(f"{name} ({signal.vss}) must be a list of codes, got {value!r}")
+        elif not isinstance(value, int | float) or isinstance(value, bool):
+            problems.append(f"{name} ({signal.vss}) must be a number, got {value!r}")
+        elif not (
+            (signal.minimum is None or value >= signal.minimum)
+            and (signal.maximum is None or value <= signal.maximum)
+        ):
+            problems.append(
+                f"{name} ({signal.vss}) = {value!r} {signal.unit} is outside "
+                f"[{signal.minimum}, {signal.maximum}]"
+            )
+    return problems

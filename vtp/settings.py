@@ -69,7 +69,9 @@ class Settings:
     # Validation.
     max_clock_skew_s: float = 300.0
     max_backlog_s: float = 7 * 86400.0
-    dedup_uploads_per_vehicle: int = 512
+    # Upload ids remembered per vehicle to catch resends; older resends are caught
+    # by the sink, which refuses an upload id it already stored from another message.
+    dedup_uploads_per_vehicle: int = 64
     # Sink: batches are cut by message count per partition (never by time alone,
     # see sinks/batching.py); the flush interval only bounds how long a partial
     # batch waits, and the batch it produces is recorded before it is inserted.
@@ -80,7 +82,6 @@ class Settings:
     warehouse: str = "chdb"
     # Prometheus: 0 disables the endpoint; each process adds its own offset.
     metrics_port: int = 0
-    worker_web_port: int = 6066
 
     @property
     def topics(self) -> Topics:
@@ -155,12 +156,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             regions=regions,
             max_clock_skew_s=_float("MAX_CLOCK_SKEW_S", 300.0),
             max_backlog_s=_float("MAX_BACKLOG_S", 7 * 86400.0),
-            dedup_uploads_per_vehicle=_int("DEDUP_UPLOADS_PER_VEHICLE", 512),
+            dedup_uploads_per_vehicle=_int("DEDUP_UPLOADS_PER_VEHICLE", 64),
             sink_batch_messages=_int("SINK_BATCH_MESSAGES", 2000),
             sink_flush_ms=_int("SINK_FLUSH_MS", 500),
             warehouse=_env("WAREHOUSE", "chdb"),
             metrics_port=_int("METRICS_PORT", 0),
-            worker_web_port=_int("WORKER_WEB_PORT", 6066),
         )
     finally:
         if saved is not None:

@@ -1,0 +1,90 @@
+"""Per-partition batches cut by offsets, so a retried batch is the same batch.
+
+A batch holds consecutive messages of one topic-partition. It is cut when it holds
+``max_messages``, or when it has waited ``flush_after_s`` — a time cut is safe only
+because the sink records every batch's offset range before inserting it; after a
+crash the recorded range is imposed again (a *forced* batch), so the replayed insert
+carries the same deduplication token. A forced batch is never cut early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ForcedEndLookup = Callable[[str, int, int], "int | None"]
+
+
+@dataclass
+class PartitionBatch:
+    topic: str
+    partition: int
+    started_at: float
+    forced_last: int | None = None
+    offsets: list[int] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
+
+    @property
+    def first_offset(self) -> int:
+        return self.offsets[0]
+
+    @property
+    def last_offset(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def token(self) -> str:
+        return f"{self.topic}-{self.partition}-{self.first_offset}-{self.last_offset}"
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+class Batcher:
+    def __init__(self, max_messages: int, flush_after_s: float, forced_end: ForcedEndLookup):
+        self._max = max_messages
+        self._flush_after = flush_after_s
+        self._forced_end = forced_end
+        self._open: dict[tuple[str, int], PartitionBatch] = {}
+        self._ready: list[PartitionBatch] = []
+
+    def add(self, topic: str, partition: int, offset: int, item: Any, now: float) -> None:
+        key = (topic, partition)
+        batch = self._open.get(key)
+        if batch is not None and batch.forced_last is not None and offset > batch.forced_last:
+            self._ready.append(self._open.pop(key))
+            batch = None
+        if batch is None:
+            batch = PartitionBatch(
+                topic, partition, now, self._forced_end(topic, partition, offset)
+            )
+            self._open[key] = batch
+        batch.offsets.append(offset)
+        batch.items.append(item)
+        if self._complete(batch):
+            self._ready.append(self._open.pop(key))
+
+    def _complete(self, batch: PartitionBatch) -> bool:
+        if batch.forced_last is not None:
+            return batch.last_offset >= batch.forced_last
+        return len(batch) >= self._max
+
+    def take_ready(self, now: float, final: bool = False) -> list[PartitionBatch]:
+        """Batches to insert now. ``final`` (shutdown) also cuts every unforced batch."""
+        for key, batch in list(self._open.items()):
+            if batch.forced_last is None and (final or now - batch.started_at >= self._flush_after):
+                self._ready.append(self._open.pop(key))
+        ready, self._ready = self._ready, []
+        return ready
+
+    def drop(self, topic: str, partitions: list[int]) -> None:
+        """Forget uninserted batches of revoked partitions: their new owner re-reads them."""
+        for p in partitions:
+            self._open.pop((topic, p), None)
+        self._ready = [
+            b for b in self._ready if not (b.topic == topic and b.partition in partitions)
+        ]
+
+    def pending(self) -> int:
+        return sum(len(b) for b in self._open.values()) + sum(len(b) for b in self._ready)

@@ -1,0 +1,193 @@
+"""The warehouse interface and its two drivers, sharing every SQL statement.
+
+- ChdbWarehouse: the ClickHouse engine in-process (chdb), one folder per region.
+  chdb locks the folder: only one process may open it at a time.
+- ServerWarehouse: a ClickHouse server over HTTP (clickhouse-connect).
+
+Parameters are always bound with ClickHouse's ``{name:Type}`` syntax, never
+formatted into SQL text.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+
+from vtp.settings import Settings
+
+
+class WarehouseError(RuntimeError):
+    """A statement failed in the warehouse."""
+
+
+class WarehouseBusy(WarehouseError):
+    """The embedded warehouse folder is open in another process."""
+
+
+class Warehouse(Protocol):
+    description: str
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None: ...
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table: ...
+
+    def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def rows(table: pa.Table) -> list[tuple]:
+    """An Arrow result as a list of row tuples."""
+    columns = [c.to_pylist() for c in table.columns]
+    return list(zip(*columns, strict=True)) if columns else []
+
+
+def _param_text(value: Any) -> str:
+    """A parameter in the text form ClickHouse parses for ``{name:Type}``."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_param_literal(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):  # scalars are parsed in the escaped (TSV) form
+        return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+    return str(value)
+
+
+def _param_literal(value: Any) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if value is None:
+        return "NULL"
+    return _param_text(value)
+
+
+class ChdbWarehouse:
+    def __init__(self, path: Path):
+        from chdb import session
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.description = f"chdb:{path}"
+        try:
+            self._session = session.Session(str(path))
+        except Exception as exc:
+            if "Cannot lock file" in str(exc) or "already running" in str(exc):
+                raise WarehouseBusy(
+                    f"the embedded warehouse {path} is open in another process (a running "
+                    "`vtp sink` for this region?); stop it first, or point VTP_WAREHOUSE at a "
+                    "ClickHouse server"
+                ) from None
+            raise WarehouseError(f"cannot open the embedded warehouse {path}: {exc}") from None
+
+    def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> Any:
+        bound = {k: _param_text(v) for k, v in (params or {}).items()}
+        try:
+            return self._session.query(sql, fmt, params=bound)
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        self._run(sql, "CSV", params)
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
+        from chdb.state.sqlitelike import to_arrowTable
+
+        return to_arrowTable(self._run(sql, "Arrow", params))
+
+    def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
+        if data.num_rows == 0:
+            return 0
+        buf = io.BytesIO()
+        with pa.ipc.new_stream(buf, data.schema) as writer:
+            writer.write_table(data)
+        columns = ", ".join(f"`{name}`" for name in data.column_names)
+        settings = ""
+        if dedup_token is not None:
+            # Tokens are built by the sink from topic/partition/offsets: [a-z0-9.-] only.
+            settings = f" SETTINGS insert_deduplication_token='{_safe_token(dedup_token)}'"
+        try:
+            with self._session.send_insert(
+                f"INSERT INTO {table} ({columns}){settings}", "ArrowStream"
+            ) as inserter:
+                inserter.append(buf.getvalue())
+                inserter.finish()
+        except Exception as exc:
+            raise WarehouseError(f"insert into {table} failed: {exc}") from None
+        return data.num_rows
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class ServerWarehouse:
+    def __init__(self, url: str, region: str):
+        import clickhouse_connect
+
+        parsed = urlparse(url.replace("{region}", region))
+        database = parsed.path.strip("/") or f"vtp_{region}"
+        self.description = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}/{database}"
+        try:
+            admin = clickhouse_connect.get_client(
+                host=parsed.hostname,
+                port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
+                username=unquote(parsed.username or "default"),
+                password=unquote(parsed.password or ""),
+                secure=parsed.scheme == "https",
+            )
+            admin.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+            admin.close()
+            self._client = clickhouse_connect.get_client(
+                host=parsed.hostname,
+                port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
+                username=unquote(parsed.username or "default"),
+                password=unquote(parsed.password or ""),
+                secure=parsed.scheme == "https",
+                database=database,
+            )
+        except Exception as exc:
+            raise WarehouseError(f"cannot reach ClickHouse at {self.description}: {exc}") from None
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        try:
+            self._client.command(sql, parameters=params or None)
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
+        try:
+            return self._client.query_arrow(sql, parameters=params or None)
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
+    def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
+        if data.num_rows == 0:
+            return 0
+        settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
+        try:
+            self._client.insert_arrow(table, data, settings=settings)
+        except Exception as exc:
+            raise WarehouseError(f"insert into {table} failed: {exc}") from None
+        return data.num_rows
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _safe_token(token: str) -> str:
+    if not all(c.isalnum() or c in ".-_:" for c in token):
+        raise ValueError(f"unsafe deduplication token {token!r}")
+    return token
+
+
+def open_warehouse(settings: Settings, region: str) -> Warehouse:
+    """The region's warehouse: embedded by default, a server when VTP_WAREHOUSE is a URL."""
+    if settings.warehouse == "chdb":
+        return ChdbWarehouse(settings.warehouse_path(region))
+    if settings.warehouse.startswith(("http://", "https://")):
+        return ServerWarehouse(settings.warehouse, region)
+    raise WarehouseError(
+        f"VTP_WAREHOUSE={settings.warehouse!r}: use 'chdb' or an http(s):// URL of a ClickHouse server"
+    )

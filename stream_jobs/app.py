@@ -1,0 +1,263 @@
+"""The Faust worker: validate raw uploads, tag residency, route them.
+
+The agents are thin: they turn Faust events into RawUpload values, call the pure
+functions in stream_jobs.validate, and send each outcome to its topic. Offsets are
+acked after the batch body finishes, so routing is at-least-once; a replayed message
+keeps its raw source offset, which lets the dedup table and the sink tell a replay
+from a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator, Mapping
+
+import faust
+from confluent_kafka import Consumer, TopicPartition
+from faust.types import TP
+
+from schemas import FramingError, default_store
+from stream_jobs.registry import decode_registration
+from stream_jobs.validate import (
+    DeadLettered,
+    Limits,
+    Quarantined,
+    RawUpload,
+    Registration,
+    Routed,
+    SeenUploads,
+    route_batch,
+)
+from vtp import metrics
+from vtp.settings import Settings
+
+log = logging.getLogger("vtp.worker")
+
+BATCH_MAX = 1000
+BATCH_WITHIN_S = 0.2
+
+
+def deadletter_headers(
+    stage: str, reason: str, detail: str, source: str
+) -> list[tuple[str, bytes]]:
+    return [
+        ("vtp-stage", stage.encode()),
+        ("vtp-reason", reason.encode()),
+        ("vtp-detail", detail[:2000].encode()),
+        ("vtp-source", source.encode()),
+    ]
+
+
+class RegistryView(Mapping[str, Registration]):
+    """The vehicles table seen as VIN -> Registration, decoding each value once."""
+
+    def __init__(self, table: faust.Table):
+        self._table = table
+        self._decoded: dict[bytes, Registration] = {}
+
+    def __getitem__(self, vin: str) -> Registration:
+        raw = self._table.get(vin.encode())
+        if raw is None:
+            raise KeyError(vin)
+        reg = self._decoded.get(raw)
+        if reg is None:
+            reg = self._decoded[raw] = decode_registration(raw)
+        return reg
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k in self._table.keys())
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+class RegistryGate:
+    """Holds upload processing until the registry agent has applied what was in the
+    registry topic when the worker started, so a restart does not quarantine
+    uploads of vehicles that were registered all along."""
+
+    def __init__(self, settings: Settings, group_id: str):
+        self._settings = settings
+        self._group = group_id
+        self._targets: dict[int, int] | None = None
+        self.applied: dict[int, int] = {}
+
+    def _snapshot(self) -> dict[int, int]:
+        topic = self._settings.topics.vehicles
+        consumer = Consumer(
+            {"bootstrap.servers": self._settings.bootstrap(), "group.id": self._group}
+        )
+        try:
+            meta = consumer.list_topics(topic, timeout=10)
+            parts = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
+            committed = {
+                tp.partition: tp.offset
+                for tp in consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+            }
+            targets = {}
+            for p in parts:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                if committed.get(p, -1) < high:
+                    targets[p] = high
+            return targets
+        finally:
+            consumer.close()
+
+    def is_ready(self, partition: int) -> bool:
+        assert self._targets is not None
+        target = self._targets.get(partition)
+        return target is None or self.applied.get(partition, -1) + 1 >= target
+
+    async def wait(self, partitions: set[int]) -> None:
+        if self._targets is None:
+            self._targets = await asyncio.to_thread(self._snapshot)
+            log.info("registry catch-up targets: %s", self._targets or "none")
+        waited = 0.0
+        while not all(self.is_ready(p) for p in partitions):
+            await asyncio.sleep(0.05)
+            waited += 0.05
+            if waited % 10 < 0.05:
+                log.info("waiting for the vehicle registry to catch up (%.0f s)", waited)
+
+
+def create_app(settings: Settings) -> faust.App:
+    topics = settings.topics
+    app_id = f"{settings.topic_prefix}-validate"
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{settings.bootstrap()}",
+        store="memory://",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=False,
+        datadir=str(settings.data_dir / "faust" / app_id),
+    )
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    uploads_topic = app.topic(topics.uploads, **raw)
+    registry_topic = app.topic(topics.vehicles, **raw)
+    validated = {r: app.topic(topics.validated(r), **raw) for r in settings.regions}
+    deadletter = app.topic(topics.deadletter, **raw)
+    quarantine = app.topic(topics.quarantine, **raw)
+
+    # Both tables are keyed by VIN, as are both source topics (same partition count,
+    # murmur2 partitioner), so a worker holds the registry entries and the dedup
+    # state of exactly the vehicles whose uploads it is assigned.
+    vehicles = app.Table("vehicles", default=None, key_type=bytes, value_type=bytes)
+    seen_table = app.Table(
+        "seen_uploads", default=None, key_type=bytes, value_type=bytes, use_partitioner=True
+    )
+    registry = RegistryView(vehicles)
+    gate = RegistryGate(settings, app_id)
+    store = default_store()
+    limits = Limits(
+        max_clock_skew_ms=int(settings.max_clock_skew_s * 1000),
+        max_backlog_ms=int(settings.max_backlog_s * 1000),
+        regions=settings.regions,
+        dedup_per_vehicle=settings.dedup_uploads_per_vehicle,
+    )
+
+    @app.agent(registry_topic)
+    async def apply_registrations(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            if message.value is None:  # tombstone: the vehicle left the registry
+                vehicles.pop(message.key, None)
+            else:
+                try:
+                    decode_registration(message.value, store)
+                except FramingError as exc:
+                    source = f"{message.topic}:{message.partition}:{message.offset}"
+                    await deadletter.send(
+                        key=message.key,
+                        value=message.value,
+                        headers=deadletter_headers("registry", exc.reason, exc.detail, source),
+                    )
+                    metrics.DEADLETTERED.labels("registry", exc.reason).inc()
+                else:
+                    vehicles[message.key] = message.value
+                    metrics.REGISTRY_UPDATES.inc()
+            gate.applied[message.partition] = message.offset
+
+    @app.agent(uploads_topic)
+    async def validate_uploads(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await gate.wait({e.message.partition for e in events})
+            raws = [
+                RawUpload(
+                    value=e.message.value or b"",
+                    key=e.message.key,
+                    partition=e.message.partition,
+                    offset=e.message.offset,
+                    timestamp_ms=int(e.message.timestamp * 1000),
+                )
+                for e in events
+            ]
+            seen = SeenUploads(load=lambda vin: _stored_seen(seen_table, vin))
+            outcomes = route_batch(raws, store, registry, seen, limits)
+            metrics.UPLOADS_IN.inc(len(raws))
+            for raw_upload, outcome in zip(raws, outcomes, strict=True):
+                await _send(raw_upload, outcome)
+            for vin in seen.changed:
+                seen_table[vin.encode()] = json.dumps(seen.by_vin[vin]).encode()
+
+    async def _send(raw_upload: RawUpload, outcome: object) -> None:
+        source = f"{topics.uploads}:{raw_upload.source}"
+        if isinstance(outcome, Routed):
+            await validated[outcome.region].send(
+                key=raw_upload.key,
+                value=raw_upload.value,
+                headers=[
+                    ("vtp-region", outcome.region.encode()),
+                    ("vtp-owner", outcome.owner_id.encode()),
+                    ("vtp-received-ms", str(raw_upload.timestamp_ms).encode()),
+                    ("vtp-source", source.encode()),
+                ],
+            )
+            metrics.UPLOADS_ROUTED.labels(outcome.region).inc()
+            metrics.SAMPLES_ROUTED.labels(outcome.region).inc(outcome.samples)
+        elif isinstance(outcome, Quarantined):
+            await quarantine.send(
+                key=raw_upload.key,
+                value=raw_upload.value,
+                headers=deadletter_headers("validate", outcome.reason, outcome.detail, source),
+            )
+            metrics.QUARANTINED.labels(outcome.reason).inc()
+        else:
+            assert isinstance(outcome, DeadLettered)
+            await deadletter.send(
+                key=raw_upload.key,
+                value=raw_upload.value,
+                headers=deadletter_headers("validate", outcome.reason, outcome.detail, source),
+            )
+            metrics.DEADLETTERED.labels("validate", outcome.reason).inc()
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        for tp in app.consumer.assignment():
+            if tp.topic not in (topics.uploads, topics.vehicles):
+                continue
+            position = await app.consumer.position(TP(tp.topic, tp.partition))
+            if position is None:
+                continue
+            lag = max(0, app.consumer.highwater(tp) - position)
+            metrics.CONSUMER_LAG.labels(app_id, tp.topic, str(tp.partition)).set(lag)
+
+    return app
+
+
+def _stored_seen(table: faust.Table, vin: str) -> dict[str, str]:
+    stored = table.get(vin.encode())
+    return json.loads(stored) if stored else {}
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """`vtp worker`: run the validate job until SIGTERM/SIGINT."""
+    metrics.serve_metrics(settings.metrics_port)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel)
+    worker.execute_from_commandline()

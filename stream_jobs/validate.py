@@ -1,0 +1,202 @@
+"""Validation and residency routing of raw uploads: pure functions, no I/O.
+
+Every raw message gets exactly one Outcome: Routed to its region's validated topic,
+DeadLettered with a reason code, or Quarantined because its region is unknown.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from schemas import FramingError, SchemaStore
+from schemas.signals import Signal, sample_problems, sample_signals
+
+VIN_PATTERN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
+
+
+@dataclass(frozen=True)
+class RawUpload:
+    """One message of the uploads topic, as the broker delivered it."""
+
+    value: bytes
+    key: bytes | None
+    partition: int
+    offset: int
+    timestamp_ms: int  # broker (or producer) timestamp: when vtp received it
+
+    @property
+    def source(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    vin: str
+    owner_id: str
+    region: str
+    model: str = ""
+    battery_capacity_kwh: float | None = None
+    time_zone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_clock_skew_ms: int
+    max_backlog_ms: int
+    regions: tuple[str, ...]
+    dedup_per_vehicle: int = 64
+
+
+@dataclass(frozen=True)
+class Routed:
+    region: str
+    owner_id: str
+    vin: str
+    upload_id: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    reason: str
+    detail: str
+    vin: str
+
+
+Outcome = Routed | DeadLettered | Quarantined
+
+
+@dataclass
+class SeenUploads:
+    """Recent upload ids per VIN, with the raw offset each was first seen at.
+
+    The offset is what tells a duplicate (same id, another message) from a replay of
+    the same message after a worker restart (same id, same offset): a replay is routed
+    again, and the sink's offset-derived deduplication absorbs it. ``load`` fetches a
+    VIN's stored history the first time the VIN is met (the worker reads its table).
+    """
+
+    load: Callable[[str], dict[str, str]] = lambda vin: {}
+    by_vin: dict[str, dict[str, str]] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
+
+    def _ids(self, vin: str) -> dict[str, str]:
+        ids = self.by_vin.get(vin)
+        if ids is None:
+            ids = self.by_vin[vin] = dict(self.load(vin))
+        return ids
+
+    def first_source(self, vin: str, upload_id: str) -> str | None:
+        return self._ids(vin).get(upload_id)
+
+    def remember(self, vin: str, upload_id: str, source: str, keep: int) -> None:
+        ids = self._ids(vin)
+        ids[upload_id] = source
+        while len(ids) > keep:  # dicts keep insertion order: drop the oldest
+            del ids[next(iter(ids))]
+        self.changed.add(vin)
+
+
+def check_record(
+    record: dict, signals: Mapping[str, Signal], received_ms: int, limits: Limits
+) -> DeadLettered | None:
+    """Content rules of one decoded upload; None when it is valid."""
+    vin = record["vin"]
+    if not VIN_PATTERN.match(vin):
+        return DeadLettered("invalid_vin", f"{vin!r} is not a 17-character VIN")
+    samples = record["samples"]
+    if not samples:
+        return DeadLettered("empty_upload", f"upload {record['upload_id']} has no samples")
+    sent = record["sent_at_ms"]
+    if sent > received_ms + limits.max_clock_skew_ms:
+        return DeadLettered(
+            "clock_skew",
+            f"sent_at_ms {sent} is {(sent - received_ms) / 1000:.1f} s after it was received",
+        )
+    previous_seq = -1
+    for i, sample in enumerate(samples):
+        problems = sample_problems(sample, signals)
+        if problems:
+            return DeadLettered("invalid_sample", f"sample {i}: " + "; ".join(problems))
+        t = sample["event_time_ms"]
+        if t > sent + limits.max_clock_skew_ms:
+            return DeadLettered(
+                "clock_skew",
+                f"sample {i} event_time_ms {t} is {(t - sent) / 1000:.1f} s after sent_at",
+            )
+        if t < sent - limits.max_backlog_ms:
+            return DeadLettered(
+                "too_old", f"sample {i} is {(sent - t) / 86400000:.1f} days older than sent_at"
+            )
+        if sample["seq"] <= previous_seq:
+            return DeadLettered(
+                "invalid_sample", f"sample {i} seq {sample['seq']} does not increase"
+            )
+        previous_seq = sample["seq"]
+    return None
+
+
+def route_upload(
+    raw: RawUpload,
+    store: SchemaStore,
+    registry: Mapping[str, Registration],
+    seen: SeenUploads,
+    limits: Limits,
+) -> Outcome:
+    """Decide where one raw message goes. Updates ``seen`` for routed uploads."""
+    try:
+        record, writer = store.decode(raw.value)
+    except FramingError as exc:
+        return DeadLettered(exc.reason, exc.detail)
+    if writer.name != "vtp.telemetry.VehicleUpload":
+        return DeadLettered("unexpected_schema", f"{writer.name} is not a VehicleUpload")
+    rejected = check_record(record, _signals(writer, store), raw.timestamp_ms, limits)
+    if rejected:
+        return rejected
+    vin, upload_id = record["vin"], record["upload_id"]
+    if raw.key is not None and raw.key != vin.encode():
+        return DeadLettered("key_mismatch", f"message key {raw.key!r} is not the VIN {vin}")
+    first = seen.first_source(vin, upload_id)
+    if first is not None and first != raw.source:
+        return DeadLettered("duplicate_upload", f"upload {upload_id} was first seen at {first}")
+    registration = registry.get(vin)
+    if registration is None:
+        return Quarantined("unknown_vin", f"{vin} is not in the vehicle registry", vin)
+    if registration.region not in limits.regions:
+        return Quarantined(
+            "unknown_region",
+            f"{vin} is registered to region {registration.region!r}, not one of {limits.regions}",
+            vin,
+        )
+    seen.remember(vin, upload_id, raw.source, limits.dedup_per_vehicle)
+    return Routed(
+        registration.region, registration.owner_id, vin, upload_id, len(record["samples"])
+    )
+
+
+def route_batch(
+    raws: list[RawUpload],
+    store: SchemaStore,
+    registry: Mapping[str, Registration],
+    seen: SeenUploads,
+    limits: Limits,
+) -> list[Outcome]:
+    return [route_upload(raw, store, registry, seen, limits) for raw in raws]
+
+
+_SIGNALS_CACHE: dict[bytes, dict[str, Signal]] = {}
+
+
+def _signals(writer, store: SchemaStore) -> dict[str, Signal]:
+    signals = _SIGNALS_CACHE.get(writer.fingerprint)
+    if signals is None:
+        signals = _SIGNALS_CACHE[writer.fingerprint] = sample_signals(writer)
+    return signals

@@ -1,0 +1,121 @@
+"""`vtp demo` / `make demo`: a fresh local stack, a simulated fleet in two regions,
+the real worker and sinks as processes, and what owners would see."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from deploy.broker import fetch_jars, start_broker, stop_broker
+from producers.simulator import build_fleet
+
+from owner_api.report import format_report, owner_report
+from producers.faults import fault_messages
+from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
+from producers.sdk import TelemetryPublisher
+from sinks.warehouse import open_warehouse, rows
+from vtp.pipeline import read_outcomes, start_sink, start_worker, wait_drained
+from vtp.settings import Settings
+from vtp.topics import create_topics
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_demo(base: Settings, seed: int = 7, minutes: float = 15.0) -> int:
+    settings = base.with_(data_dir=base.data_dir / "demo", kafka_bootstrap="")
+    shutil.rmtree(settings.data_dir, ignore_errors=True)  # every run starts fresh
+    say(f"== vtp demo: data in {settings.data_dir}")
+    fetch_jars(settings)
+    state = start_broker(settings)
+    settings = settings.with_(kafka_bootstrap=state.bootstrap)
+    say(
+        f"broker: Apache Kafka {settings.kafka_version} (KRaft) pid {state.pid} at {state.bootstrap}"
+    )
+    processes = []
+    try:
+        create_topics(settings)
+        fleet = build_fleet(seed, owners=30, vehicles=52, regions=settings.regions)
+        registered, unregistered = fleet[:-2], fleet[-2:]  # two gateways nobody registered
+        register_fleet(settings, registered)
+        say(f"fleet: {len({v.owner_id for v in fleet})} owners, {len(fleet)} vehicles "
+            f"({', '.join(f'{r}: {sum(v.region == r for v in fleet)}' for r in settings.regions)}), "
+            f"{len(unregistered)} of them not in the registry")  # fmt: skip
+        processes.append(start_worker(settings))
+        processes += [start_sink(settings, r) for r in settings.regions]
+        say("started: vtp worker, " + ", ".join(f"vtp sink --region {r}" for r in settings.regions))
+
+        publisher = TelemetryPublisher(settings.bootstrap(), settings.topics.uploads)
+        published = publish_fleet(
+            settings, fleet, seed=seed, duration_s=minutes * 60, publisher=publisher
+        )
+        faults = fault_messages(
+            registered[0].vin, unregistered[0].vin, published.first_upload, DEFAULT_START_MS
+        )
+        for fault in faults:
+            publisher.publish_raw(fault.key, fault.value, f"fault:{fault.reason}")
+        report = publisher.flush(60)
+        produced = report.delivered
+        say(f"produced: {published.uploads} uploads with {published.samples} samples "
+            f"({minutes:g} simulated minutes) + {len(faults)} bad messages = {produced} messages "
+            f"delivered, {len(report.failed)} failed")  # fmt: skip
+
+        started = time.monotonic()
+        if not wait_drained(settings, processes, timeout=240):
+            say("pipeline did not drain within 240 s")
+            return 1
+        say(f"drained {time.monotonic() - started:.1f} s after the last upload was acknowledged")
+    finally:
+        for p in processes:
+            p.stop()
+
+    try:
+        outcomes = read_outcomes(settings)
+        stored_uploads, stored_samples = 0, 0
+        for region in settings.regions:
+            wh = open_warehouse(settings, region)
+            try:
+                (ups, samples, foreign), = rows(wh.query(
+                    "SELECT (SELECT count() FROM uploads), count(), countIf(region != {r:String}) "
+                    "FROM samples", {"r": region}))  # fmt: skip
+            finally:
+                wh.close()
+            say(
+                f"warehouse {region}: {ups} uploads, {samples} samples, {foreign} rows of another region"
+            )
+            stored_uploads += ups
+            stored_samples += samples
+        say(f"dead-lettered: {outcomes.deadlettered_total} {dict(outcomes.deadlettered)}")
+        say(f"quarantined:   {outcomes.quarantined_total} {dict(outcomes.quarantined)}")
+        accounted = stored_uploads + outcomes.deadlettered_total + outcomes.quarantined_total
+        balanced = accounted == produced
+        say(f"reconciliation: produced {produced} = stored {stored_uploads} + dead-lettered "
+            f"{outcomes.deadlettered_total} + quarantined {outcomes.quarantined_total} "
+            f"-> {'OK' if balanced else f'MISMATCH ({accounted})'}")  # fmt: skip
+        expected_samples = sum(
+            t.samples
+            for vin, t in published.truth.vehicles.items()
+            if vin not in {v.vin for v in unregistered}
+        )
+        say(
+            f"samples stored {stored_samples}, simulator generated {expected_samples} for registered vehicles"
+        )
+
+        shown = []
+        for region in settings.regions:
+            owner = next(v.owner_id for v in registered if v.region == region)
+            wh = open_warehouse(settings, region)
+            try:
+                say("")
+                say(format_report(owner, region, owner_report(wh, owner)))
+            finally:
+                wh.close()
+            for truth in published.truth.by_owner(owner):
+                say(f"    simulator truth {truth.vin}: {truth.samples} samples, "
+                    f"driven {truth.distance_km:.3f} km, last SoC {truth.last_soc}")  # fmt: skip
+            shown.append(owner)
+        return 0 if balanced and stored_samples == expected_samples else 1
+    finally:
+        stop_broker(settings)
+        say("stopped: worker, sinks, broker")

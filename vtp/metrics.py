@@ -1,0 +1,43 @@
+"""Prometheus metrics of every long-running vtp process (one registry per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+UPLOADS_IN = Counter("vtp_uploads_in_total", "Raw uploads read by the validate job")
+SAMPLES_ROUTED = Counter(
+    "vtp_samples_routed_total", "Samples in uploads routed to a region", ["region"]
+)
+UPLOADS_ROUTED = Counter("vtp_uploads_routed_total", "Uploads routed to a region", ["region"])
+DEADLETTERED = Counter(
+    "vtp_deadlettered_total", "Messages sent to the dead-letter topic", ["stage", "reason"]
+)
+QUARANTINED = Counter("vtp_quarantined_total", "Uploads quarantined (region unknown)", ["reason"])
+REGISTRY_UPDATES = Counter("vtp_registry_updates_total", "Vehicle registry entries applied")
+SINK_UPLOADS = Counter("vtp_sink_uploads_stored_total", "Uploads inserted", ["region"])
+SINK_SAMPLES = Counter("vtp_sink_samples_stored_total", "Samples inserted", ["region"])
+SINK_REPLAYS_SKIPPED = Counter(
+    "vtp_sink_replayed_uploads_skipped_total",
+    "Uploads already stored from the same raw message (worker replay), not inserted again",
+    ["region"],
+)
+SINK_BATCH_MESSAGES = Histogram(
+    "vtp_sink_batch_messages",
+    "Messages per sink insert batch",
+    ["region"],
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+)
+SINK_INSERT_SECONDS = Histogram(
+    "vtp_sink_insert_seconds", "Latency of one batch insert (samples + uploads)", ["region"]
+)
+CONSUMER_LAG = Gauge(
+    "vtp_consumer_lag_messages", "High watermark minus position", ["group", "topic", "partition"]
+)
+
+
+def serve_metrics(port: int) -> int | None:
+    """Serve /metrics on loopback; port 0 means off. Returns the port served."""
+    if port <= 0:
+        return None
+    start_http_server(port, addr="127.0.0.1")
+    return port

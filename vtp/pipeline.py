@@ -1,0 +1,209 @@
+"""Run the pipeline's processes as users do, and observe it from outside:
+is it drained, and where did every raw message end up?"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from vtp.settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process the same settings."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "VTP_KAFKA_BOOTSTRAP": settings.bootstrap(),
+            "VTP_DATA_DIR": str(settings.data_dir),
+            "VTP_TOPIC_PREFIX": settings.topic_prefix,
+            "VTP_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            "VTP_REGIONS": ",".join(settings.regions),
+            "VTP_SINK_BATCH_MESSAGES": str(settings.sink_batch_messages),
+            "VTP_SINK_FLUSH_MS": str(settings.sink_flush_ms),
+            "VTP_WAREHOUSE": settings.warehouse,
+            "VTP_METRICS_PORT": "0",
+        }
+    )
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM by our own pid, then SIGKILL if it does not end in time."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_process(settings: Settings, name: str, *args: str) -> Process:
+    log_dir = settings.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "vtp.cli", *args],
+        env=settings_env(settings),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    log_file.close()
+    return Process(name, popen, log_path)
+
+
+def start_worker(settings: Settings) -> Process:
+    return start_process(settings, "worker", "worker")
+
+
+def start_sink(settings: Settings, region: str) -> Process:
+    return start_process(settings, f"sink-{region}", "sink", "--region", region)
+
+
+def _lag(consumer: Consumer, group_topics: list[str]) -> int:
+    total = 0
+    for topic in group_topics:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None:
+            continue
+        tps = [TopicPartition(topic, p) for p in meta.partitions]
+        committed = consumer.committed(tps, timeout=10)
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            position = tp.offset if tp.offset >= 0 else low
+            total += max(0, high - position)
+    return total
+
+
+def pipeline_lag(settings: Settings) -> int:
+    """Messages not yet committed by the worker (uploads) and the sinks (validated)."""
+    total = 0
+    groups = {f"{settings.topic_prefix}-validate": [settings.topics.uploads]}
+    for region in settings.regions:
+        groups[f"{settings.topic_prefix}-sink-{region}"] = [settings.topics.validated(region)]
+    for group, topics in groups.items():
+        consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": group})
+        try:
+            total += _lag(consumer, topics)
+        finally:
+            consumer.close()
+    return total
+
+
+def wait_drained(
+    settings: Settings, processes: list[Process], timeout: float = 180.0, progress=None
+) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in processes:
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
+        lag = pipeline_lag(settings)
+        if progress:
+            progress(lag)
+        if lag == 0:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+@dataclass
+class Outcomes:
+    """Distinct raw messages per destination and reason (dead letters may repeat on replay)."""
+
+    deadlettered: Counter = field(default_factory=Counter)
+    quarantined: Counter = field(default_factory=Counter)
+
+    @property
+    def deadlettered_total(self) -> int:
+        return sum(self.deadlettered.values())
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
+
+
+def _read_to_end(settings: Settings, topic: str) -> dict[str, str]:
+    """vtp-source -> vtp-reason of every message in ``topic``."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "group.id": f"vtp-observer-{os.getpid()}-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+        }
+    )
+    found: dict[str, str] = {}
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None:
+            return found
+        ends = {}
+        assignment = []
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                assignment.append(TopicPartition(topic, p, low))
+        consumer.assign(assignment)
+        deadline = time.monotonic() + 60
+        while ends and time.monotonic() < deadline:
+            for m in consumer.consume(1000, timeout=1.0):
+                if m.error():
+                    continue
+                headers = {k: (v or b"").decode() for k, v in (m.headers() or [])}
+                source = headers.get("vtp-source", f"{topic}:{m.partition()}:{m.offset()}")
+                found[source] = headers.get("vtp-reason", "unknown")
+                if m.offset() + 1 >= ends.get(m.partition(), 0):
+                    ends.pop(m.partition(), None)
+        return found
+    finally:
+        consumer.close()
+
+
+def read_outcomes(settings: Settings) -> Outcomes:
+    return Outcomes(
+        deadlettered=Counter(_read_to_end(settings, settings.topics.deadletter).values()),
+        quarantined=Counter(_read_to_end(settings, settings.topics.quarantine).values()),
+    )
+
+
+def topic_message_count(settings: Settings, topic: str) -> int:
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "vtp-observer"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        total = 0
+        for p in meta.partitions if meta else []:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += high - low
+        return total
+    finally:
+        consumer.close()
