@@ -23,7 +23,8 @@ class PublishSummary:
     samples: int = 0
     seconds: float = 0.0
     report: DeliveryReport = field(default_factory=DeliveryReport)
-    first_upload: tuple[bytes, bytes] | None = None  # (key, value), for resend tests
+    # The first upload of each vehicle as (key, value): what a resend test sends again.
+    first_uploads: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         rate = self.samples / self.seconds if self.seconds else 0.0
@@ -71,8 +72,7 @@ def publish_fleet(
     ):  # fmt: skip
         value = store.encode(upload, schema)
         key = upload["vin"].encode()
-        if summary.first_upload is None:
-            summary.first_upload = (key, value)
+        summary.first_uploads.setdefault(upload["vin"], (key, value))
         publisher.publish_raw(key, value, upload["upload_id"])
         summary.uploads += 1
         summary.samples += len(upload["samples"])

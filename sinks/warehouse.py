@@ -10,6 +10,7 @@ formatted into SQL text.
 
 from __future__ import annotations
 
+import fcntl
 import io
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,15 +72,15 @@ class ChdbWarehouse:
 
         path.mkdir(parents=True, exist_ok=True)
         self.description = f"chdb:{path}"
+        if _locked_by_another_process(path / "status"):
+            raise WarehouseBusy(
+                f"the embedded warehouse {path} is open in another process (a running "
+                "`vtp sink` for this region?); stop it first, or point VTP_WAREHOUSE at a "
+                "ClickHouse server"
+            )
         try:
             self._session = session.Session(str(path))
         except Exception as exc:
-            if "Cannot lock file" in str(exc) or "already running" in str(exc):
-                raise WarehouseBusy(
-                    f"the embedded warehouse {path} is open in another process (a running "
-                    "`vtp sink` for this region?); stop it first, or point VTP_WAREHOUSE at a "
-                    "ClickHouse server"
-                ) from None
             raise WarehouseError(f"cannot open the embedded warehouse {path}: {exc}") from None
 
     def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> Any:
@@ -174,6 +175,19 @@ class ServerWarehouse:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _locked_by_another_process(status_file: Path) -> bool:
+    """ClickHouse holds an flock on <path>/status while an engine has the folder open."""
+    if not status_file.exists():
+        return False
+    with open(status_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def _safe_token(token: str) -> str:

@@ -51,7 +51,7 @@ def run_demo(base: Settings, seed: int = 7, minutes: float = 15.0) -> int:
             settings, fleet, seed=seed, duration_s=minutes * 60, publisher=publisher
         )
         faults = fault_messages(
-            registered[0].vin, unregistered[0].vin, published.first_upload, DEFAULT_START_MS
+            registered[0].vin, unregistered[0].vin, published.first_uploads[registered[0].vin], DEFAULT_START_MS
         )
         for fault in faults:
             publisher.publish_raw(fault.key, fault.value, f"fault:{fault.reason}")

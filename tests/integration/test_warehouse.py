@@ -1,0 +1,108 @@
+"""The real ClickHouse engine (chdb) behind the warehouse interface; no broker needed.
+The server driver runs the same SQL when VTP_TEST_CLICKHOUSE_URL names a server."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sinks.migrations import available, migrate, statements
+from sinks.rows import StoredUpload, samples_table, uploads_table
+from sinks.warehouse import ChdbWarehouse, ServerWarehouse, WarehouseBusy, WarehouseError, rows
+
+SERVER_URL = os.environ.get("VTP_TEST_CLICKHOUSE_URL")
+
+
+def upload(upload_id, months=(0,), samples=3):
+    base = 1_790_000_000_000
+    month = 31 * 86_400_000
+    record = {
+        "vin": "LRW3E7EK4NC000001",
+        "upload_id": upload_id,
+        "sent_at_ms": base,
+        "gateway_firmware": "1",
+        "samples": [
+            {"event_time_ms": base + m * month + i * 1000, "seq": m * 100 + i, "speed": 1.0}
+            for m in months
+            for i in range(samples)
+        ],
+    }
+    return StoredUpload(record, "owner-'quoted'", "cn", 1, base, "raw:0:1", "v.cn", 0, 1)
+
+
+@pytest.fixture(params=["chdb", "server"])
+def warehouse(request, tmp_path):
+    if request.param == "server":
+        if not SERVER_URL:
+            pytest.skip("no ClickHouse server: set VTP_TEST_CLICKHOUSE_URL=http://host:8123/db to run")
+        wh = ServerWarehouse(SERVER_URL, "test")
+    else:
+        wh = ChdbWarehouse(tmp_path / "wh")
+    yield wh
+    wh.close()
+
+
+def test_migrations_apply_once(warehouse):
+    first = migrate(warehouse)
+    assert first == [v for v, _, _ in available()]
+    assert migrate(warehouse) == []
+    tables = {r[0] for r in rows(warehouse.query("SELECT name FROM system.tables WHERE database = currentDatabase()"))}
+    assert {"samples", "uploads", "sink_batches", "schema_migrations"} <= tables
+
+
+def test_a_repeated_insert_with_the_same_token_is_dropped_even_across_partitions(warehouse):
+    migrate(warehouse)
+    batch = [upload("u-1", months=(0, 1, 2))]  # three monthly partitions, three parts
+    for _ in range(3):
+        warehouse.insert_arrow("samples", samples_table(batch), "v.cn-0-0-9")
+        warehouse.insert_arrow("uploads", uploads_table(batch), "v.cn-0-0-9")
+    assert rows(warehouse.query("SELECT count() FROM samples")) == [(9,)]
+    assert rows(warehouse.query("SELECT count() FROM uploads")) == [(1,)]
+    warehouse.insert_arrow("samples", samples_table(batch), "v.cn-0-10-19")  # another batch
+    assert rows(warehouse.query("SELECT count() FROM samples")) == [(18,)]
+
+
+def test_parameters_are_bound_not_formatted(warehouse):
+    migrate(warehouse)
+    warehouse.insert_arrow("samples", samples_table([upload("u-1")]), "t-0-0-0")
+    owner = "owner-'quoted'"
+    assert rows(warehouse.query("SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": owner})) == [(3,)]
+    injected = "x' OR 1=1 --"
+    assert rows(warehouse.query("SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": injected})) == [(0,)]
+    ids = rows(warehouse.query("SELECT count() FROM uploads WHERE upload_id IN {ids:Array(String)}", {"ids": ["u-1", "a'b"]}))
+    assert ids == [(0,)]  # no uploads row was inserted here, and the quote did no harm
+
+
+def test_sql_errors_name_the_statement(warehouse):
+    with pytest.raises(WarehouseError, match="no_such_table"):
+        warehouse.query("SELECT * FROM no_such_table")
+
+
+def test_unsafe_token_is_refused(tmp_path):
+    wh = ChdbWarehouse(tmp_path / "wh")
+    migrate(wh)
+    with pytest.raises(ValueError, match="unsafe"):
+        wh.insert_arrow("samples", samples_table([upload("u")]), "x'; DROP TABLE samples")
+    wh.close()
+
+
+def test_statement_splitting_ignores_comments():
+    sql = "-- a; comment\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n\nSELECT 1;\n"
+    assert statements(sql) == ["CREATE TABLE a (x UInt8) ENGINE = Memory", "SELECT 1"]
+
+
+def test_a_second_process_gets_a_clear_busy_error(tmp_path):
+    path = tmp_path / "wh"
+    wh = ChdbWarehouse(path)
+    try:
+        code = (
+            "import sys; from pathlib import Path; from sinks.warehouse import ChdbWarehouse, WarehouseBusy\n"
+            f"try:\n    ChdbWarehouse(Path({str(path)!r}))\nexcept WarehouseBusy as e:\n    print(e); sys.exit(3)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 3, done.stderr
+        assert "open in another process" in done.stdout
+    finally:
+        wh.close()
+    assert WarehouseBusy.__mro__[1] is WarehouseError
