@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from collections.abc import Iterator, Mapping
 
 import faust
@@ -135,7 +136,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_enabled=False,
-        datadir=str(settings.data_dir / "faust" / app_id),
+        datadir=str(_made(settings.data_dir / "faust" / app_id)),
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     uploads_topic = app.topic(topics.uploads, **raw)
@@ -261,3 +262,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel)
     worker.execute_from_commandline()
+
+
+def _made(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

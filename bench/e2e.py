@@ -1,0 +1,115 @@
+"""`make bench`: end-to-end and per-stage throughput on this machine.
+
+End to end: a fresh broker, the worker and both sinks as processes, the simulator
+publishing as fast as it can; samples/s = samples / (first publish .. pipeline drained).
+Stages: the pure validate/route function, and sink row building + chdb insert.
+Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from deploy.broker import fetch_jars, start_broker, stop_broker
+from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
+from producers.simulator import build_fleet, simulate
+from schemas import default_store
+from sinks.migrations import migrate
+from sinks.rows import StoredUpload, samples_table, uploads_table
+from sinks.warehouse import ChdbWarehouse
+from stream_jobs.validate import Limits, RawUpload, Registration, SeenUploads, route_batch
+from vtp.pipeline import start_sink, start_worker, wait_drained
+from vtp.settings import load_settings
+from vtp.topics import create_topics
+
+
+def uploads_for(vehicles: int, minutes: float, seed: int = 3):
+    fleet = build_fleet(seed, owners=max(1, vehicles // 2), vehicles=vehicles)
+    return fleet, list(simulate(fleet, seed=seed, start_ms=DEFAULT_START_MS, duration_s=minutes * 60))
+
+
+def bench_stages(vehicles: int, minutes: float) -> None:
+    fleet, uploads = uploads_for(vehicles, minutes)
+    samples = sum(len(u["samples"]) for u in uploads)
+    store = default_store()
+    v1 = store.get("VehicleUpload", 1)
+    t = time.perf_counter()
+    encoded = [store.encode(u, v1) for u in uploads]
+    enc_s = time.perf_counter() - t
+    raws = [
+        RawUpload(e, u["vin"].encode(), 0, i, u["sent_at_ms"]) for i, (e, u) in enumerate(zip(encoded, uploads))
+    ]
+    registry = {v.vin: Registration(v.vin, v.owner_id, v.region) for v in fleet}
+    limits = Limits(300_000, 7 * 86_400_000, ("cn", "eu"))
+    t = time.perf_counter()
+    route_batch(raws, store, registry, SeenUploads(), limits)
+    route_s = time.perf_counter() - t
+    decoded = [
+        StoredUpload(store.decode(e)[0], "owner", "cn", 1, 0, f"raw:0:{i}", "v", 0, i)
+        for i, e in enumerate(encoded)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        wh = ChdbWarehouse(Path(tmp) / "wh")
+        migrate(wh)
+        t = time.perf_counter()
+        for i in range(0, len(decoded), 2000):
+            chunk = decoded[i : i + 2000]
+            wh.insert_arrow("samples", samples_table(chunk), f"b-0-{i}-{i + len(chunk) - 1}")
+            wh.insert_arrow("uploads", uploads_table(chunk), f"b-0-{i}-{i + len(chunk) - 1}")
+        sink_s = time.perf_counter() - t
+        wh.close()
+    print(f"stage input: {len(uploads)} uploads, {samples} samples ({samples / len(uploads):.1f} per upload)")
+    print(f"  encode (SDK side)        {samples / enc_s:>12,.0f} samples/s")
+    print(f"  validate + route (pure)  {samples / route_s:>12,.0f} samples/s")
+    print(f"  sink rows + chdb insert  {samples / sink_s:>12,.0f} samples/s")
+
+
+def bench_end_to_end(vehicles: int, minutes: float) -> None:
+    base = load_settings()
+    settings = base.with_(data_dir=base.data_dir / "bench", kafka_bootstrap="")
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
+    fetch_jars(settings)
+    state = start_broker(settings)
+    settings = settings.with_(kafka_bootstrap=state.bootstrap)
+    processes = []
+    try:
+        create_topics(settings)
+        fleet = build_fleet(3, owners=max(1, vehicles // 2), vehicles=vehicles, regions=settings.regions)
+        register_fleet(settings, fleet)
+        processes = [start_worker(settings)] + [start_sink(settings, r) for r in settings.regions]
+        time.sleep(8)  # let the worker join its group before the clock starts
+        started = time.perf_counter()
+        published = publish_fleet(settings, fleet, seed=3, duration_s=minutes * 60)
+        publish_s = time.perf_counter() - started
+        if not wait_drained(settings, processes, timeout=1800):
+            print("did not drain within 30 minutes")
+            return
+        total_s = time.perf_counter() - started
+        print(f"end to end: {published.uploads} uploads, {published.samples} samples, {vehicles} vehicles")
+        print(f"  simulator+SDK publish    {published.samples / publish_s:>12,.0f} samples/s ({publish_s:.1f} s)")
+        print(f"  produced -> stored       {published.samples / total_s:>12,.0f} samples/s ({total_s:.1f} s)")
+    finally:
+        for p in processes:
+            p.stop()
+        stop_broker(settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vehicles", type=int, default=200)
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--stages-only", action="store_true")
+    args = parser.parse_args()
+    bench_stages(args.vehicles, min(args.minutes, 30.0))
+    print(f"  peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:>8,.0f} MiB")
+    if not args.stages_only:
+        bench_end_to_end(args.vehicles, args.minutes)
+
+
+if __name__ == "__main__":
+    main()
