@@ -15,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from producers.simulator import build_fleet, simulate
+
 from deploy.broker import fetch_jars, start_broker, stop_broker
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
-from producers.simulator import build_fleet, simulate
 from schemas import default_store
 from sinks.migrations import migrate
 from sinks.rows import StoredUpload, samples_table, uploads_table
@@ -30,7 +31,9 @@ from vtp.topics import create_topics
 
 def uploads_for(vehicles: int, minutes: float, seed: int = 3):
     fleet = build_fleet(seed, owners=max(1, vehicles // 2), vehicles=vehicles)
-    return fleet, list(simulate(fleet, seed=seed, start_ms=DEFAULT_START_MS, duration_s=minutes * 60))
+    return fleet, list(
+        simulate(fleet, seed=seed, start_ms=DEFAULT_START_MS, duration_s=minutes * 60)
+    )
 
 
 def bench_stages(vehicles: int, minutes: float) -> None:
@@ -42,7 +45,8 @@ def bench_stages(vehicles: int, minutes: float) -> None:
     encoded = [store.encode(u, v1) for u in uploads]
     enc_s = time.perf_counter() - t
     raws = [
-        RawUpload(e, u["vin"].encode(), 0, i, u["sent_at_ms"]) for i, (e, u) in enumerate(zip(encoded, uploads))
+        RawUpload(e, u["vin"].encode(), 0, i, u["sent_at_ms"])
+        for i, (e, u) in enumerate(zip(encoded, uploads))
     ]
     registry = {v.vin: Registration(v.vin, v.owner_id, v.region) for v in fleet}
     limits = Limits(300_000, 7 * 86_400_000, ("cn", "eu"))
@@ -63,7 +67,9 @@ def bench_stages(vehicles: int, minutes: float) -> None:
             wh.insert_arrow("uploads", uploads_table(chunk), f"b-0-{i}-{i + len(chunk) - 1}")
         sink_s = time.perf_counter() - t
         wh.close()
-    print(f"stage input: {len(uploads)} uploads, {samples} samples ({samples / len(uploads):.1f} per upload)")
+    print(
+        f"stage input: {len(uploads)} uploads, {samples} samples ({samples / len(uploads):.1f} per upload)"
+    )
     print(f"  encode (SDK side)        {samples / enc_s:>12,.0f} samples/s")
     print(f"  validate + route (pure)  {samples / route_s:>12,.0f} samples/s")
     print(f"  sink rows + chdb insert  {samples / sink_s:>12,.0f} samples/s")
@@ -79,7 +85,9 @@ def bench_end_to_end(vehicles: int, minutes: float) -> None:
     processes = []
     try:
         create_topics(settings)
-        fleet = build_fleet(3, owners=max(1, vehicles // 2), vehicles=vehicles, regions=settings.regions)
+        fleet = build_fleet(
+            3, owners=max(1, vehicles // 2), vehicles=vehicles, regions=settings.regions
+        )
         register_fleet(settings, fleet)
         processes = [start_worker(settings)] + [start_sink(settings, r) for r in settings.regions]
         time.sleep(8)  # let the worker join its group before the clock starts
@@ -90,9 +98,15 @@ def bench_end_to_end(vehicles: int, minutes: float) -> None:
             print("did not drain within 30 minutes")
             return
         total_s = time.perf_counter() - started
-        print(f"end to end: {published.uploads} uploads, {published.samples} samples, {vehicles} vehicles")
-        print(f"  simulator+SDK publish    {published.samples / publish_s:>12,.0f} samples/s ({publish_s:.1f} s)")
-        print(f"  produced -> stored       {published.samples / total_s:>12,.0f} samples/s ({total_s:.1f} s)")
+        print(
+            f"end to end: {published.uploads} uploads, {published.samples} samples, {vehicles} vehicles"
+        )
+        print(
+            f"  simulator+SDK publish    {published.samples / publish_s:>12,.0f} samples/s ({publish_s:.1f} s)"
+        )
+        print(
+            f"  produced -> stored       {published.samples / total_s:>12,.0f} samples/s ({total_s:.1f} s)"
+        )
     finally:
         for p in processes:
             p.stop()
@@ -106,7 +120,9 @@ def main() -> None:
     parser.add_argument("--stages-only", action="store_true")
     args = parser.parse_args()
     bench_stages(args.vehicles, min(args.minutes, 30.0))
-    print(f"  peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:>8,.0f} MiB")
+    print(
+        f"  peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:>8,.0f} MiB"
+    )
     if not args.stages_only:
         bench_end_to_end(args.vehicles, args.minutes)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import faust
 from confluent_kafka import Consumer, TopicPartition

@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 import time
 
-from deploy.broker import fetch_jars, start_broker, stop_broker
 from producers.simulator import build_fleet
 
+from deploy.broker import fetch_jars, start_broker, stop_broker
 from owner_api.report import format_report, owner_report
 from producers.faults import fault_messages
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
@@ -51,7 +51,10 @@ def run_demo(base: Settings, seed: int = 7, minutes: float = 15.0) -> int:
             settings, fleet, seed=seed, duration_s=minutes * 60, publisher=publisher
         )
         faults = fault_messages(
-            registered[0].vin, unregistered[0].vin, published.first_uploads[registered[0].vin], DEFAULT_START_MS
+            registered[0].vin,
+            unregistered[0].vin,
+            published.first_uploads[registered[0].vin],
+            DEFAULT_START_MS,
         )
         for fault in faults:
             publisher.publish_raw(fault.key, fault.value, f"fault:{fault.reason}")

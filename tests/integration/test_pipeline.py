@@ -11,11 +11,11 @@ import time
 
 import pytest
 from confluent_kafka import Producer
+from producers.simulator import build_fleet
 
 from producers.faults import fault_messages
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
-from producers.simulator import build_fleet
 from schemas import default_store
 from sinks.warehouse import open_warehouse, rows
 from vtp.pipeline import (
@@ -64,7 +64,10 @@ def run(base_settings, tmp_path_factory):
         publisher = TelemetryPublisher(settings.bootstrap(), settings.topics.uploads)
         first = publish_fleet(settings, fleet, seed=11, duration_s=240, publisher=publisher)
         faults = fault_messages(
-            registered[0].vin, unregistered[0].vin, first.first_uploads[registered[0].vin], DEFAULT_START_MS
+            registered[0].vin,
+            unregistered[0].vin,
+            first.first_uploads[registered[0].vin],
+            DEFAULT_START_MS,
         )
         for fault in faults:
             publisher.publish_raw(fault.key, fault.value, fault.reason)
@@ -124,10 +127,14 @@ def test_counts_reconcile_exactly(run):
 def test_every_bad_message_lands_with_its_reason(run):
     outcomes = run["outcomes"]
     for fault in run["faults"]:
-        bucket = outcomes.deadlettered if fault.destination == "deadletter" else outcomes.quarantined
+        bucket = (
+            outcomes.deadlettered if fault.destination == "deadletter" else outcomes.quarantined
+        )
         assert bucket[fault.reason] >= 1, (fault.reason, outcomes)
     # the unregistered vehicle's whole fleet traffic is quarantined, nothing of it stored
-    unregistered_uploads = sum(t.vehicles[run["unregistered"][0].vin].uploads for t in run["truths"])
+    unregistered_uploads = sum(
+        t.vehicles[run["unregistered"][0].vin].uploads for t in run["truths"]
+    )
     assert outcomes.quarantined["unknown_vin"] == unregistered_uploads + 1
 
 
@@ -206,7 +213,11 @@ def test_sink_killed_mid_run_leaves_exactly_the_expected_rows(base_settings, tmp
             p.stop()
     assert kills >= 1, "the pipeline drained before the sink could be killed"
     expected = {v.vin: published.truth.vehicles[v.vin] for v in fleet if v.region == "cn"}
-    (n, distinct), = warehouse_rows(settings, "cn", "SELECT count(), uniqExact(vin, seq) FROM samples")
+    ((n, distinct),) = warehouse_rows(
+        settings, "cn", "SELECT count(), uniqExact(vin, seq) FROM samples"
+    )
     assert n == distinct == sum(t.samples for t in expected.values())
-    (ups, distinct_ups), = warehouse_rows(settings, "cn", "SELECT count(), uniqExact(upload_id) FROM uploads")
+    ((ups, distinct_ups),) = warehouse_rows(
+        settings, "cn", "SELECT count(), uniqExact(upload_id) FROM uploads"
+    )
     assert ups == distinct_ups == sum(t.uploads for t in expected.values())

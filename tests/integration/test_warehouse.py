@@ -35,7 +35,9 @@ def upload(upload_id, months=(0,), samples=3):
 def warehouse(request, tmp_path):
     if request.param == "server":
         if not SERVER_URL:
-            pytest.skip("no ClickHouse server: set VTP_TEST_CLICKHOUSE_URL=http://host:8123/db to run")
+            pytest.skip(
+                "no ClickHouse server: set VTP_TEST_CLICKHOUSE_URL=http://host:8123/db to run"
+            )
         wh = ServerWarehouse(SERVER_URL, "test")
     else:
         wh = ChdbWarehouse(tmp_path / "wh")
@@ -47,7 +49,12 @@ def test_migrations_apply_once(warehouse):
     first = migrate(warehouse)
     assert first == [v for v, _, _ in available()]
     assert migrate(warehouse) == []
-    tables = {r[0] for r in rows(warehouse.query("SELECT name FROM system.tables WHERE database = currentDatabase()"))}
+    tables = {
+        r[0]
+        for r in rows(
+            warehouse.query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+        )
+    }
     assert {"samples", "uploads", "sink_batches", "schema_migrations"} <= tables
 
 
@@ -67,10 +74,19 @@ def test_parameters_are_bound_not_formatted(warehouse):
     migrate(warehouse)
     warehouse.insert_arrow("samples", samples_table([upload("u-1")]), "t-0-0-0")
     owner = "owner-'quoted'"
-    assert rows(warehouse.query("SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": owner})) == [(3,)]
+    assert rows(
+        warehouse.query("SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": owner})
+    ) == [(3,)]
     injected = "x' OR 1=1 --"
-    assert rows(warehouse.query("SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": injected})) == [(0,)]
-    ids = rows(warehouse.query("SELECT count() FROM uploads WHERE upload_id IN {ids:Array(String)}", {"ids": ["u-1", "a'b"]}))
+    assert rows(
+        warehouse.query("SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": injected})
+    ) == [(0,)]
+    ids = rows(
+        warehouse.query(
+            "SELECT count() FROM uploads WHERE upload_id IN {ids:Array(String)}",
+            {"ids": ["u-1", "a'b"]},
+        )
+    )
     assert ids == [(0,)]  # no uploads row was inserted here, and the quote did no harm
 
 
@@ -100,7 +116,9 @@ def test_a_second_process_gets_a_clear_busy_error(tmp_path):
             "import sys; from pathlib import Path; from sinks.warehouse import ChdbWarehouse, WarehouseBusy\n"
             f"try:\n    ChdbWarehouse(Path({str(path)!r}))\nexcept WarehouseBusy as e:\n    print(e); sys.exit(3)\n"
         )
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 3, done.stderr
         assert "open in another process" in done.stdout
     finally:
