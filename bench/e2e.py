@@ -46,7 +46,7 @@ def bench_stages(vehicles: int, minutes: float) -> None:
     enc_s = time.perf_counter() - t
     raws = [
         RawUpload(e, u["vin"].encode(), 0, i, u["sent_at_ms"])
-        for i, (e, u) in enumerate(zip(encoded, uploads))
+        for i, (e, u) in enumerate(zip(encoded, uploads, strict=True))
     ]
     registry = {v.vin: Registration(v.vin, v.owner_id, v.region) for v in fleet}
     limits = Limits(300_000, 7 * 86_400_000, ("cn", "eu"))
