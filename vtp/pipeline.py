@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from vtp.settings import Settings
 
@@ -127,7 +127,13 @@ def wait_drained(
         for p in processes:
             if p.popen.poll() is not None:
                 raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
-        lag = pipeline_lag(settings)
+        try:
+            lag = pipeline_lag(settings)
+        except KafkaException as exc:  # e.g. the group coordinator is still loading
+            if not exc.args[0].retriable() and exc.args[0].code() != KafkaError.NOT_COORDINATOR:
+                raise
+            time.sleep(1.0)
+            continue
         if progress:
             progress(lag)
         if lag == 0:

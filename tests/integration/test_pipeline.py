@@ -34,12 +34,9 @@ pytestmark = pytest.mark.integration
 def make_settings(base_settings, tmp_path_factory, name, **overrides):
     from uuid import uuid4
 
+    options = {"sink_batch_messages": 40, "sink_flush_ms": 300, **overrides}
     settings = base_settings.with_(
-        data_dir=tmp_path_factory.mktemp(name),
-        topic_prefix=f"{name}-{uuid4().hex[:6]}",
-        sink_batch_messages=40,
-        sink_flush_ms=300,
-        **overrides,
+        data_dir=tmp_path_factory.mktemp(name), topic_prefix=f"{name}-{uuid4().hex[:6]}", **options
     )
     create_topics(settings)
     return settings
