@@ -15,10 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from producers.simulator import build_fleet, simulate
-
 from deploy.broker import fetch_jars, start_broker, stop_broker
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
+from producers.simulator import build_fleet, simulate
 from schemas import default_store
 from sinks.migrations import migrate
 from sinks.rows import StoredUpload, samples_table, uploads_table

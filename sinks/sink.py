@@ -145,6 +145,9 @@ class RegionSink:
             {
                 "bootstrap.servers": bootstrap,
                 "group.id": self.group,
+                # Static membership: a restarted sink takes its partitions back at once
+                # instead of waiting out the dead member's session timeout.
+                "group.instance.id": f"{self.group}-{settings.sink_instance}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 **settings.kafka_extra,

@@ -160,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from deploy.broker import BrokerError
-
         from sinks.warehouse import WarehouseError
 
         if isinstance(exc, BrokerError | WarehouseError):

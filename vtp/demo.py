@@ -6,13 +6,12 @@ from __future__ import annotations
 import shutil
 import time
 
-from producers.simulator import build_fleet
-
 from deploy.broker import fetch_jars, start_broker, stop_broker
 from owner_api.report import format_report, owner_report
 from producers.faults import fault_messages
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
+from producers.simulator import build_fleet
 from sinks.warehouse import open_warehouse, rows
 from vtp.pipeline import read_outcomes, start_sink, start_worker, wait_drained
 from vtp.settings import Settings

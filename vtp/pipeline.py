@@ -29,6 +29,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "VTP_REGIONS": ",".join(settings.regions),
             "VTP_SINK_BATCH_MESSAGES": str(settings.sink_batch_messages),
             "VTP_SINK_FLUSH_MS": str(settings.sink_flush_ms),
+            "VTP_SINK_INSTANCE": settings.sink_instance,
             "VTP_WAREHOUSE": settings.warehouse,
             "VTP_METRICS_PORT": "0",
         }
@@ -89,33 +90,52 @@ def start_sink(settings: Settings, region: str) -> Process:
     return start_process(settings, f"sink-{region}", "sink", "--region", region)
 
 
-def _lag(consumer: Consumer, group_topics: list[str]) -> int:
-    total = 0
-    for topic in group_topics:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None:
-            continue
-        tps = [TopicPartition(topic, p) for p in meta.partitions]
-        committed = consumer.committed(tps, timeout=10)
-        for tp in committed:
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            position = tp.offset if tp.offset >= 0 else low
-            total += max(0, high - position)
-    return total
+def group_position(settings: Settings, group: str, topics: list[str]) -> tuple[int, int]:
+    """(messages committed by ``group``, messages in ``topics``), summed over partitions."""
+    for attempt in range(20):
+        try:
+            return _group_position(settings, group, topics)
+        except KafkaException as exc:  # e.g. the group coordinator is still loading
+            error = exc.args[0]
+            if attempt == 19 or not (
+                error.retriable() or error.code() == KafkaError.NOT_COORDINATOR
+            ):
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+def _group_position(settings: Settings, group: str, topics: list[str]) -> tuple[int, int]:
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": group})
+    committed_total, high_total = 0, 0
+    try:
+        for topic in topics:
+            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None:
+                continue
+            tps = [TopicPartition(topic, p) for p in meta.partitions]
+            for tp in consumer.committed(tps, timeout=10):
+                low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                committed_total += (tp.offset if tp.offset >= 0 else low) - low
+                high_total += high - low
+    finally:
+        consumer.close()
+    return committed_total, high_total
+
+
+def pipeline_groups(settings: Settings) -> dict[str, list[str]]:
+    groups = {f"{settings.topic_prefix}-validate": [settings.topics.uploads]}
+    for region in settings.regions:
+        groups[f"{settings.topic_prefix}-sink-{region}"] = [settings.topics.validated(region)]
+    return groups
 
 
 def pipeline_lag(settings: Settings) -> int:
     """Messages not yet committed by the worker (uploads) and the sinks (validated)."""
     total = 0
-    groups = {f"{settings.topic_prefix}-validate": [settings.topics.uploads]}
-    for region in settings.regions:
-        groups[f"{settings.topic_prefix}-sink-{region}"] = [settings.topics.validated(region)]
-    for group, topics in groups.items():
-        consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": group})
-        try:
-            total += _lag(consumer, topics)
-        finally:
-            consumer.close()
+    for group, topics in pipeline_groups(settings).items():
+        committed, high = group_position(settings, group, topics)
+        total += high - committed
     return total
 
 
@@ -127,13 +147,7 @@ def wait_drained(
         for p in processes:
             if p.popen.poll() is not None:
                 raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
-        try:
-            lag = pipeline_lag(settings)
-        except KafkaException as exc:  # e.g. the group coordinator is still loading
-            if not exc.args[0].retriable() and exc.args[0].code() != KafkaError.NOT_COORDINATOR:
-                raise
-            time.sleep(1.0)
-            continue
+        lag = pipeline_lag(settings)
         if progress:
             progress(lag)
         if lag == 0:

@@ -77,6 +77,9 @@ class Settings:
     # batch waits, and the batch it produces is recorded before it is inserted.
     sink_batch_messages: int = 2000
     sink_flush_ms: int = 500
+    # Names this sink process in its consumer group (static membership); give each
+    # process of a region its own when running several.
+    sink_instance: str = "0"
     # Warehouse: "chdb" (embedded, a folder per region) or an http(s) URL of a
     # ClickHouse server, e.g. http://user:pass@host:8123/vtp_{region}.
     warehouse: str = "chdb"
@@ -159,6 +162,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             dedup_uploads_per_vehicle=_int("DEDUP_UPLOADS_PER_VEHICLE", 64),
             sink_batch_messages=_int("SINK_BATCH_MESSAGES", 2000),
             sink_flush_ms=_int("SINK_FLUSH_MS", 500),
+            sink_instance=_env("SINK_INSTANCE", "0"),
             warehouse=_env("WAREHOUSE", "chdb"),
             metrics_port=_int("METRICS_PORT", 0),
         )

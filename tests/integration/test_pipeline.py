@@ -11,14 +11,15 @@ import time
 
 import pytest
 from confluent_kafka import Producer
-from producers.simulator import build_fleet
 
 from producers.faults import fault_messages
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
+from producers.simulator import build_fleet
 from schemas import default_store
 from sinks.warehouse import open_warehouse, rows
 from vtp.pipeline import (
+    group_position,
     pipeline_lag,
     read_outcomes,
     start_sink,
@@ -191,19 +192,25 @@ def test_sink_killed_mid_run_leaves_exactly_the_expected_rows(base_settings, tmp
     worker = start_worker(settings)
     sinks = {r: start_sink(settings, r) for r in settings.regions}
     kills = 0
+    group, topics = f"{settings.topic_prefix}-sink-cn", [settings.topics.validated("cn")]
     try:
-        published = publish_fleet(settings, fleet, seed=5, duration_s=600)
+        published = publish_fleet(settings, fleet, seed=5, duration_s=900)
         assert published.report.ok
-        # SIGKILL the CN sink repeatedly while it still has work, restarting it each time.
-        deadline = time.monotonic() + 240
-        while kills < 3 and time.monotonic() < deadline:
-            time.sleep(1.5)
-            if pipeline_lag(settings) == 0:
+        # SIGKILL the CN sink each time it has made progress but still has work, and
+        # restart it: most kills land between a batch's insert and its commit.
+        committed_before, deadline = 0, time.monotonic() + 240
+        while kills < 4 and time.monotonic() < deadline:
+            committed, high = group_position(settings, group, topics)
+            if high and committed >= high and pipeline_lag(settings) == 0:
                 break
-            os.kill(sinks["cn"].popen.pid, signal.SIGKILL)
-            sinks["cn"].popen.wait(10)
-            kills += 1
-            sinks["cn"] = start_sink(settings, "cn")
+            if committed > committed_before:
+                time.sleep(0.05 * kills)  # vary where in the batch cycle the kill lands
+                os.kill(sinks["cn"].popen.pid, signal.SIGKILL)
+                sinks["cn"].popen.wait(10)
+                kills += 1
+                committed_before = committed
+                sinks["cn"] = start_sink(settings, "cn")
+            time.sleep(0.1)
         assert wait_drained(settings, [worker, *sinks.values()], timeout=300)
     finally:
         for p in [worker, *sinks.values()]:
