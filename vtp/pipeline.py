@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from vtp.settings import Settings
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
+def settings_env(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
     """The environment that gives a child process the same settings."""
     env = dict(os.environ)
     env.update(
@@ -31,7 +31,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "VTP_SINK_FLUSH_MS": str(settings.sink_flush_ms),
             "VTP_SINK_INSTANCE": settings.sink_instance,
             "VTP_WAREHOUSE": settings.warehouse,
-            "VTP_METRICS_PORT": "0",
+            "VTP_METRICS_PORT": str(metrics_port),
         }
     )
     return env
@@ -66,14 +66,14 @@ class Process:
             return ""
 
 
-def start_process(settings: Settings, name: str, *args: str) -> Process:
+def start_process(settings: Settings, name: str, *args: str, metrics_port: int = 0) -> Process:
     log_dir = settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
     popen = subprocess.Popen(
         [sys.executable, "-m", "vtp.cli", *args],
-        env=settings_env(settings),
+        env=settings_env(settings, metrics_port),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -82,12 +82,14 @@ def start_process(settings: Settings, name: str, *args: str) -> Process:
     return Process(name, popen, log_path)
 
 
-def start_worker(settings: Settings) -> Process:
-    return start_process(settings, "worker", "worker")
+def start_worker(settings: Settings, metrics_port: int = 0) -> Process:
+    return start_process(settings, "worker", "worker", metrics_port=metrics_port)
 
 
-def start_sink(settings: Settings, region: str) -> Process:
-    return start_process(settings, f"sink-{region}", "sink", "--region", region)
+def start_sink(settings: Settings, region: str, metrics_port: int = 0) -> Process:
+    return start_process(
+        settings, f"sink-{region}", "sink", "--region", region, metrics_port=metrics_port
+    )
 
 
 def group_position(settings: Settings, group: str, topics: list[str]) -> tuple[int, int]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+import urllib.request
 
 import pytest
 from confluent_kafka import Producer
@@ -43,6 +45,23 @@ def make_settings(base_settings, tmp_path_factory, name, **overrides):
     return settings
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text from a running process: {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def warehouse_rows(settings, region, sql, params=None):
     wh = open_warehouse(settings, region)
     try:
@@ -57,7 +76,10 @@ def run(base_settings, tmp_path_factory):
     fleet = build_fleet(11, owners=12, vehicles=21, regions=settings.regions)
     registered, unregistered = fleet[:-1], fleet[-1:]
     register_fleet(settings, registered)
-    processes = [start_worker(settings)] + [start_sink(settings, r) for r in settings.regions]
+    ports = {name: free_port() for name in ["worker", *settings.regions]}
+    processes = [start_worker(settings, ports["worker"])] + [
+        start_sink(settings, r, ports[r]) for r in settings.regions
+    ]
     try:
         publisher = TelemetryPublisher(settings.bootstrap(), settings.topics.uploads)
         first = publish_fleet(settings, fleet, seed=11, duration_s=240, publisher=publisher)
@@ -92,6 +114,7 @@ def run(base_settings, tmp_path_factory):
         report = publisher.flush(60)
         assert report.ok, report
         assert wait_drained(settings, processes, timeout=300), "pipeline did not drain"
+        metrics = {name: scrape(port) for name, port in ports.items()}
     finally:
         for p in processes:
             p.stop()
@@ -104,7 +127,7 @@ def run(base_settings, tmp_path_factory):
         "produced": report.delivered,
         "faults": faults,
         "outcomes": read_outcomes(settings),
-        "logs": {p.name: p.log_tail(200) for p in processes},
+        "metrics": metrics,
     }
 
 
@@ -225,3 +248,33 @@ def test_sink_killed_mid_run_leaves_exactly_the_expected_rows(base_settings, tmp
         settings, "cn", "SELECT count(), uniqExact(upload_id) FROM uploads"
     )
     assert ups == distinct_ups == sum(t.uploads for t in expected.values())
+
+
+def test_each_process_serves_prometheus_metrics(run):
+    settings, metrics = run["settings"], run["metrics"]
+    worker = metrics["worker"]
+    assert worker["vtp_uploads_in_total"] == run["produced"]
+    assert (
+        worker['vtp_quarantined_total{reason="unknown_vin"}']
+        == run["outcomes"].quarantined["unknown_vin"]
+    )
+    assert worker['vtp_deadlettered_total{reason="malformed_avro",stage="validate"}'] == 1
+    for region in settings.regions:
+        sink = metrics[region]
+        (samples,) = warehouse_rows(settings, region, "SELECT count() FROM samples")[0]
+        assert sink[f'vtp_sink_samples_stored_total{{region="{region}"}}'] == samples
+        assert sink[f'vtp_sink_batch_messages_count{{region="{region}"}}'] >= 1
+        assert f'vtp_sink_insert_seconds_bucket{{le="+Inf",region="{region}"}}' in sink
+    assert metrics["eu"]['vtp_deadlettered_total{reason="residency_mismatch",stage="sink"}'] == 1
+    lag = [k for k in metrics["cn"] if k.startswith("vtp_consumer_lag_messages")]
+    assert lag, "the sink reports consumer lag"
+
+
+def test_worker_reports_its_consumer_lag(run):
+    lag = {
+        k: v
+        for k, v in run["metrics"]["worker"].items()
+        if k.startswith("vtp_consumer_lag_messages")
+    }
+    uploads = run["settings"].topics.uploads
+    assert any(f'topic="{uploads}"' in k for k in lag), lag
