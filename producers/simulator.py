@@ -3,7 +3,8 @@
 Every vehicle has its own random.Random seeded by (seed, vin), so a vehicle's data does
 not depend on which other vehicles are simulated. Each vehicle is a small state machine
 (PARKED -> DRIVING -> PARKED -> CHARGING -> ...) sampled at a rate that depends on the
-state; its gateway uploads the samples it collected every ``upload_interval_s``. The
+state; its gateway uploads what it collected every ``upload_interval_s`` while driving
+and every ``idle_upload_interval_s`` while parked or charging. The
 uploads of the whole fleet stream out in sent-at order, and the ground truth (samples,
 trips, charges, distance) is recorded from exactly what was yielded.
 """
@@ -278,7 +279,8 @@ class _Car:
 
 def _vehicle_uploads(
     v: Vehicle, seed: int, start_ms: int, duration_s: float, intervals: tuple[float, float, float],
-    upload_interval_s: float, max_samples: int, firmware: str, truth: VehicleTruth | None,
+    upload_interval_s: float, idle_upload_interval_s: float, max_samples: int, firmware: str,
+    truth: VehicleTruth | None,
 ) -> Iterator[tuple[int, int, dict]]:  # fmt: skip
     rng = random.Random(f"{seed}-{v.vin}")
     drive_dt, charge_dt, park_dt = intervals
@@ -334,10 +336,13 @@ def _vehicle_uploads(
         t += dt
         if len(buffer) >= max_samples:
             yield emit(t - dt)
+        # Gateways upload often while driving and save airtime while parked or charging.
+        interval = upload_interval_s if state == DRIVING else idle_upload_interval_s
+        next_upload = min(next_upload, t + interval)
         while next_upload <= t:
             if buffer:
                 yield emit(next_upload)
-            next_upload += upload_interval_s
+            next_upload += interval
     if buffer:
         yield emit(duration_s)
     if truth is not None:
@@ -428,13 +433,15 @@ def _sample(
 def simulate(
     fleet: list[Vehicle], *, seed: int, start_ms: int, duration_s: float,
     drive_interval_s: float = 1.0, charge_interval_s: float = 10.0, park_interval_s: float = 60.0,
-    upload_interval_s: float = 10.0, max_samples_per_upload: int = 60, firmware: str = "3.2.1",
+    upload_interval_s: float = 10.0, idle_upload_interval_s: float = 300.0,
+    max_samples_per_upload: int = 60, firmware: str = "3.2.1",
     truth: GroundTruth | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """The fleet's uploads in non-decreasing sent-at order, streamed (never materialised)."""
     intervals = (drive_interval_s, charge_interval_s, park_interval_s)
     streams = [
         _vehicle_uploads(v, seed, start_ms, duration_s, intervals, upload_interval_s,
+                         idle_upload_interval_s,
                          max_samples_per_upload, firmware,
                          truth.vehicles[v.vin] if truth is not None else None)
         for v in fleet

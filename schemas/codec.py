@@ -45,7 +45,7 @@ class Schema:
 
     @classmethod
     def from_definition(cls, definition: dict[str, Any]) -> Schema:
-        parsed = parse_schema(definition, _write_hint=False)
+        parsed = parse_schema(definition)  # keeps fastavro from re-parsing on every call
         canonical = to_parsing_canonical_form(definition)
         # fastavro gives the fingerprint's little-endian bytes in hex: the wire order.
         fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))

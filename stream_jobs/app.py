@@ -141,9 +141,7 @@ def create_app(settings: Settings) -> faust.App:
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     uploads_topic = app.topic(topics.uploads, **raw)
     registry_topic = app.topic(topics.vehicles, **raw)
-    validated = {r: app.topic(topics.validated(r), **raw) for r in settings.regions}
     deadletter = app.topic(topics.deadletter, **raw)
-    quarantine = app.topic(topics.quarantine, **raw)
 
     # Both tables are keyed by VIN, as are both source topics (same partition count,
     # murmur2 partitioner), so a worker holds the registry entries and the dedup
@@ -201,41 +199,38 @@ def create_app(settings: Settings) -> faust.App:
             seen = SeenUploads(load=lambda vin: _stored_seen(seen_table, vin))
             outcomes = route_batch(raws, store, registry, seen, limits)
             metrics.UPLOADS_IN.inc(len(raws))
-            for raw_upload, outcome in zip(raws, outcomes, strict=True):
+            # Straight to the producer (Faust's topic.send costs ~0.2 ms a message), and
+            # the batch is acked only after every routed copy is acknowledged.
+            pending = [
                 await _send(raw_upload, outcome)
+                for raw_upload, outcome in zip(raws, outcomes, strict=True)
+            ]
+            await asyncio.gather(*pending)
             for vin in seen.changed:
                 seen_table[vin.encode()] = json.dumps(seen.by_vin[vin]).encode()
 
-    async def _send(raw_upload: RawUpload, outcome: object) -> None:
+    async def _send(raw_upload: RawUpload, outcome: object) -> asyncio.Future:
         source = f"{topics.uploads}:{raw_upload.source}"
         if isinstance(outcome, Routed):
-            await validated[outcome.region].send(
-                key=raw_upload.key,
-                value=raw_upload.value,
-                headers=[
-                    ("vtp-region", outcome.region.encode()),
-                    ("vtp-owner", outcome.owner_id.encode()),
-                    ("vtp-received-ms", str(raw_upload.timestamp_ms).encode()),
-                    ("vtp-source", source.encode()),
-                ],
-            )
+            topic = topics.validated(outcome.region)
+            headers = [
+                ("vtp-region", outcome.region.encode()),
+                ("vtp-owner", outcome.owner_id.encode()),
+                ("vtp-received-ms", str(raw_upload.timestamp_ms).encode()),
+                ("vtp-source", source.encode()),
+            ]
             metrics.UPLOADS_ROUTED.labels(outcome.region).inc()
             metrics.SAMPLES_ROUTED.labels(outcome.region).inc(outcome.samples)
         elif isinstance(outcome, Quarantined):
-            await quarantine.send(
-                key=raw_upload.key,
-                value=raw_upload.value,
-                headers=deadletter_headers("validate", outcome.reason, outcome.detail, source),
-            )
+            topic = topics.quarantine
+            headers = deadletter_headers("validate", outcome.reason, outcome.detail, source)
             metrics.QUARANTINED.labels(outcome.reason).inc()
         else:
             assert isinstance(outcome, DeadLettered)
-            await deadletter.send(
-                key=raw_upload.key,
-                value=raw_upload.value,
-                headers=deadletter_headers("validate", outcome.reason, outcome.detail, source),
-            )
+            topic = topics.deadletter
+            headers = deadletter_headers("validate", outcome.reason, outcome.detail, source)
             metrics.DEADLETTERED.labels("validate", outcome.reason).inc()
+        return await app.producer.send(topic, raw_upload.key, raw_upload.value, None, None, headers)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
