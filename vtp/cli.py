@@ -103,7 +103,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     settings = load_settings()
     for name, default in documented_variables():
-        print(f"{name}={getattr(settings, name[4:].lower())!s}  (default {default})")
+        value = getattr(settings, name[4:].lower())
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        print(f"{name}={shown}  (default {default})")
     return 0
 
 
@@ -160,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from deploy.broker import BrokerError
+        from sinks.sink import SinkError
         from sinks.warehouse import WarehouseError
 
-        if isinstance(exc, BrokerError | WarehouseError):
+        if isinstance(exc, BrokerError | WarehouseError | SinkError):
             print(f"vtp: {exc}", file=sys.stderr)
             return 1
         raise

@@ -1,0 +1,58 @@
+"""`vtp` as users type it, in fresh processes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def vtp(*args, data_dir, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VTP_")}
+    full_env.update({"VTP_DATA_DIR": str(data_dir), **env})
+    return subprocess.run(
+        [sys.executable, "-m", "vtp.cli", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_stack_up_status_topics_down(tmp_path):
+    up = vtp("stack", "up", data_dir=tmp_path)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "export VTP_KAFKA_BOOTSTRAP=127.0.0.1:" in up.stdout
+        assert "vtp.uploads" in up.stdout  # topics created with the stack
+        status = vtp("stack", "status", data_dir=tmp_path)
+        assert "running: pid" in status.stdout
+        again = vtp("topics", data_dir=tmp_path)  # finds the broker through the state file
+        assert again.returncode == 0 and "none (all existed)" in again.stdout
+        twice = vtp("stack", "up", data_dir=tmp_path)
+        assert twice.returncode == 1 and "already runs" in twice.stderr
+    finally:
+        down = vtp("stack", "down", data_dir=tmp_path)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert "no local broker" in vtp("stack", "status", data_dir=tmp_path).stdout
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    no_broker = vtp("topics", data_dir=tmp_path)
+    assert no_broker.returncode == 2 and "vtp stack up" in no_broker.stderr
+    bad_setting = vtp("config", data_dir=tmp_path, VTP_SINK_BATCH_MESSAGES="lots")
+    assert bad_setting.returncode == 2 and "VTP_SINK_BATCH_MESSAGES='lots'" in bad_setting.stderr
+    region = vtp("owner", "report", "o-1", "--region", "us", data_dir=tmp_path)
+    assert region.returncode == 2 and "unknown region 'us'" in region.stderr
+    sink = vtp("sink", "--region", "us", data_dir=tmp_path, VTP_KAFKA_BOOTSTRAP="127.0.0.1:9")
+    assert sink.returncode == 1 and "not one of VTP_REGIONS" in sink.stderr
+    assert "Traceback" not in no_broker.stderr + bad_setting.stderr + region.stderr + sink.stderr
+
+
+def test_config_lists_every_variable(tmp_path):
+    out = vtp("config", data_dir=tmp_path, VTP_REGIONS="cn")
+    assert out.returncode == 0
+    assert "VTP_REGIONS=cn  (default cn,eu)" in out.stdout
+    assert "VTP_WAREHOUSE=chdb" in out.stdout
