@@ -206,6 +206,7 @@ def create_app(settings: Settings) -> faust.App:
                 for raw_upload, outcome in zip(raws, outcomes, strict=True)
             ]
             await asyncio.gather(*pending)
+            _report_batch_lag(events)
             for vin in seen.changed:
                 seen_table[vin.encode()] = json.dumps(seen.by_vin[vin]).encode()
 
@@ -231,6 +232,17 @@ def create_app(settings: Settings) -> faust.App:
             headers = deadletter_headers("validate", outcome.reason, outcome.detail, source)
             metrics.DEADLETTERED.labels("validate", outcome.reason).inc()
         return await app.producer.send(topic, raw_upload.key, raw_upload.value, None, None, headers)
+
+    def _report_batch_lag(events: list) -> None:
+        last: dict[int, int] = {}
+        for e in events:
+            last[e.message.partition] = max(last.get(e.message.partition, -1), e.message.offset)
+        for partition, offset in last.items():
+            high = app.consumer.highwater(TP(topics.uploads, partition))
+            if high is not None and high >= 0:
+                metrics.CONSUMER_LAG.labels(app_id, topics.uploads, str(partition)).set(
+                    max(0, high - offset - 1)
+                )
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

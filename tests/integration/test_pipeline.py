@@ -32,6 +32,7 @@ from vtp.pipeline import (
 from vtp.topics import create_topics
 
 pytestmark = pytest.mark.integration
+V2_SAMPLES = 5
 
 
 def make_settings(base_settings, tmp_path_factory, name, **overrides):
@@ -81,7 +82,9 @@ def run(base_settings, tmp_path_factory):
         start_sink(settings, r, ports[r]) for r in settings.regions
     ]
     try:
-        publisher = TelemetryPublisher(settings.bootstrap(), settings.topics.uploads)
+        publisher = TelemetryPublisher(
+            settings.bootstrap(), settings.topics.uploads, schema_version=1
+        )
         first = publish_fleet(settings, fleet, seed=11, duration_s=240, publisher=publisher)
         faults = fault_messages(
             registered[0].vin,
@@ -91,6 +94,19 @@ def run(base_settings, tmp_path_factory):
         )
         for fault in faults:
             publisher.publish_raw(fault.key, fault.value, fault.reason)
+        # A gateway on newer firmware writes schema v2 (one more optional field).
+        v2_vehicle = registered[1]
+        v2_publisher = TelemetryPublisher(
+            settings.bootstrap(), settings.topics.uploads, schema_version=2
+        )
+        for i in range(V2_SAMPLES):
+            v2_publisher.add_sample(
+                v2_vehicle.vin,
+                {"event_time_ms": int(time.time() * 1000) - 60_000 + i * 1000, "seq": 10**9 + i,
+                 "speed": 0.0, "gear": "PARK", "cabin_temperature": 21.5},
+            )  # fmt: skip
+        v2_report = v2_publisher.close(30)
+        assert v2_report.ok
         # More good data after the bad: the pipeline must keep going.
         later = publish_fleet(
             settings, fleet, seed=12, duration_s=120,
@@ -124,7 +140,8 @@ def run(base_settings, tmp_path_factory):
         "registered": registered,
         "unregistered": unregistered,
         "truths": [first.truth, later.truth],
-        "produced": report.delivered,
+        "produced": report.delivered + v2_report.delivered,
+        "v2_vehicle": v2_vehicle,
         "faults": faults,
         "outcomes": read_outcomes(settings),
         "metrics": metrics,
@@ -171,8 +188,21 @@ def test_every_registered_vehicle_has_exactly_its_samples(run):
     expected = {
         v.vin: sum(t.vehicles[v.vin].samples for t in run["truths"]) for v in run["registered"]
     }
+    expected[run["v2_vehicle"].vin] += V2_SAMPLES
     expected = {vin: n for vin, n in expected.items() if n}
     assert stored == expected
+
+
+def test_v2_uploads_flow_through_with_the_new_field(run):
+    vehicle = run["v2_vehicle"]
+    found = warehouse_rows(
+        run["settings"], vehicle.region,
+        "SELECT schema_version, count(), min(cabin_temperature) FROM samples WHERE vin = {v:String} "
+        "GROUP BY schema_version ORDER BY schema_version",
+        {"v": vehicle.vin},
+    )  # fmt: skip
+    assert found[-1] == (2, V2_SAMPLES, 21.5)
+    assert found[0][0] == 1 and found[0][2] is None  # v1 rows read with the default
 
 
 def test_residency_no_vehicle_in_the_other_regions_warehouse(run):
