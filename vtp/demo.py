@@ -28,7 +28,9 @@ def run_demo(base: Settings, seed: int = 7, minutes: float = 15.0) -> int:
     say(f"== vtp demo: data in {settings.data_dir}")
     fetch_jars(settings)
     state = start_broker(settings)
-    settings = settings.with_(kafka_bootstrap=state.bootstrap)
+    # librdkafka's start-up notices (e.g. an idempotent producer waiting for a fresh
+    # broker's coordinator) would drown the demo's output; errors still print.
+    settings = settings.with_(kafka_bootstrap=state.bootstrap, kafka_extra={"log_level": 3})
     say(
         f"broker: Apache Kafka {settings.kafka_version} (KRaft) pid {state.pid} at {state.bootstrap}"
     )
@@ -45,10 +47,8 @@ def run_demo(base: Settings, seed: int = 7, minutes: float = 15.0) -> int:
         processes += [start_sink(settings, r) for r in settings.regions]
         say("started: vtp worker, " + ", ".join(f"vtp sink --region {r}" for r in settings.regions))
 
-        # librdkafka's start-up notices (e.g. the idempotent producer waiting for a fresh
-        # broker's coordinator) would drown the demo's output; errors still print.
         publisher = TelemetryPublisher(
-            settings.bootstrap(), settings.topics.uploads, kafka_extra={"log_level": 3}
+            settings.bootstrap(), settings.topics.uploads, kafka_extra=settings.kafka_extra
         )
         published = publish_fleet(
             settings, fleet, seed=seed, duration_s=minutes * 60, publisher=publisher

@@ -3,6 +3,7 @@ is it drained, and where did every raw message end up?"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ def settings_env(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
     env.update(
         {
             "VTP_KAFKA_BOOTSTRAP": settings.bootstrap(),
+            "VTP_KAFKA_EXTRA": json.dumps(settings.kafka_extra),
             "VTP_DATA_DIR": str(settings.data_dir),
             "VTP_TOPIC_PREFIX": settings.topic_prefix,
             "VTP_TOPIC_PARTITIONS": str(settings.topic_partitions),
