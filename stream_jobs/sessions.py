@@ -1,0 +1,329 @@
+"""Trips, charging sessions and daily summaries from one vehicle's samples. Pure.
+
+The state of a vehicle is a plain dict (it lives in a changelog-backed Faust table).
+Samples go into a reorder buffer; those older than the watermark (newest event time
+minus the allowed lateness) are released in event-time order into small state
+machines. A sample older than what was already released is *too late*: the caller
+dead-letters it. Closed trips and charges, and days the watermark has passed, come
+out final; the open ones come out provisional (computed on a copy that releases the
+whole buffer), so readers always see the best current answer. A record's ``version``
+grows with every call, so the newest row of a key wins in the warehouse.
+
+A trip starts when the vehicle leaves PARK and ends once it has stayed parked for
+``trip_gap_ms``; a gap in the data while moving stays one trip if the odometer moved
+plausibly in it. A charge ends once charging has stopped for ``charge_gap_ms``, so an
+interrupted and resumed charge is one session. Day totals are attributed to the local
+day (the vehicle's time zone) of the later sample of each consecutive pair.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from vtp.days import DayClock
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    trip_gap_ms: int = 300_000
+    charge_gap_ms: int = 300_000
+    allowed_lateness_ms: int = 120_000
+    max_speed_kmh: float = 250.0
+    recent_uploads: int = 64
+
+
+_CLOCKS: dict[str, DayClock] = {}
+
+
+def _clock(zone: str) -> DayClock:
+    clock = _CLOCKS.get(zone)
+    if clock is None:
+        clock = _CLOCKS[zone] = DayClock(zone)
+    return clock
+
+
+def new_state(
+    vin: str, owner_id: str, region: str, time_zone: str, capacity_kwh: float | None
+) -> dict:
+    return {
+        "vin": vin, "owner_id": owner_id, "region": region, "tz": time_zone or "UTC",
+        "capacity": capacity_kwh, "buffer": [], "max_t": None, "last": None,
+        "trip": None, "charge": None, "days": {}, "recent": [], "version": 0,
+    }  # fmt: skip
+
+
+def compact(sample: dict[str, Any]) -> dict[str, Any]:
+    """The fields the state machines use, under short names (the state is stored)."""
+    return {
+        "t": sample["event_time_ms"], "seq": sample["seq"], "v": sample.get("speed"),
+        "odo": sample.get("odometer"), "soc": sample.get("soc"),
+        "lat": sample.get("latitude"), "lon": sample.get("longitude"),
+        "mv": sample.get("gear") not in (None, "PARK") or (sample.get("speed") or 0) > 0,
+        "chg": bool(sample.get("is_charging")), "pw": sample.get("charge_power"),
+        "mode": sample.get("charge_mode"), "out": sample.get("outside_temperature"),
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ingested:
+    accepted: int
+    too_late: list[int]  # seq of samples older than what was already released
+    duplicate_upload: bool = False
+
+
+def ingest(state: dict, upload: dict[str, Any], config: SessionConfig) -> Ingested:
+    """Buffer an upload's samples; nothing is released here."""
+    if upload["upload_id"] in state["recent"]:
+        return Ingested(0, [], duplicate_upload=True)
+    state["recent"] = (state["recent"] + [upload["upload_id"]])[-config.recent_uploads :]
+    released_t = state["last"]["t"] if state["last"] else None
+    buffered = {s["seq"] for s in state["buffer"]}
+    accepted, late = 0, []
+    for sample in upload["samples"]:
+        if released_t is not None and sample["event_time_ms"] <= released_t:
+            late.append(sample["seq"])
+        elif sample["seq"] not in buffered:
+            state["buffer"].append(compact(sample))
+            buffered.add(sample["seq"])
+            accepted += 1
+            if state["max_t"] is None or sample["event_time_ms"] > state["max_t"]:
+                state["max_t"] = sample["event_time_ms"]
+    return Ingested(accepted, late)
+
+
+def advance(state: dict, config: SessionConfig) -> list[dict]:
+    """Release what the watermark allows; return final and provisional records."""
+    state["version"] += 1
+    out: list[dict] = []
+    if state["max_t"] is not None:
+        watermark = state["max_t"] - config.allowed_lateness_ms
+        _release(state, config, out, until=watermark)
+        _close_days(state, out, everything=False)
+    preview = copy.deepcopy(state)
+    _release(preview, config, out, until=None, provisional=True)
+    out.extend(_open_records(preview))
+    return out
+
+
+def flush(state: dict, config: SessionConfig) -> list[dict]:
+    """End of the stream (tests, shutdown of a vehicle): everything final."""
+    state["version"] += 1
+    out: list[dict] = []
+    _release(state, config, out, until=None)
+    for key in ("trip", "charge"):
+        if state[key] is not None:
+            out.append(_record(state, key, state[key], final=True))
+            state[key] = None
+    _close_days(state, out, everything=True)
+    return out
+
+
+def _release(
+    state: dict, config: SessionConfig, out: list, until: int | None, provisional: bool = False
+) -> None:
+    buffer = sorted(state["buffer"], key=lambda s: (s["t"], s["seq"]))
+    cut = (
+        len(buffer)
+        if until is None
+        else next((i for i, s in enumerate(buffer) if s["t"] > until), len(buffer))
+    )
+    for sample in buffer[:cut]:
+        _step(state, sample, config, out, provisional)
+    state["buffer"] = buffer[cut:]
+
+
+def _step(state: dict, s: dict, config: SessionConfig, out: list, provisional: bool) -> None:
+    prev = state["last"]
+    day = _day(state, _clock(state["tz"]).day(s["t"]))
+    day["samples"] += 1
+    if prev is not None:
+        _accumulate_day(state, day, prev, s, config)
+    _track_trip(state, prev, s, config, out, provisional)
+    _track_charge(state, prev, s, config, out, provisional)
+    state["last"] = s
+
+
+def _day(state: dict, date: str) -> dict:
+    day = state["days"].get(date)
+    if day is None:
+        day = state["days"][date] = {
+            "date": date, "samples": 0, "distance_km": 0.0, "driving_ms": 0, "soc_used": 0.0,
+            "soc_charged": 0.0, "soc_idle_drain": 0.0, "parked_ms": 0, "trips": 0, "charges": 0,
+        }  # fmt: skip
+    return day
+
+
+def _accumulate_day(state: dict, day: dict, prev: dict, s: dict, config: SessionConfig) -> None:
+    dt = s["t"] - prev["t"]
+    if prev["odo"] is not None and s["odo"] is not None and s["odo"] > prev["odo"]:
+        day["distance_km"] += s["odo"] - prev["odo"]
+    d_soc = s["soc"] - prev["soc"] if s["soc"] is not None and prev["soc"] is not None else 0.0
+    if prev["mv"]:
+        if s["mv"] and dt <= config.trip_gap_ms:
+            day["driving_ms"] += dt
+        day["soc_used"] += max(0.0, -d_soc)
+    elif prev["chg"]:
+        day["soc_charged"] += max(0.0, d_soc)
+    else:
+        day["soc_idle_drain"] += max(0.0, -d_soc)
+        day["parked_ms"] += dt
+
+
+def _track_trip(
+    state: dict, prev: dict | None, s: dict, config: SessionConfig, out: list, provisional: bool
+) -> None:
+    trip = state["trip"]
+    if trip is not None:
+        last = trip["last"]
+        gap = s["t"] - last["t"]
+        if s["mv"]:
+            if gap > config.trip_gap_ms and (
+                trip["parked_since"] is not None or not _moved_in_gap(last, s, config)
+            ):
+                _close(state, "trip", out, provisional)
+                trip = None
+            else:
+                trip["last"] = s
+                trip["parked_since"] = None
+                trip["max_v"] = max(trip["max_v"], s["v"] or 0.0)
+                if s["out"] is not None:
+                    trip["out_sum"] += s["out"]
+                    trip["out_n"] += 1
+        else:
+            if trip["parked_since"] is None:
+                trip["parked_since"] = s["t"]
+            if gap >= config.trip_gap_ms:
+                _close(state, "trip", out, provisional)
+                trip = None
+    if trip is None and s["mv"]:
+        state["trip"] = {"first": s, "last": s, "parked_since": None, "max_v": s["v"] or 0.0,
+                         "out_sum": s["out"] or 0.0, "out_n": int(s["out"] is not None)}  # fmt: skip
+        _day(state, _clock(state["tz"]).day(s["t"]))["trips"] += 1
+
+
+def _moved_in_gap(a: dict, b: dict, config: SessionConfig) -> bool:
+    """Across a gap in the data, did the car keep driving? Ask the odometer."""
+    if a["odo"] is None or b["odo"] is None:
+        return False
+    hours = (b["t"] - a["t"]) / 3_600_000
+    moved = b["odo"] - a["odo"]
+    return moved > 0.05 and moved / hours <= config.max_speed_kmh
+
+
+def _track_charge(
+    state: dict, prev: dict | None, s: dict, config: SessionConfig, out: list, provisional: bool
+) -> None:
+    charge = state["charge"]
+    if charge is not None:
+        last = charge["last"]
+        if s["chg"]:
+            if charge["stopped_since"] is not None and s["t"] - last["t"] > config.charge_gap_ms:
+                _close(state, "charge", out, provisional)
+                charge = None
+            else:
+                if (
+                    prev is not None and prev["chg"] and prev["pw"] is not None
+                ):  # not across a pause
+                    charge["kwh"] += prev["pw"] * (s["t"] - prev["t"]) / 3_600_000
+                charge["last"] = s
+                charge["stopped_since"] = None
+                charge["peak"] = max(charge["peak"], s["pw"] or 0.0)
+                charge["mode"] = charge["mode"] or s["mode"]
+        else:
+            if charge["stopped_since"] is None:
+                charge["stopped_since"] = s["t"]
+            if s["t"] - last["t"] >= config.charge_gap_ms:
+                _close(state, "charge", out, provisional)
+                charge = None
+    if charge is None and s["chg"]:
+        state["charge"] = {"first": s, "last": s, "stopped_since": None, "peak": s["pw"] or 0.0,
+                           "kwh": 0.0, "mode": s["mode"]}  # fmt: skip
+        _day(state, _clock(state["tz"]).day(s["t"]))["charges"] += 1
+
+
+def _close(state: dict, key: str, out: list, provisional: bool) -> None:
+    out.append(_record(state, key, state[key], final=not provisional))
+    state[key] = None
+
+
+def _close_days(state: dict, out: list, everything: bool) -> None:
+    """A day is final once a later day's sample was released: anything older is too late."""
+    current = _clock(state["tz"]).day(state["last"]["t"]) if state["last"] else None
+    for date in sorted(state["days"]):
+        if everything or (current is not None and date < current):
+            out.append(_day_record(state, state["days"].pop(date), final=True))
+
+
+def _open_records(preview: dict) -> list[dict]:
+    out = [
+        _record(preview, key, preview[key], final=False)
+        for key in ("trip", "charge")
+        if preview[key] is not None
+    ]
+    out += [_day_record(preview, day, final=False) for day in preview["days"].values()]
+    return out
+
+
+def _kwh(state: dict, soc_points: float) -> float | None:
+    return None if state["capacity"] is None else soc_points / 100 * state["capacity"]
+
+
+def _base(state: dict, kind: str, final: bool) -> dict:
+    return {"kind": kind, "vin": state["vin"], "owner_id": state["owner_id"], "region": state["region"],
+            "final": final, "version": state["version"]}  # fmt: skip
+
+
+def _record(state: dict, kind: str, acc: dict, final: bool) -> dict:
+    first, last = acc["first"], acc["last"]
+    duration_s = (last["t"] - first["t"]) / 1000
+    rec = _base(state, kind, final)
+    if kind == "trip":
+        distance = (
+            (last["odo"] - first["odo"])
+            if first["odo"] is not None and last["odo"] is not None
+            else 0.0
+        )
+        soc_used = (
+            (first["soc"] - last["soc"])
+            if first["soc"] is not None and last["soc"] is not None
+            else None
+        )
+        rec.update(
+            start_ms=first["t"], end_ms=last["t"], duration_s=duration_s,
+            start_lat=first["lat"], start_lon=first["lon"], end_lat=last["lat"], end_lon=last["lon"],
+            start_odometer=first["odo"], end_odometer=last["odo"], distance_km=distance,
+            avg_speed_kmh=distance / (duration_s / 3600) if duration_s > 0 else 0.0, max_speed_kmh=acc["max_v"],
+            start_soc=first["soc"], end_soc=last["soc"], soc_used=soc_used,
+            energy_kwh=_kwh(state, soc_used) if soc_used is not None else None,
+            outside_temp_avg=acc["out_sum"] / acc["out_n"] if acc["out_n"] else None,
+        )  # fmt: skip
+    else:
+        soc_added = (
+            (last["soc"] - first["soc"])
+            if first["soc"] is not None and last["soc"] is not None
+            else None
+        )
+        energy = _kwh(state, soc_added) if soc_added is not None else None
+        rec.update(
+            start_ms=first["t"], end_ms=last["t"], duration_s=duration_s, lat=first["lat"], lon=first["lon"],
+            start_soc=first["soc"], end_soc=last["soc"],
+            energy_added_kwh=energy if energy is not None else acc["kwh"], energy_metered_kwh=acc["kwh"],
+            peak_power_kw=acc["peak"], avg_power_kw=acc["kwh"] / (duration_s / 3600) if duration_s > 0 else 0.0,
+            mode=acc["mode"],
+        )  # fmt: skip
+    return rec
+
+
+def _day_record(state: dict, day: dict, final: bool) -> dict:
+    rec = _base(state, "day", final)
+    used = _kwh(state, day["soc_used"])
+    rec.update(
+        date=day["date"], time_zone=state["tz"], samples=day["samples"], distance_km=day["distance_km"],
+        driving_s=day["driving_ms"] / 1000, energy_used_kwh=used,
+        energy_charged_kwh=_kwh(state, day["soc_charged"]), idle_drain_kwh=_kwh(state, day["soc_idle_drain"]),
+        parked_s=day["parked_ms"] / 1000, trips=day["trips"], charges=day["charges"],
+        efficiency_wh_per_km=used * 1000 / day["distance_km"] if used is not None and day["distance_km"] > 0.1 else None,
+    )  # fmt: skip
+    return rec
