@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from vtp.days import DayClock
+
 VIN_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 _VIN_VALUES = (
     dict(zip("ABCDEFGH", range(1, 9), strict=True))
@@ -41,6 +43,13 @@ MODELS = [("Model 3", 60.0, 0.15), ("Model Y", 75.0, 0.17), ("ID.4", 77.0, 0.18)
 DTC_CODES = ("P0A80", "P0AA6", "U0100", "C1234", "B1000")
 
 PARKED, DRIVING, CHARGING = "PARKED", "DRIVING", "CHARGING"
+_TRUTH_CLOCKS: dict[str, DayClock] = {}
+
+
+def _truth_clock(zone: str) -> DayClock:
+    if zone not in _TRUTH_CLOCKS:
+        _TRUTH_CLOCKS[zone] = DayClock(zone)
+    return _TRUTH_CLOCKS[zone]
 
 
 def vin_check_digit(vin: str) -> str:
@@ -155,6 +164,7 @@ class VehicleTruth:
     owner_id: str
     region: str
     capacity_kwh: float = 0.0
+    time_zone: str = "UTC"
     samples: int = 0
     uploads: int = 0
     first_ms: int | None = None
@@ -165,8 +175,41 @@ class VehicleTruth:
     dtcs: int = 0
     trips: list[Trip] = field(default_factory=list)
     charges: list[Charge] = field(default_factory=list)
+    # Per local day, from the physics (not from the samples): distance_km, driving_s,
+    # energy_used_kwh, energy_charged_kwh, idle_drain_kwh.
+    physics: dict[str, dict[str, float]] = field(default_factory=dict)
     _open_trip: list[dict] | None = field(default=None, repr=False)  # [first, last, max_speed]
     _open_charge: list | None = field(default=None, repr=False)  # [first, last, peak]
+
+    def add_physics(
+        self, at_ms: int, state: str, dt: float, km: float, kwh: float, still_moving: bool
+    ) -> None:
+        day = self.physics.setdefault(
+            _truth_clock(self.time_zone).day(at_ms),
+            {"distance_km": 0.0, "driving_s": 0.0, "energy_used_kwh": 0.0,
+             "energy_charged_kwh": 0.0, "idle_drain_kwh": 0.0},
+        )  # fmt: skip
+        day["distance_km"] += km
+        if state == DRIVING:
+            day["energy_used_kwh"] -= kwh
+            if still_moving:
+                day["driving_s"] += dt
+        elif state == CHARGING:
+            day["energy_charged_kwh"] += kwh
+        else:
+            day["idle_drain_kwh"] -= kwh
+
+    def daily(self) -> dict[str, dict[str, float]]:
+        """Day totals as the owner should see them: physics plus trips and charges begun."""
+        clock = _truth_clock(self.time_zone)
+        days = {d: dict(v, trips=0, charges=0) for d, v in self.physics.items()}
+        for trip in self.trips:
+            days.setdefault(clock.day(trip.start_ms), {}).setdefault("trips", 0)
+            days[clock.day(trip.start_ms)]["trips"] += 1
+        for charge in self.charges:
+            days.setdefault(clock.day(charge.start_ms), {}).setdefault("charges", 0)
+            days[clock.day(charge.start_ms)]["charges"] += 1
+        return days
 
     @property
     def distance_km(self) -> float:
@@ -256,7 +299,10 @@ class GroundTruth:
 
 def new_truth(fleet: list[Vehicle]) -> GroundTruth:
     return GroundTruth(
-        {v.vin: VehicleTruth(v.vin, v.owner_id, v.region, v.battery_capacity_kwh) for v in fleet}
+        {
+            v.vin: VehicleTruth(v.vin, v.owner_id, v.region, v.battery_capacity_kwh, v.time_zone)
+            for v in fleet
+        }
     )
 
 
@@ -298,6 +344,7 @@ def _vehicle_uploads(
     last_sent = start_ms
     buffer: list[dict] = []
     shown_speed = 0.0  # a trip ends on a sample that shows the car stopped
+    pending = None
     vehicle_key = hash(v.vin)
 
     def emit(sent_s: float):
@@ -321,6 +368,9 @@ def _vehicle_uploads(
         dt = drive_dt if state == DRIVING else charge_dt if state == CHARGING else park_dt
         # A sample shows the state at t; physics then moves the car to t + dt.
         sample = _sample(car, state, mode, start_ms + int(t * 1000), seq, rng, dt)
+        if pending is not None and truth is not None:
+            truth.add_physics(*pending, still_moving=sample["gear"] != "PARK")
+        before = (car.odometer, car.soc)
         if state == DRIVING:
             _drive(car, rng, t, dt, v)
         elif state == CHARGING:
@@ -330,6 +380,11 @@ def _vehicle_uploads(
         else:
             car.soc = max(0.0, car.soc - 0.02 * dt / 3600)  # standby drain, about 0.5 %/day
             car.battery_c += (car.outside_c - car.battery_c) * min(1.0, dt / 3600)
+        # What the physics did in this step, credited to the day of the next sample.
+        pending = (
+            start_ms + int((t + dt) * 1000), state, dt,
+            car.odometer - before[0], (car.soc - before[1]) / 100 * v.battery_capacity_kwh,
+        )  # fmt: skip
         buffer.append(sample)
         shown_speed = sample["speed"]
         seq += 1
@@ -358,7 +413,9 @@ def _next_state(state: str, car: _Car, rng: random.Random, t: float) -> tuple[st
         car.speed = 0.0
         car.reverse_steps = 4 if rng.random() < 0.1 else 0
         return DRIVING, t + rng.uniform(5, 40) * 60, mode
-    return PARKED, t + rng.uniform(2, 60) * 60, mode
+    # Parked at least 10 minutes: longer than the aggregator's default trip/charge gaps,
+    # so every simulated trip and charge is one session there too.
+    return PARKED, t + rng.uniform(10, 60) * 60, mode
 
 
 def _drive(car: _Car, rng: random.Random, t: float, dt: float, v: Vehicle) -> None:

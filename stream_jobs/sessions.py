@@ -6,8 +6,9 @@ minus the allowed lateness) are released in event-time order into small state
 machines. A sample older than what was already released is *too late*: the caller
 dead-letters it. Closed trips and charges, and days the watermark has passed, come
 out final; the open ones come out provisional (computed on a copy that releases the
-whole buffer), so readers always see the best current answer. A record's ``version``
-grows with every call, so the newest row of a key wins in the warehouse.
+whole buffer) in one slot per vehicle (``open_trip``, ``open_charge``), so readers
+always see the best current answer and no provisional row outlives its session. A
+record's ``version`` grows with every call, so the newest row of a key wins.
 
 A trip starts when the vehicle leaves PARK and ends once it has stayed parked for
 ``trip_gap_ms``; a gap in the data while moving stays one trip if the odometer moved
@@ -18,7 +19,7 @@ day (the vehicle's time zone) of the later sample of each consecutive pair.
 
 from __future__ import annotations
 
-import copy
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,10 @@ def _clock(zone: str) -> DayClock:
     if clock is None:
         clock = _CLOCKS[zone] = DayClock(zone)
     return clock
+
+
+def _order(sample: dict) -> tuple[int, int]:
+    return sample["t"], sample["seq"]
 
 
 def new_state(
@@ -85,7 +90,7 @@ def ingest(state: dict, upload: dict[str, Any], config: SessionConfig) -> Ingest
         if released_t is not None and sample["event_time_ms"] <= released_t:
             late.append(sample["seq"])
         elif sample["seq"] not in buffered:
-            state["buffer"].append(compact(sample))
+            bisect.insort(state["buffer"], compact(sample), key=_order)
             buffered.add(sample["seq"])
             accepted += 1
             if state["max_t"] is None or sample["event_time_ms"] > state["max_t"]:
@@ -101,10 +106,23 @@ def advance(state: dict, config: SessionConfig) -> list[dict]:
         watermark = state["max_t"] - config.allowed_lateness_ms
         _release(state, config, out, until=watermark)
         _close_days(state, out, everything=False)
-    preview = copy.deepcopy(state)
-    _release(preview, config, out, until=None, provisional=True)
+    preview = _preview_copy(state)
+    # Sessions the preview closes are not emitted: with data still out of order their
+    # bounds may change. Only the open slot (one per vehicle and kind) is provisional.
+    _release(preview, config, [], until=None, provisional=True)
     out.extend(_open_records(preview))
     return out
+
+
+def _preview_copy(state: dict) -> dict:
+    """Enough of a copy to release the buffer without touching the state: samples are
+    never mutated, so the accumulators are copied one level deep and samples shared."""
+    preview = dict(state)
+    preview["buffer"] = list(state["buffer"])
+    preview["trip"] = dict(state["trip"]) if state["trip"] else None
+    preview["charge"] = dict(state["charge"]) if state["charge"] else None
+    preview["days"] = {date: dict(day) for date, day in state["days"].items()}
+    return preview
 
 
 def flush(state: dict, config: SessionConfig) -> list[dict]:
@@ -117,13 +135,14 @@ def flush(state: dict, config: SessionConfig) -> list[dict]:
             out.append(_record(state, key, state[key], final=True))
             state[key] = None
     _close_days(state, out, everything=True)
+    out.extend(_open_records(state))  # both slots now empty
     return out
 
 
 def _release(
     state: dict, config: SessionConfig, out: list, until: int | None, provisional: bool = False
 ) -> None:
-    buffer = sorted(state["buffer"], key=lambda s: (s["t"], s["seq"]))
+    buffer = state["buffer"]  # kept in event-time order by ingest
     cut = (
         len(buffer)
         if until is None
@@ -257,11 +276,17 @@ def _close_days(state: dict, out: list, everything: bool) -> None:
 
 
 def _open_records(preview: dict) -> list[dict]:
-    out = [
-        _record(preview, key, preview[key], final=False)
-        for key in ("trip", "charge")
-        if preview[key] is not None
-    ]
+    """The vehicle's open trip and open charge slots (``active`` False when empty), and
+    every day not yet final."""
+    out = []
+    for key in ("trip", "charge"):
+        if preview[key] is not None:
+            rec = _record(preview, key, preview[key], final=False)
+        else:
+            rec = _base(preview, key, final=False)
+        rec["kind"] = f"open_{key}"
+        rec["active"] = preview[key] is not None
+        out.append(rec)
     out += [_day_record(preview, day, final=False) for day in preview["days"].values()]
     return out
 

@@ -222,14 +222,18 @@ def test_open_trip_is_provisional_until_it_closes_and_then_final_with_a_higher_v
     car = Car(at("2026-11-06T07:00:00"))
     car.drive(600)
     ingest(state, {"upload_id": "a", "samples": car.samples}, CFG)
-    (open_trip,) = [r for r in advance(state, CFG) if r["kind"] == "trip"]
-    assert open_trip["final"] is False and open_trip["distance_km"] == pytest.approx(6.0, abs=0.02)
+    (open_trip,) = [r for r in advance(state, CFG) if r["kind"] == "open_trip"]
+    assert open_trip["active"] and open_trip["final"] is False
+    assert open_trip["distance_km"] == pytest.approx(6.0, abs=0.02)
     car.samples.clear()
     car.park(1200)
     ingest(state, {"upload_id": "b", "samples": car.samples}, CFG)
-    (closed,) = [r for r in advance(state, CFG) if r["kind"] == "trip"]
+    records = advance(state, CFG)
+    (closed,) = [r for r in records if r["kind"] == "trip"]
+    (slot,) = [r for r in records if r["kind"] == "open_trip"]
     assert closed["final"] and closed["version"] > open_trip["version"]
     assert closed["start_ms"] == open_trip["start_ms"]
+    assert slot["active"] is False and slot["version"] == closed["version"]
 
 
 def test_daily_totals_include_idle_drain_and_charging():
