@@ -11,16 +11,19 @@ A crash anywhere replays the range with the same token: no loss, no duplicate.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from schemas import FramingError, default_store
 from sinks import rows as rowlib
+from sinks.aggregate_rows import aggregate_tables
 from sinks.batching import Batcher, PartitionBatch
 from sinks.migrations import migrate
 from sinks.warehouse import Warehouse, open_warehouse, rows
@@ -137,6 +140,7 @@ class RegionSink:
         self.settings = settings
         self.region = region
         self.topic = settings.topics.validated(region)
+        self.aggregates_topic = settings.topics.aggregates(region)
         self.warehouse = warehouse or open_warehouse(settings, region)
         migrate(self.warehouse)
         bootstrap = settings.bootstrap()
@@ -168,7 +172,7 @@ class RegionSink:
         self._stop = True
 
     def run(self, should_stop: Callable[[], bool] | None = None) -> None:
-        self.consumer.subscribe([self.topic], on_revoke=self._on_revoke)
+        self.consumer.subscribe([self.topic, self.aggregates_topic], on_revoke=self._on_revoke)
         log.info("sink %s: %s -> %s", self.region, self.topic, self.warehouse.description)
         try:
             while not self._stop and not (should_stop and should_stop()):
@@ -194,7 +198,8 @@ class RegionSink:
             self.warehouse.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.batcher.drop(self.topic, [tp.partition for tp in partitions])
+        for topic in (self.topic, self.aggregates_topic):
+            self.batcher.drop(topic, [tp.partition for tp in partitions if tp.topic == topic])
 
     def _report_lag(self, now: float) -> None:
         if now - self._last_lag_report < 5:
@@ -248,16 +253,10 @@ class RegionSink:
                 {"t": batch.topic, "p": batch.partition, "f": batch.first_offset,
                  "l": batch.last_offset, "n": len(batch)},
             )  # fmt: skip
-        good, refused = classify(batch.items, self.region)
-        fresh, resends, skipped = sort_against_stored(good, self._stored(good))
-        refused += [
-            Refused(self._message_of(batch, up), "duplicate_upload",
-                    f"upload {up.record['upload_id']} is already stored", up.raw_source)
-            for up in resends
-        ]  # fmt: skip
-        samples = rowlib.samples_table(fresh)
-        self.warehouse.insert_arrow("samples", samples, batch.token)
-        self.warehouse.insert_arrow("uploads", rowlib.uploads_table(fresh), batch.token)
+        if batch.topic == self.aggregates_topic:
+            refused = self._insert_aggregates(batch)
+        else:
+            refused = self._insert_uploads(batch)
         for r in refused:
             self.producer.produce(
                 self.settings.topics.deadletter,
@@ -272,12 +271,58 @@ class RegionSink:
             offsets=[TopicPartition(batch.topic, batch.partition, batch.last_offset + 1)],
             asynchronous=False,
         )
+        metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
+        metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
+
+    def _insert_uploads(self, batch: PartitionBatch) -> list[Refused]:
+        good, refused = classify(batch.items, self.region)
+        fresh, resends, skipped = sort_against_stored(good, self._stored(good))
+        refused += [
+            Refused(self._message_of(batch, up), "duplicate_upload",
+                    f"upload {up.record['upload_id']} is already stored", up.raw_source)
+            for up in resends
+        ]  # fmt: skip
+        samples = rowlib.samples_table(fresh)
+        self.warehouse.insert_arrow("samples", samples, batch.token)
+        self.warehouse.insert_arrow("uploads", rowlib.uploads_table(fresh), batch.token)
         self.stored_uploads += len(fresh)
         metrics.SINK_UPLOADS.labels(self.region).inc(len(fresh))
         metrics.SINK_SAMPLES.labels(self.region).inc(samples.num_rows)
         metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
-        metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
-        metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
+        return refused
+
+    def _insert_aggregates(self, batch: PartitionBatch) -> list[Refused]:
+        records, refused = [], []
+        for m in batch.items:
+            source = f"{m.topic()}:{m.partition()}:{m.offset()}"
+            try:
+                record = json.loads(m.value() or b"")
+                kind = record["kind"]
+            except (ValueError, TypeError, KeyError) as exc:
+                refused.append(
+                    Refused(m, "malformed_aggregate", f"{type(exc).__name__}: {exc}", source)
+                )
+                continue
+            if record.get("region") != self.region:
+                refused.append(
+                    Refused(
+                        m,
+                        "residency_mismatch",
+                        f"{kind} of region {record.get('region')!r}",
+                        source,
+                    )
+                )
+                continue
+            records.append(record)
+        try:
+            tables = aggregate_tables(records)
+        except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
+            raise SinkError(
+                f"aggregate records of {batch.token} do not fit their tables: {exc}"
+            ) from None
+        for table, data in sorted(tables.items()):
+            self.warehouse.insert_arrow(table, data, batch.token)
+        return refused
 
     @staticmethod
     def _message_of(batch: PartitionBatch, up: rowlib.StoredUpload) -> Message:

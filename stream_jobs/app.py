@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP
 
 from schemas import FramingError, default_store
+from stream_jobs.aggregate import add_aggregation
 from stream_jobs.registry import decode_registration
 from stream_jobs.validate import (
     DeadLettered,
@@ -243,6 +244,8 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.CONSUMER_LAG.labels(app_id, topics.uploads, str(partition)).set(
                     max(0, high - offset - 1)
                 )
+
+    add_aggregation(app, settings, registry.get, deadletter_headers)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

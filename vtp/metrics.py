@@ -14,6 +14,14 @@ DEADLETTERED = Counter(
 )
 QUARANTINED = Counter("vtp_quarantined_total", "Uploads quarantined (region unknown)", ["reason"])
 REGISTRY_UPDATES = Counter("vtp_registry_updates_total", "Vehicle registry entries applied")
+AGGREGATE_RECORDS = Counter(
+    "vtp_aggregate_records_total", "Trip/charge/day records emitted", ["region", "kind", "final"]
+)
+AGGREGATE_TOO_LATE = Counter(
+    "vtp_aggregate_too_late_samples_total",
+    "Samples older than what aggregation had released (dead-lettered as too_late)",
+    ["region"],
+)
 SINK_UPLOADS = Counter("vtp_sink_uploads_stored_total", "Uploads inserted", ["region"])
 SINK_SAMPLES = Counter("vtp_sink_samples_stored_total", "Samples inserted", ["region"])
 SINK_REPLAYS_SKIPPED = Counter(

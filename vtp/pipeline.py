@@ -128,14 +128,22 @@ def _group_position(settings: Settings, group: str, topics: list[str]) -> tuple[
 
 
 def pipeline_groups(settings: Settings) -> dict[str, list[str]]:
-    groups = {f"{settings.topic_prefix}-validate": [settings.topics.uploads]}
+    t = settings.topics
+    groups = {
+        f"{settings.topic_prefix}-validate": [t.uploads]
+        + [t.validated(r) for r in settings.regions]
+    }
     for region in settings.regions:
-        groups[f"{settings.topic_prefix}-sink-{region}"] = [settings.topics.validated(region)]
+        groups[f"{settings.topic_prefix}-sink-{region}"] = [
+            t.validated(region),
+            t.aggregates(region),
+        ]
     return groups
 
 
 def pipeline_lag(settings: Settings) -> int:
-    """Messages not yet committed by the worker (uploads) and the sinks (validated)."""
+    """Messages not yet committed by the worker (uploads, validated: it validates and
+    aggregates) and the sinks (validated, aggregates)."""
     total = 0
     for group, topics in pipeline_groups(settings).items():
         committed, high = group_position(settings, group, topics)
@@ -162,10 +170,14 @@ def wait_drained(
 
 @dataclass
 class Outcomes:
-    """Distinct raw messages per destination and reason (dead letters may repeat on replay)."""
+    """Distinct raw messages per destination and reason (dead letters may repeat on replay).
+
+    ``too_late`` counts uploads whose samples aggregation refused (stage aggregate): the
+    samples are stored all the same, so they are not an outcome of the raw message."""
 
     deadlettered: Counter = field(default_factory=Counter)
     quarantined: Counter = field(default_factory=Counter)
+    too_late: int = 0
 
     @property
     def deadlettered_total(self) -> int:
@@ -176,8 +188,8 @@ class Outcomes:
         return sum(self.quarantined.values())
 
 
-def _read_to_end(settings: Settings, topic: str) -> dict[str, str]:
-    """vtp-source -> vtp-reason of every message in ``topic``."""
+def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], str]:
+    """(vtp-stage, vtp-source) -> vtp-reason of every message in ``topic``."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap(),
@@ -185,7 +197,7 @@ def _read_to_end(settings: Settings, topic: str) -> dict[str, str]:
             "enable.auto.commit": False,
         }
     )
-    found: dict[str, str] = {}
+    found: dict[tuple[str, str], str] = {}
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None:
@@ -205,7 +217,7 @@ def _read_to_end(settings: Settings, topic: str) -> dict[str, str]:
                     continue
                 headers = {k: (v or b"").decode() for k, v in (m.headers() or [])}
                 source = headers.get("vtp-source", f"{topic}:{m.partition()}:{m.offset()}")
-                found[source] = headers.get("vtp-reason", "unknown")
+                found[(headers.get("vtp-stage", ""), source)] = headers.get("vtp-reason", "unknown")
                 if m.offset() + 1 >= ends.get(m.partition(), 0):
                     ends.pop(m.partition(), None)
         return found
@@ -214,9 +226,11 @@ def _read_to_end(settings: Settings, topic: str) -> dict[str, str]:
 
 
 def read_outcomes(settings: Settings) -> Outcomes:
+    dead = _read_to_end(settings, settings.topics.deadletter)
     return Outcomes(
-        deadlettered=Counter(_read_to_end(settings, settings.topics.deadletter).values()),
+        deadlettered=Counter(r for (stage, _), r in dead.items() if stage != "aggregate"),
         quarantined=Counter(_read_to_end(settings, settings.topics.quarantine).values()),
+        too_late=sum(1 for stage, _ in dead if stage == "aggregate"),
     )
 
 

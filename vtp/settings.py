@@ -72,6 +72,11 @@ class Settings:
     # Upload ids remembered per vehicle to catch resends; older resends are caught
     # by the sink, which refuses an upload id it already stored from another message.
     dedup_uploads_per_vehicle: int = 64
+    # Aggregation: a trip ends after this long parked, a charge after this long not
+    # charging; samples may arrive this much out of event-time order.
+    trip_gap_s: float = 300.0
+    charge_gap_s: float = 300.0
+    allowed_lateness_s: float = 120.0
     # Sink: batches are cut by message count per partition (never by time alone,
     # see sinks/batching.py); the flush interval only bounds how long a partial
     # batch waits, and the batch it produces is recorded before it is inserted.
@@ -134,6 +139,9 @@ class Topics:
     def validated(self, region: str) -> str:
         return f"{self.prefix}.validated.{region}"
 
+    def aggregates(self, region: str) -> str:
+        return f"{self.prefix}.aggregates.{region}"
+
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Build Settings from the environment (``environ`` replaces os.environ in tests)."""
@@ -160,6 +168,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             max_clock_skew_s=_float("MAX_CLOCK_SKEW_S", 300.0),
             max_backlog_s=_float("MAX_BACKLOG_S", 7 * 86400.0),
             dedup_uploads_per_vehicle=_int("DEDUP_UPLOADS_PER_VEHICLE", 64),
+            trip_gap_s=_float("TRIP_GAP_S", 300.0),
+            charge_gap_s=_float("CHARGE_GAP_S", 300.0),
+            allowed_lateness_s=_float("ALLOWED_LATENESS_S", 120.0),
             sink_batch_messages=_int("SINK_BATCH_MESSAGES", 2000),
             sink_flush_ms=_int("SINK_FLUSH_MS", 500),
             sink_instance=_env("SINK_INSTANCE", "0"),

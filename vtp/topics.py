@@ -18,6 +18,7 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
     }
     for region in settings.regions:
         specs[t.validated(region)] = {}
+        specs[t.aggregates(region)] = {}
     return specs
 
 

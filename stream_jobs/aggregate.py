@@ -1,0 +1,119 @@
+"""The aggregation agent: validated uploads -> trips, charges, daily summaries.
+
+Per-vehicle session state lives in a changelog-backed Faust table keyed by VIN, so a
+restarted worker continues where it was. Each batch ingests every upload, advances
+each touched vehicle once, stores its state, and emits records (JSON, keyed by VIN)
+to the region's aggregates topic. Samples that arrive after their time was released
+are dead-lettered (reason too_late, stage aggregate) with the upload's bytes; the
+samples themselves are still stored by the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import faust
+
+from schemas import FramingError, default_store
+from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
+from stream_jobs.validate import Registration
+from vtp import metrics
+from vtp.settings import Settings
+
+
+def session_config(settings: Settings) -> SessionConfig:
+    return SessionConfig(
+        trip_gap_ms=int(settings.trip_gap_s * 1000),
+        charge_gap_ms=int(settings.charge_gap_s * 1000),
+        allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
+    )
+
+
+def _header(message, name: str) -> str | None:
+    for key, value in message.headers or []:
+        if key == name and value is not None:
+            return value.decode(errors="replace")
+    return None
+
+
+def add_aggregation(
+    app: faust.App,
+    settings: Settings,
+    registry: Callable[[str], Registration | None],
+    deadletter_headers: Callable[..., list],
+) -> None:
+    topics = settings.topics
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    validated = app.topic(*[topics.validated(r) for r in settings.regions], **raw)
+    states = app.Table(
+        "vehicle_sessions", default=None, key_type=bytes, value_type=bytes, use_partitioner=True
+    )
+    store = default_store()
+    config = session_config(settings)
+
+    def state_for(vin: str, owner: str, region: str) -> dict:
+        stored = states.get(vin.encode())
+        if stored:
+            return json.loads(stored)
+        reg = registry(vin)
+        return new_state(
+            vin,
+            owner,
+            region,
+            reg.time_zone if reg else "UTC",
+            reg.battery_capacity_kwh if reg else None,
+        )
+
+    @app.agent(validated)
+    async def aggregate_sessions(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(1000, within=0.2):
+            touched: dict[str, dict] = {}
+            pending = []
+            for event in events:
+                message = event.message
+                try:
+                    record, _ = store.decode(message.value or b"")
+                except FramingError:
+                    continue  # the sink dead-letters undecodable messages; nothing to aggregate
+                vin = record["vin"]
+                region = _header(message, "vtp-region") or ""
+                if region not in settings.regions:
+                    continue  # the sink refuses it too
+                state = touched.get(vin) or state_for(
+                    vin, _header(message, "vtp-owner") or "", region
+                )
+                touched[vin] = state
+                result = ingest(state, record, config)
+                if result.too_late:
+                    metrics.AGGREGATE_TOO_LATE.labels(region).inc(len(result.too_late))
+                    detail = f"{len(result.too_late)} samples older than the released time; seq {result.too_late[:20]}"
+                    source = (
+                        _header(message, "vtp-source")
+                        or f"{message.topic}:{message.partition}:{message.offset}"
+                    )
+                    pending.append(
+                        await app.producer.send(
+                            topics.deadletter, message.key, message.value, None, None,
+                            deadletter_headers("aggregate", "too_late", detail, source),
+                        )
+                    )  # fmt: skip
+            for vin, state in touched.items():
+                for rec in advance(state, config):
+                    metrics.AGGREGATE_RECORDS.labels(
+                        state["region"], rec["kind"], str(rec["final"])
+                    ).inc()
+                    pending.append(
+                        await app.producer.send(
+                            topics.aggregates(state["region"]),
+                            vin.encode(),
+                            json.dumps(rec).encode(),
+                            None,
+                            None,
+                            None,
+                        )
+                    )
+            await asyncio.gather(*pending)
+            for vin, state in touched.items():
+                states[vin.encode()] = json.dumps(state, separators=(",", ":")).encode()
