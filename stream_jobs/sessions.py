@@ -107,9 +107,14 @@ def advance(state: dict, config: SessionConfig) -> list[dict]:
         _release(state, config, out, until=watermark)
         _close_days(state, out, everything=False)
     preview = _preview_copy(state)
-    # Sessions the preview closes are not emitted: with data still out of order their
-    # bounds may change. Only the open slot (one per vehicle and kind) is provisional.
-    _release(preview, config, [], until=None, provisional=True)
+    closed_in_preview: list[dict] = []
+    _release(preview, config, closed_in_preview, until=None, provisional=True)
+    # A session the preview closes lies wholly before the watermark when its gap is at
+    # least the allowed lateness, so no late sample can move its start (its key): it is
+    # emitted provisionally. Otherwise it waits; the open slot shows the rest.
+    stable = {"trip": config.trip_gap_ms >= config.allowed_lateness_ms,
+              "charge": config.charge_gap_ms >= config.allowed_lateness_ms}  # fmt: skip
+    out.extend(r for r in closed_in_preview if stable[r["kind"]])
     out.extend(_open_records(preview))
     return out
 

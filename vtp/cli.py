@@ -58,7 +58,15 @@ def _sink(args: argparse.Namespace) -> int:
 
 
 def _owner(args: argparse.Namespace) -> int:
-    from owner_api.report import UnknownOwner, format_report, owner_report
+    from owner_api.report import (
+        UnknownOwner,
+        format_activity,
+        format_report,
+        last_days,
+        owner_report,
+        recent_charges,
+        recent_trips,
+    )
     from sinks.warehouse import open_warehouse
 
     settings = load_settings()
@@ -71,6 +79,13 @@ def _owner(args: argparse.Namespace) -> int:
     warehouse = open_warehouse(settings, region)
     try:
         print(format_report(args.owner_id, region, owner_report(warehouse, args.owner_id)))
+        print(
+            format_activity(
+                recent_trips(warehouse, args.owner_id),
+                recent_charges(warehouse, args.owner_id),
+                last_days(warehouse, args.owner_id),
+            )
+        )
     except UnknownOwner as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -145,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="everything end to end on a fresh local stack")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--minutes", type=float, default=15.0, help="simulated minutes")
+    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("config", help="print every VTP_* variable with its value and default")

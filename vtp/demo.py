@@ -7,7 +7,14 @@ import shutil
 import time
 
 from deploy.broker import fetch_jars, start_broker, stop_broker
-from owner_api.report import format_report, owner_report
+from owner_api.report import (
+    format_activity,
+    format_report,
+    last_days,
+    owner_report,
+    recent_charges,
+    recent_trips,
+)
 from producers.faults import fault_messages
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
@@ -22,7 +29,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_demo(base: Settings, seed: int = 7, minutes: float = 15.0) -> int:
+def run_demo(base: Settings, seed: int = 7, minutes: float = 60.0) -> int:
     settings = base.with_(data_dir=base.data_dir / "demo", kafka_bootstrap="")
     shutil.rmtree(settings.data_dir, ignore_errors=True)  # every run starts fresh
     say(f"== vtp demo: data in {settings.data_dir}")
@@ -114,6 +121,11 @@ def run_demo(base: Settings, seed: int = 7, minutes: float = 15.0) -> int:
             try:
                 say("")
                 say(format_report(owner, region, owner_report(wh, owner)))
+                say(
+                    format_activity(
+                        recent_trips(wh, owner), recent_charges(wh, owner), last_days(wh, owner)
+                    )
+                )
             finally:
                 wh.close()
             for truth in published.truth.by_owner(owner):
