@@ -85,7 +85,9 @@ def add_aggregation(
                     vin, _header(message, "vtp-owner") or "", region
                 )
                 touched[vin] = state
-                result = ingest(state, record, config)
+                result = ingest(
+                    state, record, config, (f"{message.topic}:{message.partition}", message.offset)
+                )
                 if result.too_late:
                     metrics.AGGREGATE_TOO_LATE.labels(region).inc(len(result.too_late))
                     detail = f"{len(result.too_late)} samples older than the released time; seq {result.too_late[:20]}"

@@ -136,6 +136,9 @@ def create_app(settings: Settings) -> faust.App:
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # A killed worker's partitions move to a live one after this, not after 60 s.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
         web_enabled=False,
         datadir=str(_made(settings.data_dir / "faust" / app_id)),
     )

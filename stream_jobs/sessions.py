@@ -78,8 +78,22 @@ class Ingested:
     duplicate_upload: bool = False
 
 
-def ingest(state: dict, upload: dict[str, Any], config: SessionConfig) -> Ingested:
-    """Buffer an upload's samples; nothing is released here."""
+def ingest(
+    state: dict,
+    upload: dict[str, Any],
+    config: SessionConfig,
+    source: tuple[str, int] | None = None,
+) -> Ingested:
+    """Buffer an upload's samples; nothing is released here.
+
+    ``source`` is (topic-partition, offset) of the message: a vehicle's messages share
+    one partition, so an offset at or below the last one applied is a replay after a
+    restart, skipped however far back it goes."""
+    if source is not None:
+        where, offset = source
+        if offset <= state.setdefault("applied", {}).get(where, -1):
+            return Ingested(0, [], duplicate_upload=True)
+        state["applied"][where] = offset
     if upload["upload_id"] in state["recent"]:
         return Ingested(0, [], duplicate_upload=True)
     state["recent"] = (state["recent"] + [upload["upload_id"]])[-config.recent_uploads :]

@@ -141,6 +141,15 @@ def pipeline_groups(settings: Settings) -> dict[str, list[str]]:
     return groups
 
 
+def pipeline_positions(settings: Settings) -> dict[str, tuple[int, int]]:
+    """'group topic' -> (committed, total): where each consumer of the pipeline stands."""
+    return {
+        f"{group} {topic}": group_position(settings, group, [topic])
+        for group, topics in pipeline_groups(settings).items()
+        for topic in topics
+    }
+
+
 def pipeline_lag(settings: Settings) -> int:
     """Messages not yet committed by the worker (uploads, validated: it validates and
     aggregates) and the sinks (validated, aggregates)."""

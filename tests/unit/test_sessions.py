@@ -254,3 +254,14 @@ def test_daily_totals_include_idle_drain_and_charging():
     # 0.25 % of 60 kWh per km = 150 Wh/km
     assert day["efficiency_wh_per_km"] == pytest.approx(150, rel=0.01)
     assert day["trips"] == 1 and day["charges"] == 1
+
+
+def test_a_message_at_or_below_the_applied_offset_is_a_replay():
+    state = new_state("VIN", "o", "cn", "Asia/Shanghai", 60.0)
+    car = Car(at("2026-11-06T07:00:00"))
+    car.drive(20)
+    first, second = car.samples[:10], car.samples[10:]
+    assert ingest(state, {"upload_id": "a", "samples": first}, CFG, ("t:0", 5)).accepted == 10
+    assert ingest(state, {"upload_id": "b", "samples": second}, CFG, ("t:0", 9)).accepted == 10
+    replay = ingest(state, {"upload_id": "a", "samples": first}, CFG, ("t:0", 5))
+    assert replay.duplicate_upload and replay.too_late == []
