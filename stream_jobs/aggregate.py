@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 
 import faust
@@ -21,6 +22,8 @@ from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
 from stream_jobs.validate import Registration
 from vtp import metrics
 from vtp.settings import Settings
+
+log = logging.getLogger("vtp.aggregate")
 
 
 def session_config(settings: Settings) -> SessionConfig:
@@ -46,7 +49,6 @@ def add_aggregation(
 ) -> None:
     topics = settings.topics
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    validated = app.topic(*[topics.validated(r) for r in settings.regions], **raw)
     states = app.Table(
         "vehicle_sessions", default=None, key_type=bytes, value_type=bytes, use_partitioner=True
     )
@@ -66,7 +68,6 @@ def add_aggregation(
             reg.battery_capacity_kwh if reg else None,
         )
 
-    @app.agent(validated)
     async def aggregate_sessions(stream: faust.StreamT) -> None:
         async for events in stream.take_events(1000, within=0.2):
             touched: dict[str, dict] = {}
@@ -119,3 +120,10 @@ def add_aggregation(
             await asyncio.gather(*pending)
             for vin, state in touched.items():
                 states[vin.encode()] = json.dumps(state, separators=(",", ":")).encode()
+
+    # One agent per region topic: an agent over several topics stopped receiving one of
+    # them after a worker restart (faust-streaming 0.15.3), stalling its commits.
+    for region in settings.regions:
+        app.agent(app.topic(topics.validated(region), **raw), name=f"aggregate_{region}")(
+            aggregate_sessions
+        )
