@@ -4,6 +4,9 @@ Maven Central jars on the installed JDK, on a free loopback port, stopped by its
     fetch_jars(settings)      resolve the pinned jars into .cache/kafka/<version>/libs
     start_broker(settings)    format storage once, start, wait until it answers
     stop_broker(settings)     SIGTERM, then SIGKILL, by the pid in the state file
+
+The state file (<data_dir>/broker/state.json) is written only once the broker answers,
+so its presence with a live pid means "a usable broker runs here".
 """
 
 from __future__ import annotations
@@ -12,18 +15,22 @@ import base64
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vtp.settings import Settings
 
 DEPLOY_DIR = Path(__file__).resolve().parent
+MAVEN_TIMEOUT_S = 900.0
 
 
 class BrokerError(RuntimeError):
@@ -52,25 +59,54 @@ def broker_dir(settings: Settings) -> Path:
     return settings.data_dir / "broker"
 
 
+def jars_dir(settings: Settings) -> Path:
+    return settings.cache_dir / "kafka" / settings.kafka_version / "libs"
+
+
 def _state_file(settings: Settings) -> Path:
     return broker_dir(settings) / "state.json"
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes; the kernel drops it if the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+# --- tools -----------------------------------------------------------------------------
+
+
 def _java() -> str:
     home = os.environ.get("JAVA_HOME")
-    if home and (Path(home) / "bin" / "java").exists():
-        return str(Path(home) / "bin" / "java")
+    if home:
+        # Maven obeys JAVA_HOME too, so a wrong one must be fixed rather than skipped.
+        java = Path(home) / "bin" / "java"
+        if not java.exists():
+            raise BrokerError(f"JAVA_HOME={home} has no bin/java: point it at a JDK 17 or unset it")
+        return str(java)
     found = shutil.which("java")
     if not found:
         raise BrokerError(
-            "java not found on PATH (nor in JAVA_HOME): install a JDK 17, "
-            "e.g. apt-get install openjdk-17-jdk-headless"
+            "java not found on PATH: install OpenJDK 17 "
+            "(apt-get install openjdk-17-jre-headless) or set JAVA_HOME"
         )
     return found
 
 
-def jars_dir(settings: Settings) -> Path:
-    return settings.cache_dir / "kafka" / settings.kafka_version / "libs"
+def _mvn() -> str:
+    found = shutil.which("mvn")
+    if not found:
+        raise BrokerError(
+            "mvn not found on PATH: install Maven (apt-get install maven); "
+            "it is needed once to download the Kafka jars from Maven Central"
+        )
+    return found
+
+
+# --- jars ------------------------------------------------------------------------------
 
 
 def fetch_jars(settings: Settings) -> Path:
@@ -79,36 +115,55 @@ def fetch_jars(settings: Settings) -> Path:
     marker = libs.parent / ".complete"
     if marker.exists():
         return libs
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    with open(libs.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two callers at once: the second waits
+    with _locked(libs.parent / ".lock"):  # a concurrent caller waits, then finds the marker
         if marker.exists():
             return libs
-        mvn = shutil.which("mvn")
-        if not mvn:
-            raise BrokerError("mvn not found on PATH: install Maven, e.g. apt-get install maven")
-        _java()
-        pom = libs.parent / "pom.xml"
-        shutil.copy(DEPLOY_DIR / "kafka-pom.xml", pom)
-        shutil.rmtree(libs, ignore_errors=True)
-        done = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-             f"-Dkafka.version={settings.kafka_version}", "-DincludeScope=runtime",
-             f"-DoutputDirectory={libs}"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
-            tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-            raise BrokerError(
-                f"Maven could not resolve Apache Kafka {settings.kafka_version} "
-                f"(exit {done.returncode}):\n{tail}"
-            )
+        mvn = _mvn()
+        _java()  # Maven needs it too; say so before Maven says it less clearly
+        _run_maven(mvn, settings.kafka_version, libs)
         marker.write_text(settings.kafka_version)
     return libs
 
 
+def _run_maven(mvn: str, version: str, libs: Path) -> None:
+    pom = libs.parent / "pom.xml"
+    shutil.copy(DEPLOY_DIR / "kafka-pom.xml", pom)
+    shutil.rmtree(libs, ignore_errors=True)  # a half-copied earlier attempt
+    command = [
+        # -U: retry what an earlier attempt (say, offline) left marked "not found" in ~/.m2.
+        mvn, "-q", "-B", "-U", "-f", str(pom), "dependency:copy-dependencies",
+        f"-Dkafka.version={version}", "-DincludeScope=runtime", f"-DoutputDirectory={libs}",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=MAVEN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BrokerError(
+            f"Maven did not finish resolving Apache Kafka {version} within "
+            f"{MAVEN_TIMEOUT_S:.0f} s: check access to Maven Central (repo.maven.apache.org)"
+        ) from None
+    if done.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
+        raise BrokerError(
+            f"Maven could not resolve Apache Kafka {version} (exit {done.returncode}); "
+            f"check the version and access to Maven Central. Maven said:\n"
+            + _maven_error(done.stdout + done.stderr)
+        )
+
+
+def _maven_error(output: str) -> str:
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", output)  # Maven colours even in batch mode
+    lines = [line for line in plain.splitlines() if line.strip()]
+    # The first [ERROR] line carries the cause; the rest is Maven's generic advice.
+    errors = [line for line in lines if line.startswith("[ERROR]") and line[7:].strip()][:1]
+    return "\n".join(errors or lines[-15:])
+
+
+# --- processes and ports ---------------------------------------------------------------
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the JVM does: a port in TIME_WAIT after a restart still counts as free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -116,29 +171,163 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(avoid: int = 0) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != avoid:
+            return port
+
+
+def _pick_port(wanted: int) -> int:
+    if not wanted:
+        return _free_port()
+    if not _port_is_free(wanted):
+        raise BrokerError(
+            f"port 127.0.0.1:{wanted} is already in use: stop what listens there "
+            "or unset VTP_BROKER_PORT to pick a free port"
+        )
+    return wanted
 
 
 def _pid_is_broker(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ProcessLookupError):
+    except OSError:
         return False
-    return b"kafka.Kafka" in cmdline  # not a recycled pid of something else
+    # Guards against a recycled pid; a zombie has an empty cmdline, so it counts as gone.
+    return b"kafka.Kafka" in cmdline
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the broker is our own child (tests, demo)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not _pid_is_broker(pid):
+            _reap(pid)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # it exited between the check and the signal
+
+
+def _tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    # Without stack frames, so the exception's own message is among the last lines.
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join([line for line in text if not line.startswith("\t")][-lines:])
+
+
+def _unrecorded_pid(properties: Path) -> int | None:
+    """A broker on these properties that has no state file (its start was cut short)."""
+    wanted = str(properties).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kafka.Kafka" in args and wanted in args:
+            return int(proc.name)
+    return None
+
+
+# --- state -----------------------------------------------------------------------------
 
 
 def read_state(settings: Settings) -> BrokerState | None:
     """The running local broker, or None (no state file, or its process is gone)."""
-    path = _state_file(settings)
     try:
-        state = BrokerState.from_json(path.read_text())
+        state = BrokerState.from_json(_state_file(settings).read_text())
     except (OSError, ValueError, TypeError):
         return None
     return state if _pid_is_broker(state.pid) else None
+
+
+def _write_state(settings: Settings, state: BrokerState) -> None:
+    # Replace, not overwrite: other processes read it to find the bootstrap address.
+    path = _state_file(settings)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(state.to_json())
+    os.replace(partial, path)
+
+
+# --- start -----------------------------------------------------------------------------
+
+
+def wait_until_answers(
+    bootstrap: str,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Poll with metadata requests until a broker answers; fail fast if `process` exits."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    # log_level 0: "connection refused" while the JVM starts is expected, not news.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise BrokerError(
+                f"broker exited during start-up (code {process.returncode}); "
+                f"last log lines:\n{_tail(log_path)}"
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            if admin.list_topics(timeout=min(2.0, max(remaining, 0.1))).brokers:
+                return
+        except KafkaException:
+            pass  # not listening yet, or still electing itself controller
+        time.sleep(0.2)
+    where = f"log: {log_path}" if log_path else f"at {bootstrap}"
+    raise BrokerError(f"broker did not answer a metadata request within {timeout:.0f} s; {where}")
+
+
+def _refuse_if_running(settings: Settings) -> None:
+    state = read_state(settings)
+    if state is None:
+        _state_file(settings).unlink(missing_ok=True)  # stale: its process is gone
+        orphan = _unrecorded_pid(broker_dir(settings) / "server.properties")
+        if orphan is not None:
+            # It holds the data dir's lock, so a new JVM would only fail on it.
+            raise BrokerError(
+                f"a broker process (pid {orphan}) runs on {broker_dir(settings)} without a "
+                f"state file (its start was interrupted): `kill {orphan}`, then start again"
+            )
+        return
+    try:
+        wait_until_answers(state.bootstrap, 5.0)
+    except BrokerError:
+        # A second JVM could not lock the same data dir anyway, so say what to do now.
+        raise BrokerError(
+            f"a broker process (pid {state.pid}) runs but does not answer at {state.bootstrap}; "
+            f"`vtp stack down` first (log: {state.log_path})"
+        ) from None
+    raise BrokerError(
+        f"a broker already runs (pid {state.pid}) at {state.bootstrap}; `vtp stack down` first"
+    )
 
 
 def _server_properties(data: Path, port: int, controller_port: int) -> str:
@@ -146,6 +335,8 @@ def _server_properties(data: Path, port: int, controller_port: int) -> str:
         [
             "process.roles=broker,controller",
             "node.id=1",
+            # Static voters, not a formatted --standalone quorum: the controller port can
+            # then change on every start (it lives only in this file, not in the storage).
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
             f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
@@ -162,6 +353,7 @@ def _server_properties(data: Path, port: int, controller_port: int) -> str:
             "transaction.state.log.num.partitions=4",
             "share.coordinator.state.topic.replication.factor=1",
             "share.coordinator.state.topic.min.isr=1",
+            # Tests and the demo start consumers right away; no reason to wait 3 s.
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=true",
             "",
@@ -169,128 +361,85 @@ def _server_properties(data: Path, port: int, controller_port: int) -> str:
     )
 
 
-def wait_until_answers(bootstrap: str, timeout: float, process: subprocess.Popen | None = None,
-                       log_path: Path | None = None) -> None:  # fmt: skip
-    """Poll with metadata requests until the broker answers; fail fast if it exits."""
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise BrokerError(
-                f"broker exited during start-up (code {process.returncode}); last log lines:\n"
-                + _tail(log_path)
-            )
-        try:
-            metadata = admin.list_topics(timeout=2)
-            if metadata.brokers:
-                return
-        except Exception:  # KafkaException while it is still starting
-            time.sleep(0.3)
-    raise BrokerError(
-        f"broker did not answer a metadata request within {timeout:.0f} s; log: {log_path}"
-    )
+def _format_once(java: str, libs: Path, data: Path, properties: Path) -> None:
+    if (data / "meta.properties").exists():
+        return
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    formatted = subprocess.run(
+        [java, "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
+         "-t", cluster_id, "-c", str(properties)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if formatted.returncode != 0:
+        tail = "\n".join((formatted.stdout + formatted.stderr).splitlines()[-15:])
+        raise BrokerError(
+            f"formatting the broker storage {data} failed (exit {formatted.returncode}); "
+            f"remove that directory to start empty. StorageTool said:\n{tail}"
+        )
 
 
-def _tail(path: Path | None, lines: int = 20) -> str:
-    if path is None or not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+def _launch(java: str, libs: Path, properties: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():
+        # Keep the previous run's log for a post-mortem; the tail on failure is this run's.
+        log_path.replace(log_path.with_name(log_path.name + ".1"))
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+             f"-Dlog4j2.configurationFile={DEPLOY_DIR / 'log4j2.yaml'}",
+             "-cp", f"{libs}/*", "kafka.Kafka", str(properties)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives `vtp stack up` and its Ctrl-C; stopped by pid
+        )  # fmt: skip
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
 
 
 def start_broker(settings: Settings, timeout: float = 90.0) -> BrokerState:
-    running = read_state(settings)
-    if running is not None:
-        raise BrokerError(
-            f"a broker already runs (pid {running.pid}) at {running.bootstrap}; "
-            "`vtp stack down` first"
-        )
-    java = _java()
-    libs = fetch_jars(settings)
+    """Start the local broker and return once it answers metadata requests."""
     home = broker_dir(settings)
-    data, logs = home / "data", home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    _state_file(settings).unlink(missing_ok=True)  # stale: its process is gone
-
-    port = settings.broker_port or _free_port()
-    if settings.broker_port and not _port_is_free(port):
-        raise BrokerError(
-            f"port 127.0.0.1:{port} is already in use: stop what listens there "
-            "or unset VTP_BROKER_PORT to pick a free port"
-        )
-    controller_port = _free_port()
-    while controller_port == port:
-        controller_port = _free_port()
-    properties = home / "server.properties"
-    properties.write_text(_server_properties(data, port, controller_port))
-    classpath = f"{libs}/*"
-    if not (data / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        formatted = subprocess.run(
-            [java, "-cp", classpath, "kafka.tools.StorageTool", "format",
-             "-t", cluster_id, "-c", str(properties)],
-            capture_output=True, text=True,
+    with _locked(home / ".start.lock"):  # a concurrent `stack up` waits, then is refused
+        _refuse_if_running(settings)
+        java = _java()
+        port = _pick_port(settings.broker_port)
+        controller_port = _free_port(avoid=port)
+        libs = fetch_jars(settings)
+        data, log_path = home / "data", home / "logs" / "broker.log"
+        properties = home / "server.properties"
+        properties.write_text(_server_properties(data, port, controller_port))
+        _format_once(java, libs, data, properties)
+        process = _launch(java, libs, properties, log_path)
+        bootstrap = f"127.0.0.1:{port}"
+        try:
+            wait_until_answers(bootstrap, timeout, process, log_path)
+        except BaseException:  # Ctrl-C included: no orphan JVM without a state file
+            _kill(process)
+            raise
+        state = BrokerState(
+            pid=process.pid, bootstrap=bootstrap, port=port, controller_port=controller_port,
+            data_dir=str(data), log_path=str(log_path), version=settings.kafka_version,
         )  # fmt: skip
-        if formatted.returncode != 0:
-            raise BrokerError(f"formatting {data} failed:\n{formatted.stdout}{formatted.stderr}")
-
-    log_path = logs / "broker.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC",
-             f"-Dlog4j2.configurationFile={DEPLOY_DIR / 'log4j2.yaml'}",
-             "-cp", classpath, "kafka.Kafka", str(properties)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # outlives `vtp stack up`; stopped by its pid
-        )  # fmt: skip
-    bootstrap = f"127.0.0.1:{port}"
-    try:
-        wait_until_answers(bootstrap, timeout, process, log_path)
-    except BrokerError:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        raise
-    state = BrokerState(
-        pid=process.pid, bootstrap=bootstrap, port=port, controller_port=controller_port,
-        data_dir=str(data), log_path=str(log_path), version=settings.kafka_version,
-    )  # fmt: skip
-    _state_file(settings).write_text(state.to_json())
+        _write_state(settings, state)
     return state
+
+
+# --- stop and status -------------------------------------------------------------------
 
 
 def stop_broker(settings: Settings, timeout: float = 30.0) -> bool:
     """Stop the broker whose pid the state file names; True if one was running."""
     state = read_state(settings)
+    if state is not None:
+        _signal(state.pid, signal.SIGTERM)  # Kafka shuts down cleanly: no log recovery next time
+        if not _wait_gone(state.pid, timeout):
+            _signal(state.pid, signal.SIGKILL)
+            _wait_gone(state.pid, 10.0)
     _state_file(settings).unlink(missing_ok=True)
-    if state is None:
-        return False
-    os.kill(state.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_is_broker(state.pid) or _is_zombie(state.pid):
-            _reap(state.pid)
-            return True
-        time.sleep(0.2)
-    os.kill(state.pid, signal.SIGKILL)
-    _reap(state.pid)
-    return True
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status when the broker is our own child (tests, demo)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    return state is not None
 
 
 def broker_status(settings: Settings) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from uuid import uuid4
 
 import pytest
 
@@ -21,28 +22,41 @@ def _docker_answers() -> bool:
         return False
 
 
+def _kafka_container() -> type | None:
+    try:
+        from testcontainers.kafka import KafkaContainer
+    except ImportError:
+        return None
+    return KafkaContainer
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory) -> Iterator[str]:
-    if _docker_answers():
-        try:
-            from testcontainers.kafka import KafkaContainer
-        except ImportError:
-            KafkaContainer = None
-        if KafkaContainer is not None:
-            with KafkaContainer("apache/kafka:4.1.1") as kafka:
-                yield kafka.get_bootstrap_server()
-            return
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a real Kafka broker that lives for the whole session."""
+    container = _kafka_container() if _docker_answers() else None
+    if container is not None:
+        with container("apache/kafka:4.1.1") as kafka:
+            yield kafka.get_bootstrap_server()
+        return
     from deploy.broker import fetch_jars, start_broker, stop_broker
 
     settings = load_settings().with_(data_dir=tmp_path_factory.mktemp("kafka"))
+    # fetch_jars first, as `vtp stack up` does: on a fresh machine the one-time Maven
+    # download is its own step, and a missing mvn fails here with its own message.
     fetch_jars(settings)
     state = start_broker(settings)
     try:
         yield state.bootstrap
     finally:
-        stop_broker(settings)
+        stop_broker(settings)  # by the pid in this session's own state file
 
 
 @pytest.fixture(scope="session")
 def base_settings(kafka_bootstrap: str) -> Settings:
     return load_settings().with_(kafka_bootstrap=kafka_bootstrap)
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A prefix of its own per test, so tests sharing the session broker never share topics."""
+    return f"t{uuid4().hex[:8]}"

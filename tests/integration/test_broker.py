@@ -1,32 +1,37 @@
-"""The local broker launcher, on real processes."""
+"""The local broker launcher, on real processes: every broker a test starts, the test
+stops by its own pid."""
 
-import os
+from __future__ import annotations
+
 import socket
-import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 
 from deploy.broker import (
     BrokerError,
     broker_status,
     fetch_jars,
+    jars_dir,
     read_state,
     start_broker,
     stop_broker,
+    wait_until_answers,
 )
 from vtp.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
 
-def test_session_broker_round_trip(kafka_bootstrap):
-    topic = f"roundtrip-{uuid.uuid4().hex[:8]}"
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+def _round_trip(bootstrap: str, topic: str) -> None:
+    """Produce one message to a new (auto-created) topic and read it back."""
+    producer = Producer({"bootstrap.servers": bootstrap})
     producer.produce(topic, key=b"k", value=b"hello")
     assert producer.flush(30) == 0
     consumer = Consumer(
-        {"bootstrap.servers": kafka_bootstrap, "group.id": topic, "auto.offset.reset": "earliest"}
+        {"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"}
     )
     consumer.subscribe([topic])
     try:
@@ -34,37 +39,26 @@ def test_session_broker_round_trip(kafka_bootstrap):
             m = consumer.poll(1.0)
             if m is not None and not m.error():
                 assert (m.key(), m.value()) == (b"k", b"hello")
-                break
-        else:
-            pytest.fail("message not consumed")
+                return
+        pytest.fail(f"message produced to {topic} not consumed")
     finally:
         consumer.close()
 
 
-def test_start_status_stop_by_pid_and_restart(tmp_path):
-    settings = load_settings().with_(data_dir=tmp_path)
-    state = start_broker(settings)
-    try:
-        assert read_state(settings) == state
-        assert f"pid {state.pid}" in broker_status(settings)
-        with pytest.raises(BrokerError, match="already runs"):
-            start_broker(settings)
-    finally:
-        assert stop_broker(settings)
-    assert not os.path.exists(f"/proc/{state.pid}") or _is_zombie(state.pid)
-    assert read_state(settings) is None
-    assert "no local broker" in broker_status(settings)
-    assert stop_broker(settings) is False
-    again = start_broker(settings)  # storage formatted before: starts again
-    try:
-        assert again.pid != state.pid
-    finally:
-        stop_broker(settings)
+def _free_port(avoid: int) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != avoid:
+            return port
 
 
-def _is_zombie(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] == "Z"
+def test_session_broker_answers_and_round_trips(kafka_bootstrap, topic_prefix):
+    wait_until_answers(kafka_bootstrap, 10)
+    metadata = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10)
+    assert len(metadata.brokers) == 1
+    _round_trip(kafka_bootstrap, f"{topic_prefix}.roundtrip")
 
 
 def test_a_taken_port_is_named(tmp_path):
@@ -73,9 +67,43 @@ def test_a_taken_port_is_named(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         settings = load_settings().with_(data_dir=tmp_path, broker_port=port)
-        with pytest.raises(BrokerError, match=f"port 127.0.0.1:{port} is already in use"):
-            start_broker(settings)
+        try:
+            with pytest.raises(BrokerError, match=f"port 127.0.0.1:{port} is already in use"):
+                start_broker(settings)
+        finally:
+            stop_broker(settings)  # only if the check failed and one started after all
     assert read_state(settings) is None
+    assert not (tmp_path / "broker" / "data").exists()  # refused before touching storage
+
+
+def test_start_status_stop_by_pid_and_restart(tmp_path, topic_prefix):
+    settings = load_settings().with_(data_dir=tmp_path)
+    state = start_broker(settings)
+    try:
+        assert read_state(settings) == state
+        assert f"running: pid {state.pid} at {state.bootstrap}" in broker_status(settings)
+        with pytest.raises(BrokerError, match=f"already runs \\(pid {state.pid}\\)"):
+            start_broker(settings)
+    finally:
+        assert stop_broker(settings)
+    assert not Path(f"/proc/{state.pid}").exists()  # stopped and reaped
+    assert read_state(settings) is None
+    assert "no local broker" in broker_status(settings)
+    assert stop_broker(settings) is False
+
+    # A stale state file (dead pid) is ignored; storage formatted before is reused even
+    # though both ports change (the quorum voters live in server.properties only).
+    (tmp_path / "broker" / "state.json").write_text(state.to_json())
+    new_port = _free_port(avoid=state.port)
+    again = start_broker(settings.with_(broker_port=new_port))
+    try:
+        assert (again.port, again.bootstrap) == (new_port, f"127.0.0.1:{new_port}")
+        assert again.pid != state.pid
+        assert read_state(settings) == again
+        _round_trip(again.bootstrap, f"{topic_prefix}.after-restart")  # controller works
+    finally:
+        assert stop_broker(settings)
+    assert not Path(f"/proc/{again.pid}").exists()
 
 
 def test_missing_java_and_maven_are_named(tmp_path, monkeypatch):
@@ -84,6 +112,18 @@ def test_missing_java_and_maven_are_named(tmp_path, monkeypatch):
     fresh = load_settings().with_(data_dir=tmp_path / "d", cache_dir=tmp_path / "cache")
     with pytest.raises(BrokerError, match="mvn not found"):
         fetch_jars(fresh)
-    cached = load_settings().with_(data_dir=tmp_path / "d")  # jars present, java missing
+    assert not (tmp_path / "cache" / "kafka" / fresh.kafka_version / ".complete").exists()
     with pytest.raises(BrokerError, match="java not found"):
-        start_broker(cached)
+        start_broker(fresh)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
+    with pytest.raises(BrokerError, match="JAVA_HOME=.*no-jdk has no bin/java"):
+        start_broker(fresh)
+
+
+def test_fetched_jars_are_not_fetched_again(tmp_path, monkeypatch):
+    settings = load_settings().with_(cache_dir=tmp_path / "cache")
+    libs = jars_dir(settings)
+    libs.mkdir(parents=True)
+    (libs.parent / ".complete").write_text(settings.kafka_version)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no mvn: must not be needed
+    assert fetch_jars(settings) == libs
