@@ -22,6 +22,7 @@ from schemas import default_store
 from sinks.migrations import migrate
 from sinks.rows import StoredUpload, samples_table, uploads_table
 from sinks.warehouse import ChdbWarehouse
+from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
 from stream_jobs.validate import Limits, RawUpload, Registration, SeenUploads, route_batch
 from vtp.pipeline import start_sink, start_worker, wait_drained
 from vtp.settings import load_settings
@@ -66,12 +67,29 @@ def bench_stages(vehicles: int, minutes: float) -> None:
             wh.insert_arrow("uploads", uploads_table(chunk), f"b-0-{i}-{i + len(chunk) - 1}")
         sink_s = time.perf_counter() - t
         wh.close()
+    states = {
+        v.vin: new_state(v.vin, v.owner_id, v.region, v.time_zone, v.battery_capacity_kwh)
+        for v in fleet
+    }
+    config = SessionConfig()
+    t = time.perf_counter()
+    for i in range(
+        0, len(uploads), 1000
+    ):  # one worker batch: ingest all, advance each vehicle once
+        touched = set()
+        for u in uploads[i : i + 1000]:
+            ingest(states[u["vin"]], u, config)
+            touched.add(u["vin"])
+        for vin in touched:
+            advance(states[vin], config)
+    aggregate_s = time.perf_counter() - t
     print(
         f"stage input: {len(uploads)} uploads, {samples} samples ({samples / len(uploads):.1f} per upload)"
     )
     print(f"  encode (SDK side)        {samples / enc_s:>12,.0f} samples/s")
     print(f"  validate + route (pure)  {samples / route_s:>12,.0f} samples/s")
     print(f"  sink rows + chdb insert  {samples / sink_s:>12,.0f} samples/s")
+    print(f"  aggregate (pure)         {samples / aggregate_s:>12,.0f} samples/s")
 
 
 def bench_end_to_end(vehicles: int, minutes: float) -> None:
