@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Callable
 
 import faust
 
 from schemas import FramingError, default_store
+from stream_jobs.faust_fixes import put_durably
 from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
 from stream_jobs.validate import Registration
 from vtp import metrics
 from vtp.settings import Settings
-
-log = logging.getLogger("vtp.aggregate")
 
 
 def session_config(settings: Settings) -> SessionConfig:
@@ -118,11 +116,16 @@ def add_aggregation(
                         )
                     )
             await asyncio.gather(*pending)
-            for vin, state in touched.items():
-                states[vin.encode()] = json.dumps(state, separators=(",", ":")).encode()
+            await asyncio.gather(
+                *(
+                    put_durably(
+                        states, vin.encode(), json.dumps(state, separators=(",", ":")).encode()
+                    )
+                    for vin, state in touched.items()
+                )
+            )
 
-    # One agent per region topic: an agent over several topics stopped receiving one of
-    # them after a worker restart (faust-streaming 0.15.3), stalling its commits.
+    # One agent per region topic, so each region's backlog is batched on its own.
     for region in settings.regions:
         app.agent(app.topic(topics.validated(region), **raw), name=f"aggregate_{region}")(
             aggregate_sessions

@@ -20,7 +20,9 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP
 
 from schemas import FramingError, default_store
+from stream_jobs import faust_fixes
 from stream_jobs.aggregate import add_aggregation
+from stream_jobs.faust_fixes import put_durably
 from stream_jobs.registry import decode_registration
 from stream_jobs.validate import (
     DeadLettered,
@@ -125,6 +127,7 @@ class RegistryGate:
 
 
 def create_app(settings: Settings) -> faust.App:
+    faust_fixes.install()
     topics = settings.topics
     app_id = f"{settings.topic_prefix}-validate"
     app = faust.App(
@@ -211,8 +214,14 @@ def create_app(settings: Settings) -> faust.App:
             ]
             await asyncio.gather(*pending)
             _report_batch_lag(events)
-            for vin in seen.changed:
-                seen_table[vin.encode()] = json.dumps(seen.by_vin[vin]).encode()
+            # Durable before the batch is acked, so a committed offset never outruns the
+            # dedup state that tells its replay from a resend.
+            await asyncio.gather(
+                *(
+                    put_durably(seen_table, vin.encode(), json.dumps(seen.by_vin[vin]).encode())
+                    for vin in seen.changed
+                )
+            )
 
     async def _send(raw_upload: RawUpload, outcome: object) -> asyncio.Future:
         source = f"{topics.uploads}:{raw_upload.source}"

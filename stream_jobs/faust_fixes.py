@@ -1,0 +1,113 @@
+"""Fixes to faust-streaming that the worker needs to survive a restart with a backlog.
+
+1. Recovery resumes the stream partitions *before* it seeks them to their committed
+   offsets (faust/tables/recovery.py: Recovery.on_recovery_completed and
+   _resume_streams). When the worker had table changelogs to restore, the fetcher is
+   already running at that point, so records fetched between the resume and the seek
+   reach the agents, and after the seek the same offsets arrive again. Both copies are acked; Faust's commit bookkeeping then
+   holds one offset twice and finds a "gap" after every one of them, so the committed
+   offset creeps forward by one or two per commit interval, or stops for good. Seen
+   here as a worker whose lag never drained after a SIGKILL and restart
+   (tests/integration/test_aggregation.py). The fix seeks first, then resumes.
+
+2. Faust's commit drains its send buffer only until that buffer has been idle for
+   0.1 s (ProducerBuffer.flush_atmost), so on a busy worker offsets can be committed
+   before the table writes of the same batch reach the changelog; a SIGKILL then loses
+   state that the committed offsets rely on. `put_durably` returns the changelog
+   write's delivery future so an agent can await it before its batch is acked.
+
+The first fix replaces two method bodies, so it is tied to the pinned Faust version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import faust
+from faust.tables.recovery import Recovery
+
+FIXED_VERSION = "0.15.3"
+
+
+async def _seek_then_resume_streams(self: Recovery) -> None:
+    consumer = self.app.consumer
+    assignment = consumer.assignment()
+    if assignment:
+        self.log.info("Seek stream partitions to committed offsets.")
+        await self._wait(consumer.perform_seek(), timeout=self.app.conf.broker_request_timeout)
+    consumer.resume_partitions({tp for tp in assignment if not self._is_changelog_tp(tp)})
+
+
+async def _resume_streams_seeking_first(self: Recovery, generation_id: int = 0) -> None:
+    # Upstream's Recovery._resume_streams (used when nothing needed restoring), with the
+    # seek moved before resume_partitions.
+    app = self.app
+    await app.on_rebalance_complete.send()
+    if app.consumer_generation_id != generation_id:
+        self.log.warning("Recovery rebalancing again")
+        return
+    if not app.consumer.assignment():
+        self.log.info("Resuming streams with empty assignment")
+    await _seek_then_resume_streams(self)
+    self.completed.set()
+    self.log.info("Resuming flow...")
+    app.flow_control.resume()
+    app.consumer.resume_flow()
+    await cast(Any, app)._fetcher.maybe_start()
+    self.tables.on_actives_ready()
+    self.tables.on_standbys_ready()
+    app.on_rebalance_end()
+    self.log.info("Worker ready")
+
+
+async def _recovery_completed_seeking_first(self: Recovery, generation_id: int = 0) -> None:
+    # Upstream's Recovery.on_recovery_completed (after restoring changelogs, the fetcher
+    # running), with the seek moved before resume_partitions.
+    app = self.app
+    self.log.info("Restore complete!")
+    await app.on_rebalance_complete.send()
+    self._set_recovery_ended()
+    completions = [
+        asyncio.ensure_future(
+            table.on_recovery_completed(
+                self.actives_for_table[table], self.standbys_for_table[table]
+            )
+        )
+        for table in self.tables.values()
+    ]
+    if completions:
+        await asyncio.wait(completions)
+    if app.consumer_generation_id != generation_id:
+        self.log.warning(
+            f"Recovery rebalancing again app id {app.consumer_generation_id} param {generation_id}"
+        )
+        return
+    await _seek_then_resume_streams(self)
+    self.completed.set()
+    app.flow_control.resume()
+    app.consumer.resume_flow()
+    await cast(Any, app)._fetcher.maybe_start()
+    self.tables.on_actives_ready()
+    if not app.assignor.assigned_standbys():
+        self.tables.on_standbys_ready()
+    app.on_rebalance_end()
+    self.log.info("Worker ready")
+
+
+def install() -> None:
+    """Apply fix 1; refuses any other Faust than the one it was written against."""
+    if faust.__version__ != FIXED_VERSION:
+        raise RuntimeError(
+            f"stream_jobs/faust_fixes.py patches faust-streaming {FIXED_VERSION}, found "
+            f"{faust.__version__}: check whether Recovery._resume_streams still resumes "
+            "stream partitions before seeking them, then update or drop the fix"
+        )
+    Recovery._resume_streams = _resume_streams_seeking_first  # type: ignore[method-assign]
+    Recovery.on_recovery_completed = _recovery_completed_seeking_first  # type: ignore[method-assign]
+
+
+def put_durably(table: faust.Table, key: bytes, value: bytes) -> asyncio.Future:
+    """table[key] = value, returning the future of its changelog write (fix 2)."""
+    table.data[key] = value
+    return table.send_changelog(table.partition_for_key(key), key, value)

@@ -1,0 +1,122 @@
+"""The Faust recovery fix: stream partitions are seeked before they are resumed."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import faust
+import pytest
+from faust.tables.recovery import Recovery
+
+from stream_jobs import faust_fixes
+from stream_jobs.faust_fixes import (
+    _recovery_completed_seeking_first,
+    _resume_streams_seeking_first,
+)
+
+
+class _Table:
+    def __init__(self, calls: list[str]):
+        self.calls = calls
+
+    async def on_recovery_completed(self, actives: set, standbys: set) -> None:
+        self.calls.append("table")
+
+
+class _Signal:
+    async def send(self) -> None:
+        pass
+
+
+def _recovery_double(calls: list[str]) -> SimpleNamespace:
+    """Just enough of a Recovery for _resume_streams, recording what it does in order."""
+    consumer = SimpleNamespace(
+        assignment=lambda: {("uploads", 0), ("vtp-validate-seen-changelog", 0)},
+        perform_seek=lambda: _record(calls, "seek"),
+        resume_partitions=lambda tps: calls.append(f"resume {sorted(tps)}"),
+        resume_flow=lambda: calls.append("resume_flow"),
+    )
+    fetcher = SimpleNamespace(maybe_start=lambda: _record(calls, "fetcher"))
+    app = SimpleNamespace(
+        consumer=consumer,
+        consumer_generation_id=7,
+        on_rebalance_complete=_Signal(),
+        conf=SimpleNamespace(broker_request_timeout=1.0),
+        flow_control=SimpleNamespace(resume=lambda: calls.append("flow_control")),
+        _fetcher=fetcher,
+        on_rebalance_end=lambda: calls.append("rebalance_end"),
+        assignor=SimpleNamespace(assigned_standbys=lambda: set()),
+    )
+    table = _Table(calls)
+
+    async def wait(coro, timeout=None):
+        await coro
+
+    return SimpleNamespace(
+        app=app,
+        log=SimpleNamespace(info=lambda *a: None, warning=lambda *a: None),
+        _wait=wait,
+        _is_changelog_tp=lambda tp: tp[0].endswith("-changelog"),
+        completed=asyncio.Event(),
+        tables=SimpleNamespace(
+            on_actives_ready=lambda: None, on_standbys_ready=lambda: None, values=lambda: [table]
+        ),
+        _set_recovery_ended=lambda: calls.append("recovery_ended"),
+        actives_for_table={table: set()},
+        standbys_for_table={table: set()},
+    )
+
+
+async def _record(calls: list[str], what: str) -> None:
+    calls.append(what)
+
+
+def test_streams_are_seeked_to_committed_offsets_before_they_resume():
+    calls: list[str] = []
+    recovery = _recovery_double(calls)
+    asyncio.run(_resume_streams_seeking_first(recovery, generation_id=7))
+    assert calls == [
+        "seek",
+        "resume [('uploads', 0)]",  # changelog partitions stay with the restore
+        "flow_control",
+        "resume_flow",
+        "fetcher",
+        "rebalance_end",
+    ]
+    assert recovery.completed.is_set()
+
+
+def test_after_a_restore_streams_are_also_seeked_before_they_resume():
+    calls: list[str] = []
+    recovery = _recovery_double(calls)
+    asyncio.run(_recovery_completed_seeking_first(recovery, generation_id=7))
+    assert calls == [
+        "recovery_ended",
+        "table",
+        "seek",
+        "resume [('uploads', 0)]",
+        "flow_control",
+        "resume_flow",
+        "fetcher",
+        "rebalance_end",
+    ]
+
+
+def test_a_newer_rebalance_leaves_the_streams_alone():
+    calls: list[str] = []
+    recovery = _recovery_double(calls)
+    asyncio.run(_resume_streams_seeking_first(recovery, generation_id=6))
+    asyncio.run(_recovery_completed_seeking_first(recovery, generation_id=6))
+    assert calls == ["recovery_ended", "table"]
+
+
+def test_install_replaces_the_method_and_refuses_other_faust_versions(monkeypatch):
+    monkeypatch.setattr(Recovery, "_resume_streams", Recovery._resume_streams)
+    monkeypatch.setattr(Recovery, "on_recovery_completed", Recovery.on_recovery_completed)
+    faust_fixes.install()
+    assert Recovery._resume_streams is _resume_streams_seeking_first
+    assert Recovery.on_recovery_completed is _recovery_completed_seeking_first
+    monkeypatch.setattr(faust, "__version__", "0.16.0")
+    with pytest.raises(RuntimeError, match="patches faust-streaming 0.15.3, found 0.16.0"):
+        faust_fixes.install()
