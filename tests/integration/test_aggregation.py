@@ -1,7 +1,8 @@
 """Trips, charges and daily summaries through the real pipeline, against ground truth.
 
 The fleet's uploads reach Kafka shuffled within the allowed lateness, one in ten is
-sent twice, and the worker is SIGKILLed and restarted in the middle of the run.
+sent twice, the worker is SIGKILLed and restarted in the middle of the run, and at the
+end one straggler arrives whose samples are hours older than what was aggregated.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from bench.oracle import compare
 from producers.publish import register_fleet
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet, new_truth, simulate
-from sinks.warehouse import open_warehouse
+from sinks.warehouse import open_warehouse, rows
 from vtp.pipeline import (
     group_position,
     pipeline_positions,
@@ -31,8 +32,21 @@ from vtp.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
+STRAGGLER_SEQ = 10_000_000
 HOURS = float(os.environ.get("VTP_TEST_AGG_HOURS", "10"))
 START_MS = 1_794_060_000_000  # 2026-11-07T14:00Z: crosses midnight in Shanghai and in Berlin
+
+
+def _straggler(upload: dict) -> dict:
+    """A new upload whose samples fall between ones that were aggregated hours ago."""
+    return {
+        **upload,
+        "upload_id": str(uuid.uuid4()),
+        "samples": [
+            {**s, "event_time_ms": s["event_time_ms"] + 1, "seq": s["seq"] + STRAGGLER_SEQ}
+            for s in upload["samples"]
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +93,29 @@ def aggregated(base_settings, tmp_path_factory):
         processes = [worker, *sinks]
         for upload in shuffled[half:]:
             publisher.publish_upload(upload)
+        straggler = _straggler(uploads[0])
+        publisher.publish_upload(straggler)
         assert publisher.flush(60).ok
         assert wait_drained(settings, processes, timeout=400), pipeline_positions(settings)
     finally:
         for p in processes:
             p.stop()
     comparisons = {}
+    straggler_region = next(v.region for v in fleet if v.vin == straggler["vin"])
     for region in settings.regions:
         wh = open_warehouse(settings, region)
         try:
             comparisons[region] = compare(wh, truth, [v.vin for v in fleet if v.region == region])
+            if region == straggler_region:
+                straggler_rows = wh.query(
+                    "SELECT count() FROM samples WHERE vin = {vin:String} AND seq >= {seq:UInt64}",
+                    {"vin": straggler["vin"], "seq": STRAGGLER_SEQ},
+                )
         finally:
             wh.close()
     return {
         "comparisons": comparisons,
+        "straggler": (len(straggler["samples"]), rows(straggler_rows)[0][0]),
         "outcomes": read_outcomes(settings),
         "kills": kills,
         "resent": len(resent),
@@ -116,8 +139,13 @@ def test_trips_charges_and_days_match_the_ground_truth(aggregated):
         )  # one sample interval (charging samples are 10 s apart)
 
 
-def test_resends_were_refused_and_nothing_arrived_too_late(aggregated):
-    outcomes = aggregated["outcomes"]
+def test_resends_were_refused(aggregated):
     assert aggregated["kills"] == 1
-    assert outcomes.deadlettered["duplicate_upload"] == aggregated["resent"]
-    assert outcomes.too_late == 0
+    assert aggregated["outcomes"].deadlettered["duplicate_upload"] == aggregated["resent"]
+
+
+def test_the_straggler_is_dead_lettered_too_late_and_its_samples_still_stored(aggregated):
+    # The aggregates still match the truth (test above): the straggler changed nothing.
+    assert aggregated["outcomes"].too_late == 1
+    sent, stored = aggregated["straggler"]
+    assert stored == sent > 0
