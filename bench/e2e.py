@@ -15,13 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.oracle import compare
 from deploy.broker import fetch_jars, start_broker, stop_broker
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.simulator import build_fleet, simulate
 from schemas import default_store
 from sinks.migrations import migrate
 from sinks.rows import StoredUpload, samples_table, uploads_table
-from sinks.warehouse import ChdbWarehouse
+from sinks.warehouse import ChdbWarehouse, open_warehouse
 from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
 from stream_jobs.validate import Limits, RawUpload, Registration, SeenUploads, route_batch
 from vtp.pipeline import start_sink, start_worker, wait_drained
@@ -99,7 +100,6 @@ def bench_end_to_end(vehicles: int, minutes: float) -> None:
     fetch_jars(settings)
     state = start_broker(settings)
     settings = settings.with_(kafka_bootstrap=state.bootstrap)
-    processes = []
     try:
         create_topics(settings)
         fleet = build_fleet(
@@ -107,14 +107,18 @@ def bench_end_to_end(vehicles: int, minutes: float) -> None:
         )
         register_fleet(settings, fleet)
         processes = [start_worker(settings)] + [start_sink(settings, r) for r in settings.regions]
-        time.sleep(8)  # let the worker join its group before the clock starts
-        started = time.perf_counter()
-        published = publish_fleet(settings, fleet, seed=3, duration_s=minutes * 60)
-        publish_s = time.perf_counter() - started
-        if not wait_drained(settings, processes, timeout=1800):
-            print("did not drain within 30 minutes")
-            return
-        total_s = time.perf_counter() - started
+        try:
+            time.sleep(8)  # let the worker join its group before the clock starts
+            started = time.perf_counter()
+            published = publish_fleet(settings, fleet, seed=3, duration_s=minutes * 60)
+            publish_s = time.perf_counter() - started
+            if not wait_drained(settings, processes, timeout=1800):
+                print("did not drain within 30 minutes")
+                return
+            total_s = time.perf_counter() - started
+        finally:
+            for p in processes:
+                p.stop()  # the sinks own the chdb folders the comparison reads
         print(
             f"end to end: {published.uploads} uploads, {published.samples} samples, {vehicles} vehicles"
         )
@@ -124,9 +128,15 @@ def bench_end_to_end(vehicles: int, minutes: float) -> None:
         print(
             f"  produced -> stored       {published.samples / total_s:>12,.0f} samples/s ({total_s:.1f} s)"
         )
+        print("aggregates against the simulator's ground truth:")
+        for region in settings.regions:
+            wh = open_warehouse(settings, region)
+            try:
+                vins = [v.vin for v in fleet if v.region == region]
+                print(f"{region}:\n{compare(wh, published.truth, vins).table()}")
+            finally:
+                wh.close()
     finally:
-        for p in processes:
-            p.stop()
         stop_broker(settings)
 
 
