@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from schemas import FramingError, default_store
 from sinks import rows as rowlib
 from sinks.aggregate_rows import aggregate_tables
 from sinks.batching import Batcher, PartitionBatch
+from sinks.erased import drop_erased_samples, keep_aggregate
 from sinks.migrations import migrate
 from sinks.warehouse import Warehouse, open_warehouse, rows
 from stream_jobs.app import deadletter_headers
@@ -166,6 +168,9 @@ class RegionSink:
         self._stop = False
         self._last_lag_report = 0.0
         self.stored_uploads = 0
+        # Held while a batch is written; an erasure in the same process takes it so no
+        # batch that was filtered before the erasure lands after its deletes.
+        self.write_lock = threading.RLock()
 
     # -- Kafka side -------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -245,7 +250,19 @@ class RegionSink:
         return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows(result)}
 
     def _write(self, batch: PartitionBatch) -> None:
+        with self.write_lock:
+            self._write_locked(batch)
+
+    def _erasure_horizons(self) -> dict[str, int]:
+        found = self.warehouse.query(
+            "SELECT owner_id, toUnixTimestamp64Milli(max(requested_at)) FROM erasures "
+            "GROUP BY owner_id"
+        )
+        return {owner: int(ms) for owner, ms in rows(found)}
+
+    def _write_locked(self, batch: PartitionBatch) -> None:
         started = time.perf_counter()
+        horizons = self._erasure_horizons()  # a small table; read per batch, never stale
         if batch.forced_last is None:
             self.warehouse.execute(
                 "INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
@@ -254,9 +271,9 @@ class RegionSink:
                  "l": batch.last_offset, "n": len(batch)},
             )  # fmt: skip
         if batch.topic == self.aggregates_topic:
-            refused = self._insert_aggregates(batch)
+            refused = self._insert_aggregates(batch, horizons)
         else:
-            refused = self._insert_uploads(batch)
+            refused = self._insert_uploads(batch, horizons)
         for r in refused:
             self.producer.produce(
                 self.settings.topics.deadletter,
@@ -274,8 +291,10 @@ class RegionSink:
         metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
         metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
 
-    def _insert_uploads(self, batch: PartitionBatch) -> list[Refused]:
+    def _insert_uploads(self, batch: PartitionBatch, horizons: dict[str, int]) -> list[Refused]:
         good, refused = classify(batch.items, self.region)
+        good, erased = drop_erased_samples(good, horizons)
+        metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)
         fresh, resends, skipped = sort_against_stored(good, self._stored(good))
         refused += [
             Refused(self._message_of(batch, up), "duplicate_upload",
@@ -291,7 +310,7 @@ class RegionSink:
         metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
         return refused
 
-    def _insert_aggregates(self, batch: PartitionBatch) -> list[Refused]:
+    def _insert_aggregates(self, batch: PartitionBatch, horizons: dict[str, int]) -> list[Refused]:
         records, refused = [], []
         for m in batch.items:
             source = f"{m.topic()}:{m.partition()}:{m.offset()}"
@@ -312,6 +331,9 @@ class RegionSink:
                         source,
                     )
                 )
+                continue
+            if not keep_aggregate(record, horizons):
+                metrics.SINK_ERASED_DROPPED.labels(self.region, kind).inc()
                 continue
             records.append(record)
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -82,11 +83,15 @@ class ChdbWarehouse:
             self._session = session.Session(str(path))
         except Exception as exc:
             raise WarehouseError(f"cannot open the embedded warehouse {path}: {exc}") from None
+        # One engine per process: `vtp serve` shares it between the sink and the API's
+        # request threads, one statement at a time.
+        self._lock = threading.RLock()
 
     def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> Any:
         bound = {k: _param_text(v) for k, v in (params or {}).items()}
         try:
-            return self._session.query(sql, fmt, params=bound)
+            with self._lock:
+                return self._session.query(sql, fmt, params=bound)
         except Exception as exc:
             raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
 
@@ -110,9 +115,12 @@ class ChdbWarehouse:
             # Tokens are built by the sink from topic/partition/offsets: [a-z0-9.-] only.
             settings = f" SETTINGS insert_deduplication_token='{_safe_token(dedup_token)}'"
         try:
-            with self._session.send_insert(
-                f"INSERT INTO {table} ({columns}){settings}", "ArrowStream"
-            ) as inserter:
+            with (
+                self._lock,
+                self._session.send_insert(
+                    f"INSERT INTO {table} ({columns}){settings}", "ArrowStream"
+                ) as inserter,
+            ):
                 inserter.append(buf.getvalue())
                 inserter.finish()
         except Exception as exc:
@@ -120,7 +128,8 @@ class ChdbWarehouse:
         return data.num_rows
 
     def close(self) -> None:
-        self._session.close()
+        with self._lock:
+            self._session.close()
 
 
 class ServerWarehouse:

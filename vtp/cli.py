@@ -57,6 +57,29 @@ def _sink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from owner_api.serve import run_serve
+
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+    )
+    return run_serve(load_settings(), args.region.lower(), with_sink=not args.no_sink)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from owner_api.tokens import issue, owner_claims, signing_key
+
+    settings = load_settings()
+    region = args.region.lower()
+    if region not in settings.regions:
+        raise SettingsError(
+            f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
+        )
+    ttl = args.ttl or settings.owner_token_ttl_s
+    print(issue(signing_key(settings), owner_claims(args.owner_id, region, ttl)))
+    return 0
+
+
 def _owner(args: argparse.Namespace) -> int:
     from owner_api.report import (
         UnknownOwner,
@@ -142,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sink", help="write a region's validated uploads into its warehouse")
     p.add_argument("--region", required=True)
     p.set_defaults(func=_sink)
+
+    p = sub.add_parser("serve", help="the owner API of a region (with its sink, in embedded mode)")
+    p.add_argument("--region", required=True)
+    p.add_argument("--no-sink", action="store_true", help="API only (ClickHouse server mode)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("token", help="issue an owner token for local use (signed, expiring)")
+    p.add_argument("owner_id")
+    p.add_argument("--region", required=True)
+    p.add_argument("--ttl", type=int, default=0, help="seconds; default VTP_OWNER_TOKEN_TTL_S")
+    p.set_defaults(func=_token)
 
     p = sub.add_parser("owner", help="owner-facing reads")
     owner_sub = p.add_subparsers(dest="owner_command", required=True)

@@ -24,6 +24,11 @@ AGGREGATE_TOO_LATE = Counter(
 )
 SINK_UPLOADS = Counter("vtp_sink_uploads_stored_total", "Uploads inserted", ["region"])
 SINK_SAMPLES = Counter("vtp_sink_samples_stored_total", "Samples inserted", ["region"])
+SINK_ERASED_DROPPED = Counter(
+    "vtp_sink_erased_dropped_total",
+    "Samples and aggregate records not stored because their owner erased that time",
+    ["region", "kind"],
+)
 SINK_REPLAYS_SKIPPED = Counter(
     "vtp_sink_replayed_uploads_skipped_total",
     "Uploads already stored from the same raw message (worker replay), not inserted again",

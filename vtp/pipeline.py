@@ -34,6 +34,12 @@ def settings_env(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
             "VTP_SINK_INSTANCE": settings.sink_instance,
             "VTP_WAREHOUSE": settings.warehouse,
             "VTP_METRICS_PORT": str(metrics_port),
+            "VTP_API_HOST": settings.api_host,
+            "VTP_API_PORT": str(settings.api_port),
+            "VTP_API_SIGNING_KEY": settings.api_signing_key,
+            "VTP_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
+            "VTP_TRIP_GAP_S": str(settings.trip_gap_s),
+            "VTP_CHARGE_GAP_S": str(settings.charge_gap_s),
         }
     )
     return env
@@ -91,6 +97,13 @@ def start_worker(settings: Settings, metrics_port: int = 0) -> Process:
 def start_sink(settings: Settings, region: str, metrics_port: int = 0) -> Process:
     return start_process(
         settings, f"sink-{region}", "sink", "--region", region, metrics_port=metrics_port
+    )
+
+
+def start_serve(settings: Settings, region: str, metrics_port: int = 0) -> Process:
+    """`vtp serve --region R`: the region's sink and its owner API in one process."""
+    return start_process(
+        settings, f"serve-{region}", "serve", "--region", region, metrics_port=metrics_port
     )
 
 

@@ -90,6 +90,13 @@ class Settings:
     warehouse: str = "chdb"
     # Prometheus: 0 disables the endpoint; each process adds its own offset.
     metrics_port: int = 0
+    # Owner API (`vtp serve`): loopback by default; port 0 picks a free one and writes
+    # the address to <data_dir>/serve-<region>.json. Tokens are signed with this key;
+    # empty means a random key kept in <data_dir>/owner_api/signing.key (local use only).
+    api_host: str = "127.0.0.1"
+    api_port: int = 0
+    api_signing_key: str = ""
+    owner_token_ttl_s: int = 3600
 
     @property
     def topics(self) -> Topics:
@@ -176,6 +183,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             sink_instance=_env("SINK_INSTANCE", "0"),
             warehouse=_env("WAREHOUSE", "chdb"),
             metrics_port=_int("METRICS_PORT", 0),
+            api_host=_env("API_HOST", "127.0.0.1"),
+            api_port=_int("API_PORT", 0),
+            api_signing_key=_env("API_SIGNING_KEY", ""),
+            owner_token_ttl_s=_int("OWNER_TOKEN_TTL_S", 3600),
         )
     finally:
         if saved is not None:
@@ -183,6 +194,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             os.environ.update(saved)
     if settings.sink_batch_messages < 1:
         raise SettingsError("VTP_SINK_BATCH_MESSAGES must be at least 1")
+    if settings.api_signing_key and len(settings.api_signing_key) < 32:
+        raise SettingsError("VTP_API_SIGNING_KEY must be at least 32 characters (HS256)")
     return settings
 
 

@@ -1,0 +1,332 @@
+"""The owner-facing HTTP API of one region (FastAPI; the OpenAPI document at /openapi.json).
+
+Every data route resolves the caller first (``Caller``): a valid token of this region,
+a live grant for delegated tokens, an owner known here. Each route then reads only that
+owner's slice and records the access in the audit log, with the rows returned.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the dependency aliases
+# (Who, Owner, ...) defined inside create_app when it reads the route signatures.
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from owner_api import store
+from owner_api.export import stream_export
+from owner_api.tokens import SCOPES, SIGNAL_SCOPE, Claims, TokenError, issue, verify
+from sinks.warehouse import Warehouse
+
+log = logging.getLogger("vtp.owner_api")
+
+MAX_RANGE_DAYS = 366
+VIN = Path(pattern=r"^[A-HJ-NPR-Z0-9]{17}$", description="17-character VIN")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
+
+
+class GrantRequest(BaseModel):
+    party: str = Field(min_length=1, max_length=200, description="who receives the grant")
+    scopes: list[str] = Field(min_length=1, description=f"any of {', '.join(SCOPES)}")
+    expires_in_s: int = Field(ge=60, le=366 * 86400, description="lifetime of the grant")
+
+
+@dataclass(frozen=True)
+class Caller:
+    claims: Claims
+    request_id: str
+
+    @property
+    def owner(self) -> str:
+        return self.claims.owner_id
+
+
+def _ms(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)
+
+
+def _time_range(start: datetime | None, end: datetime | None, default_days: int) -> tuple[int, int]:
+    end_ms = _ms(end) if end else store.now_ms()
+    start_ms = _ms(start) if start else end_ms - default_days * 86_400_000
+    if start_ms >= end_ms:
+        raise ApiError(400, "bad_time_range", "start must be before end")
+    if end_ms - start_ms > MAX_RANGE_DAYS * 86_400_000:
+        raise ApiError(400, "bad_time_range", f"a time range spans at most {MAX_RANGE_DAYS} days")
+    return start_ms, end_ms
+
+
+def create_app(
+    region: str,
+    warehouse: Warehouse,
+    signing_key: str,
+    erasure_lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> FastAPI:
+    app = FastAPI(
+        title="vtp owner API",
+        version="1",
+        description=f"An owner's own vehicle data in region {region}: read, export, share, "
+        "erase, and the log of every access.",
+    )
+    wh = warehouse
+
+    @app.exception_handler(ApiError)
+    def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        who = getattr(request.state, "caller", None)
+        if who is not None:  # refused after the caller was known: that attempt is logged too
+            audit(who, "denied", request.url.path, 0, f"{exc.code}: {exc.message}", exc.status)
+        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse({"error": "bad_parameter", "message": problems}, status_code=400)
+
+    def audit(caller: Caller, action: str, resource: str, rows: int, detail: str = "", status: int = 200) -> None:  # fmt: skip
+        store.record_access(
+            wh,
+            store.AuditEntry(
+                caller.owner, caller.request_id, caller.claims.actor,
+                caller.claims.grant_id or "", action, resource, detail, rows, status,
+            ),
+        )  # fmt: skip
+
+    def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise ApiError(401, "missing_token", "send Authorization: Bearer <token>")
+        try:
+            claims = verify(signing_key, authorization.removeprefix("Bearer ").strip())
+        except TokenError as exc:
+            raise ApiError(401, f"{exc.reason}_token", str(exc)) from None
+        if claims.region != region:
+            raise ApiError(
+                403, "wrong_region",
+                f"the token is for region {claims.region!r}; this service serves {region!r}",
+            )  # fmt: skip
+        if not claims.is_owner:
+            # Looked up every time, so revoking takes effect at once. The token's own
+            # expiry is the grant's, checked by verify().
+            grant = store.get_grant(wh, claims.owner_id, claims.grant_id or "")
+            if grant is None or grant["revoked_at"] is not None:
+                raise ApiError(401, "revoked_token", "the grant behind this token was revoked")
+        if not store.owner_known(wh, claims.owner_id):
+            raise ApiError(
+                404, "unknown_owner", f"owner {claims.owner_id!r} has no data in {region!r}"
+            )
+        who = Caller(claims, uuid.uuid4().hex)
+        request.state.caller = who
+        return who
+
+    def owner_only(who: Annotated[Caller, Depends(caller)]) -> Caller:
+        if not who.claims.is_owner:
+            raise ApiError(403, "owner_only", "only the owner may do this, not a grant's party")
+        return who
+
+    def needs(who: Caller, scope: str, what: str) -> None:
+        if scope not in who.claims.scopes:
+            raise ApiError(403, "missing_scope", f"{what} needs the {scope!r} scope")
+
+    def vehicle_of(who: Caller, vin: str) -> str:
+        if not store.owns_vehicle(wh, who.owner, vin):
+            raise ApiError(404, "unknown_vehicle", f"vehicle {vin} is not one of this owner's")
+        return vin
+
+    Who = Annotated[Caller, Depends(caller)]
+    Owner = Annotated[Caller, Depends(owner_only)]
+    Start = Annotated[datetime | None, Query(description="ISO 8601; default: end minus 30 days")]
+    End = Annotated[datetime | None, Query(description="ISO 8601, exclusive; default: now")]
+    Limit = Annotated[int, Query(ge=1, le=10_000)]
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"status": "ok", "region": region}
+
+    @app.get("/v1/me", responses=ERRORS)
+    def me(who: Who) -> dict:
+        audit(who, "read", "me", 1)
+        c = who.claims
+        return {
+            "owner_id": c.owner_id, "region": c.region, "actor": c.actor,
+            "grant_id": c.grant_id, "scopes": list(c.scopes),
+            "token_expires_at": store.jsonable(datetime.fromtimestamp(c.expires_at, UTC)),
+        }  # fmt: skip
+
+    @app.get("/v1/vehicles", responses=ERRORS)
+    def vehicles(who: Who) -> dict:
+        found = store.vehicles(wh, who.owner)
+        audit(who, "read", "vehicles", len(found))
+        return {"vehicles": found}
+
+    @app.get("/v1/vehicles/{vin}/samples", responses=ERRORS)
+    def samples(
+        who: Who,
+        vin: Annotated[str, VIN],
+        start: Start = None,
+        end: End = None,
+        signals: Annotated[
+            str | None, Query(description=f"comma-separated, of {', '.join(SIGNAL_SCOPE)}")
+        ] = None,
+        limit: Limit = 1000,
+        cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+    ) -> dict:
+        start_ms, end_ms = _time_range(start, end, 30)
+        wanted = [s for s in (signals or "").split(",") if s] or [
+            s for s, scope in SIGNAL_SCOPE.items() if scope in who.claims.scopes
+        ]
+        unknown = [s for s in wanted if s not in SIGNAL_SCOPE]
+        if unknown:
+            raise ApiError(
+                400, "unknown_signal", f"unknown signals {unknown}; known: {list(SIGNAL_SCOPE)}"
+            )
+        for s in wanted:
+            needs(who, SIGNAL_SCOPE[s], f"signal {s!r}")
+        after = _parse_cursor(cursor)
+        vehicle_of(who, vin)
+        page, nxt = store.samples_page(wh, who.owner, vin, start_ms, end_ms, wanted, limit, after)
+        audit(who, "read", f"samples/{vin}", len(page), f"signals={','.join(wanted)}")
+        return {
+            "vin": vin, "signals": wanted, "samples": page,
+            "next": f"{nxt[0]}.{nxt[1]}" if nxt else None,
+        }  # fmt: skip
+
+    def session_route(table: store.Table, resource: str) -> Callable:
+        def read(
+            who: Who,
+            vin: Annotated[str | None, Query(pattern=r"^[A-HJ-NPR-Z0-9]{17}$")] = None,
+            start: Start = None,
+            end: End = None,
+            limit: Limit = 100,
+        ) -> dict:
+            start_ms, end_ms = _time_range(start, end, 30)
+            needs(who, table.scope or "", resource)
+            if vin is not None:
+                vehicle_of(who, vin)
+            found = store.sessions(
+                wh, table, who.owner, vin, start_ms, end_ms, "location" in who.claims.scopes, limit
+            )
+            audit(who, "read", resource, len(found))
+            return {resource.replace("-", "_"): found}
+
+        read.__name__ = resource.replace("-", "_")
+        return read
+
+    app.get("/v1/trips", responses=ERRORS)(session_route(store.TRIPS, "trips"))
+    app.get("/v1/charges", responses=ERRORS)(session_route(store.CHARGES, "charges"))
+    app.get("/v1/daily-summaries", responses=ERRORS)(session_route(store.DAYS, "daily-summaries"))
+
+    @app.post("/v1/grants", responses=ERRORS, status_code=201)
+    def create_grant(who: Owner, body: GrantRequest) -> dict:
+        unknown = sorted(set(body.scopes) - set(SCOPES))
+        if unknown:
+            raise ApiError(400, "unknown_scope", f"unknown scopes {unknown}; known: {list(SCOPES)}")
+        expires_ms = store.now_ms() + body.expires_in_s * 1000
+        scopes = sorted(set(body.scopes))
+        grant = store.create_grant(wh, who.owner, body.party, scopes, expires_ms)
+        token = issue(
+            signing_key,
+            Claims(
+                who.owner, region, expires_ms // 1000, grant["grant_id"], body.party, tuple(scopes)
+            ),
+        )
+        audit(who, "grant", f"grants/{grant['grant_id']}", 1, f"party={body.party} scopes={scopes}")
+        return {"grant": grant, "token": token}
+
+    @app.get("/v1/grants", responses=ERRORS)
+    def list_grants(who: Owner) -> dict:
+        found = store.list_grants(wh, who.owner)
+        audit(who, "read", "grants", len(found))
+        return {"grants": found}
+
+    @app.delete("/v1/grants/{grant_id}", responses=ERRORS)
+    def revoke_grant(who: Owner, grant_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]) -> dict:
+        grant = store.revoke_grant(wh, who.owner, grant_id)
+        if grant is None:
+            raise ApiError(404, "unknown_grant", f"grant {grant_id} is not one of this owner's")
+        audit(who, "revoke", f"grants/{grant_id}", 1)
+        return {"grant": grant}
+
+    @app.get(
+        "/v1/export",
+        responses={**ERRORS, 200: {"content": {"application/zip": {}}, "description": "ZIP"}},
+    )
+    def export(
+        who: Owner,
+        format: Annotated[str, Query(pattern="^(jsonl|csv|parquet)$")] = "jsonl",
+    ) -> StreamingResponse:
+        generated = store.jsonable(datetime.now(UTC))
+        tables = [
+            (t.name, lambda t=t: store.export_pages(wh, who.owner, t, format != "parquet"))
+            for t in store.EXPORT_TABLES
+        ]
+
+        def done(counts: dict[str, int]) -> None:
+            audit(who, "export", "export", sum(counts.values()), f"format={format} {counts}")
+
+        body = stream_export(who.owner, region, format, tables, str(generated), done)
+        name = f"vtp-export-{who.owner}-{region}.zip"
+        return StreamingResponse(
+            body, media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{name}"',
+                     "X-Request-Id": who.request_id},
+        )  # fmt: skip
+
+    @app.post("/v1/erasure", responses=ERRORS)
+    def erase(who: Owner) -> dict:
+        started = time.perf_counter()
+        with erasure_lock():  # no sink batch in flight while the owner's rows go
+            erasure_id, requested_ms = store.record_erasure(wh, who.owner)
+            deleted = store.erase_owner(wh, who.owner)
+            store.complete_erasure(wh, who.owner, erasure_id, requested_ms, deleted)
+        audit(who, "erase", "owner", sum(deleted.values()), f"erasure_id={erasure_id}")
+        log.info("erased owner %s: %s in %.1f s", who.owner, deleted, time.perf_counter() - started)
+        return {"erasure": store.erasures(wh, who.owner)[-1], "rows_deleted": deleted}
+
+    @app.get("/v1/erasures", responses=ERRORS)
+    def list_erasures(who: Owner) -> dict:
+        found = store.erasures(wh, who.owner)
+        audit(who, "read", "erasures", len(found))
+        return {"erasures": found}
+
+    @app.get("/v1/audit", responses=ERRORS)
+    def access_log(who: Owner, limit: Limit = 1000) -> dict:
+        found = store.access_log(wh, who.owner, limit)
+        audit(who, "read", "audit", len(found))
+        return {"entries": found}
+
+    return app
+
+
+def _parse_cursor(cursor: str | None) -> tuple[int, int] | None:
+    if cursor is None:
+        return None
+    try:
+        t, seq = cursor.split(".")
+        return int(t), int(seq)
+    except ValueError:
+        raise ApiError(
+            400, "bad_cursor", "cursor must be the `next` value of a previous page"
+        ) from None

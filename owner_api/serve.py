@@ -1,0 +1,93 @@
+"""`vtp serve --region R`: the owner API, in the process that owns the region's warehouse.
+
+chdb lets one process open a warehouse folder, so in embedded mode this process runs
+the region's sink as well (in a thread) and both share the one engine, a statement at
+a time. An erasure takes the sink's write lock, so no batch filtered before it lands
+after its deletes. With a ClickHouse server (VTP_WAREHOUSE=http...), `--no-sink` runs
+the API alone next to separate `vtp sink` processes.
+
+The listening address goes to <data_dir>/serve-<region>.json once the socket is bound
+(VTP_API_PORT=0 picks a free port).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+
+import uvicorn
+
+from owner_api.app import create_app
+from owner_api.tokens import signing_key
+from sinks.migrations import migrate
+from sinks.sink import RegionSink
+from sinks.warehouse import open_warehouse
+from vtp import metrics
+from vtp.settings import Settings
+
+log = logging.getLogger("vtp.serve")
+
+
+def address_file(settings: Settings, region: str):
+    return settings.data_dir / f"serve-{region}.json"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; set VTP_API_PORT") from None
+    sock.listen(128)
+    return sock
+
+
+def run_serve(settings: Settings, region: str, with_sink: bool = True) -> int:
+    metrics.serve_metrics(settings.metrics_port)
+    warehouse = open_warehouse(settings, region)
+    migrate(warehouse)
+    sink = RegionSink(settings, region, warehouse) if with_sink else None
+    erasure_lock = (lambda: sink.write_lock) if sink else contextlib.nullcontext
+    app = create_app(region, warehouse, signing_key(settings), erasure_lock)
+    sock = _bind(settings.api_host, settings.api_port)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False))
+    failure: list[BaseException] = []
+
+    def run_sink() -> None:
+        try:
+            sink.run()  # type: ignore[union-attr]
+        except BaseException as exc:  # the API must not outlive the data it serves
+            failure.append(exc)
+            log.exception("sink %s failed; stopping the service", region)
+            server.should_exit = True
+
+    thread = threading.Thread(target=run_sink, name=f"sink-{region}") if sink else None
+    if thread:
+        thread.start()
+    where = address_file(settings, region)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.write_text(json.dumps({"url": f"http://{host}:{port}", "pid": os.getpid()}))
+    log.info("owner API for %s on http://%s:%s (sink: %s)", region, host, port, bool(sink))
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the
+    # default handler that would end the process before the sink flushes. A handler of
+    # our own makes that re-raise a no-op, and the cleanup below runs.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        where.unlink(missing_ok=True)
+        if sink and thread:
+            sink.stop()
+            thread.join(60)
+        else:
+            warehouse.close()
+    return 1 if failure else 0

@@ -1,0 +1,374 @@
+"""The owner API's reads and writes against the warehouse: every statement names the
+owner first, so it touches that owner's slice of each table and nothing else.
+
+Values reach SQL only as bound ``{name:Type}`` parameters; column and table names
+come from the fixed lists below, never from a request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import pyarrow as pa
+
+from owner_api.tokens import SIGNAL_SCOPE
+from sinks.warehouse import Warehouse, rows
+
+SIGNALS = tuple(SIGNAL_SCOPE)
+# Stored as Float32; shown through ClickHouse's shortest text form, so 191.4 reads as
+# 191.4 in JSON and CSV rather than as the double nearest the float (191.39999389...).
+FLOAT32_SIGNALS = (
+    "speed", "heading", "soc", "charge_power", "battery_temperature", "outside_temperature",
+    "cabin_temperature",
+)  # fmt: skip
+
+
+def _as_decimal_text(column: str) -> str:
+    return f"toFloat64(toString({column})) AS {column}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """An owner table: its key columns (export order) and the columns a grant needs."""
+
+    name: str
+    key: tuple[str, ...]
+    final: bool = False  # ReplacingMergeTree: read with FINAL
+    location_columns: tuple[str, ...] = ()
+    scope: str | None = None  # None: owner only
+
+
+TRIPS = Table(
+    "trips",
+    ("vin", "start_time"),
+    True,
+    ("start_lat", "start_lon", "end_lat", "end_lon"),
+    "driving",
+)
+CHARGES = Table("charges", ("vin", "start_time"), True, ("lat", "lon"), "battery")
+DAYS = Table("daily_summaries", ("vin", "date"), True, (), "driving")
+# Everything an owner has, in export order (the audit log last: it grows while exporting).
+EXPORT_TABLES = (
+    Table("samples", ("vin", "event_time", "seq")),
+    Table("uploads", ("vin", "sent_at", "upload_id")),
+    TRIPS,
+    CHARGES,
+    DAYS,
+    Table("open_sessions", ("vin", "kind"), True),
+    Table("grants", ("grant_id",), True),
+    Table("audit_log", ("at", "request_id")),
+)
+ERASED_TABLES = tuple(t.name for t in EXPORT_TABLES)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def jsonable(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def records(table: pa.Table) -> list[dict]:
+    return [{k: jsonable(v) for k, v in r.items()} for r in table.to_pylist()]
+
+
+# -- owners and vehicles ----------------------------------------------------------------
+
+
+def owner_known(wh: Warehouse, owner: str) -> bool:
+    """An owner is known here once data, a grant or an erasure of theirs was stored."""
+    found = wh.query(
+        "SELECT (SELECT count() FROM (SELECT 1 FROM uploads WHERE owner_id = {o:String} LIMIT 1))"
+        " + (SELECT count() FROM (SELECT 1 FROM erasures WHERE owner_id = {o:String} LIMIT 1))"
+        " + (SELECT count() FROM (SELECT 1 FROM grants WHERE owner_id = {o:String} LIMIT 1))",
+        {"o": owner},
+    )
+    return rows(found)[0][0] > 0
+
+
+def vehicles(wh: Warehouse, owner: str) -> list[dict]:
+    return records(
+        wh.query(
+            "SELECT vin, count() AS uploads, sum(sample_count) AS samples, "
+            "min(first_event_time) AS first_sample_at, max(last_event_time) AS last_sample_at "
+            "FROM uploads WHERE owner_id = {o:String} GROUP BY vin ORDER BY vin",
+            {"o": owner},
+        )
+    )
+
+
+def owns_vehicle(wh: Warehouse, owner: str, vin: str) -> bool:
+    found = wh.query(
+        "SELECT count() FROM (SELECT 1 FROM uploads WHERE owner_id = {o:String} "
+        "AND vin = {v:String} LIMIT 1)",
+        {"o": owner, "v": vin},
+    )
+    return rows(found)[0][0] > 0
+
+
+# -- samples ----------------------------------------------------------------------------
+
+
+def samples_page(
+    wh: Warehouse,
+    owner: str,
+    vin: str,
+    start_ms: int,
+    end_ms: int,
+    signals: list[str],
+    limit: int,
+    after: tuple[int, int] | None,
+) -> tuple[list[dict], tuple[int, int] | None]:
+    """Up to ``limit`` samples in [start, end) after the cursor (event time ms, seq)."""
+    unknown = set(signals) - set(SIGNALS)
+    if unknown:
+        raise ValueError(f"unknown signals {sorted(unknown)}")
+    columns = ", ".join(
+        [
+            "event_time",
+            "seq",
+            *(_as_decimal_text(s) if s in FLOAT32_SIGNALS else s for s in signals),
+        ]
+    )
+    after_t, after_seq = after if after else (start_ms, -1)
+    result = wh.query(
+        f"SELECT {columns} FROM samples "
+        "WHERE owner_id = {o:String} AND vin = {v:String} "
+        "AND event_time >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') "
+        "AND event_time < fromUnixTimestamp64Milli({e:Int64}, 'UTC') "
+        "AND (event_time > fromUnixTimestamp64Milli({at:Int64}, 'UTC') "
+        "     OR (event_time = fromUnixTimestamp64Milli({at:Int64}, 'UTC') AND seq > {aseq:Int64})) "
+        "ORDER BY event_time, seq LIMIT {n:UInt32}",
+        {"o": owner, "v": vin, "s": start_ms, "e": end_ms, "at": after_t, "aseq": after_seq,
+         "n": limit + 1},
+    )  # fmt: skip
+    page = result.to_pylist()
+    more = len(page) > limit
+    page = page[:limit]
+    cursor = None
+    if more:
+        last = page[-1]
+        cursor = (int(last["event_time"].timestamp() * 1000 + 0.5), int(last["seq"]))
+    return [{k: jsonable(v) for k, v in r.items()} for r in page], cursor
+
+
+# -- aggregates -------------------------------------------------------------------------
+
+
+def sessions(
+    wh: Warehouse,
+    table: Table,
+    owner: str,
+    vin: str | None,
+    start_ms: int,
+    end_ms: int,
+    with_location: bool,
+    limit: int,
+) -> list[dict]:
+    """Trips, charges or daily summaries in [start, end), newest first."""
+    time_column = "date" if table is DAYS else "start_time"
+    when = (
+        "date >= toDate(fromUnixTimestamp64Milli({s:Int64}, 'UTC')) "
+        "AND date < toDate(fromUnixTimestamp64Milli({e:Int64}, 'UTC'))"
+        if table is DAYS
+        else "start_time >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') "
+        "AND start_time < fromUnixTimestamp64Milli({e:Int64}, 'UTC')"
+    )
+    hidden = set() if with_location else set(table.location_columns)
+    hidden |= {"owner_id", "region", "version"}
+    result = wh.query(
+        f"SELECT * EXCEPT ({', '.join(sorted(hidden))}) FROM {table.name} FINAL "
+        "WHERE owner_id = {o:String} AND (empty({v:String}) OR vin = {v:String}) "
+        f"AND {when} ORDER BY {time_column} DESC, vin LIMIT {{n:UInt32}}",
+        {"o": owner, "v": vin or "", "s": start_ms, "e": end_ms, "n": limit},
+    )
+    return records(result)
+
+
+# -- grants -----------------------------------------------------------------------------
+
+
+def create_grant(wh: Warehouse, owner: str, party: str, scopes: list[str], expires_ms: int) -> dict:
+    grant_id = uuid.uuid4().hex
+    created = now_ms()
+    wh.execute(
+        "INSERT INTO grants (owner_id, grant_id, party, scopes, created_at, expires_at, "
+        "revoked_at, version) VALUES ({o:String}, {g:String}, {p:String}, {sc:Array(String)}, "
+        "fromUnixTimestamp64Milli({c:Int64}, 'UTC'), fromUnixTimestamp64Milli({x:Int64}, 'UTC'), "
+        "NULL, {ver:UInt64})",
+        {"o": owner, "g": grant_id, "p": party, "sc": scopes, "c": created, "x": expires_ms,
+         "ver": created},
+    )  # fmt: skip
+    return get_grant(wh, owner, grant_id) or {}
+
+
+def list_grants(wh: Warehouse, owner: str) -> list[dict]:
+    return records(
+        wh.query(
+            "SELECT grant_id, party, scopes, created_at, expires_at, revoked_at FROM grants FINAL "
+            "WHERE owner_id = {o:String} ORDER BY created_at, grant_id",
+            {"o": owner},
+        )
+    )
+
+
+def get_grant(wh: Warehouse, owner: str, grant_id: str) -> dict | None:
+    found = records(
+        wh.query(
+            "SELECT grant_id, party, scopes, created_at, expires_at, revoked_at FROM grants FINAL "
+            "WHERE owner_id = {o:String} AND grant_id = {g:String}",
+            {"o": owner, "g": grant_id},
+        )
+    )
+    return found[0] if found else None
+
+
+def revoke_grant(wh: Warehouse, owner: str, grant_id: str) -> dict | None:
+    """Mark the grant revoked (idempotent); None when the owner has no such grant."""
+    wh.execute(
+        "INSERT INTO grants (owner_id, grant_id, party, scopes, created_at, expires_at, "
+        "revoked_at, version) SELECT owner_id, grant_id, party, scopes, created_at, expires_at, "
+        "coalesce(revoked_at, fromUnixTimestamp64Milli({r:Int64}, 'UTC')), {r:UInt64} "
+        "FROM grants FINAL WHERE owner_id = {o:String} AND grant_id = {g:String}",
+        {"o": owner, "g": grant_id, "r": now_ms()},
+    )
+    return get_grant(wh, owner, grant_id)
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    owner_id: str
+    request_id: str
+    actor: str
+    grant_id: str
+    action: str
+    resource: str
+    detail: str
+    rows: int
+    status: int
+
+
+def record_access(wh: Warehouse, entry: AuditEntry) -> None:
+    wh.execute(
+        "INSERT INTO audit_log (owner_id, at, request_id, actor, grant_id, action, resource, "
+        "detail, rows, status) VALUES ({o:String}, fromUnixTimestamp64Milli({t:Int64}, 'UTC'), "
+        "{q:String}, {a:String}, {g:String}, {act:String}, {res:String}, {d:String}, "
+        "{n:UInt64}, {st:UInt16})",
+        {"o": entry.owner_id, "t": now_ms(), "q": entry.request_id, "a": entry.actor,
+         "g": entry.grant_id, "act": entry.action, "res": entry.resource,
+         "d": entry.detail[:2000], "n": entry.rows, "st": entry.status},
+    )  # fmt: skip
+
+
+def access_log(wh: Warehouse, owner: str, limit: int) -> list[dict]:
+    return records(
+        wh.query(
+            "SELECT at, request_id, actor, grant_id, action, resource, detail, rows, status "
+            "FROM audit_log WHERE owner_id = {o:String} ORDER BY at DESC, request_id "
+            "LIMIT {n:UInt32}",
+            {"o": owner, "n": limit},
+        )
+    )
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+def owner_row_counts(wh: Warehouse, owner: str) -> dict[str, int]:
+    counts = {}
+    for table in EXPORT_TABLES:
+        final = " FINAL" if table.final else ""
+        found = wh.query(
+            f"SELECT count() FROM {table.name}{final} WHERE owner_id = {{o:String}}", {"o": owner}
+        )
+        counts[table.name] = rows(found)[0][0]
+    return counts
+
+
+def export_pages(
+    wh: Warehouse, owner: str, table: Table, text: bool, page_rows: int = 50_000
+) -> Iterator[pa.Table]:
+    """The owner's rows of ``table`` in key order, ``page_rows`` at a time (flat memory).
+
+    ``text``: for JSON/CSV, Float32 signals as their shortest decimal (Parquet keeps them
+    as float32)."""
+    final = " FINAL" if table.final else ""
+    select = "*"
+    if text and table.name == "samples":
+        select = f"* REPLACE ({', '.join(_as_decimal_text(c) for c in FLOAT32_SIGNALS)})"
+    offset = 0
+    # Keyset paging would skip the OFFSET scan, but the key tuples differ per table;
+    # the owner's slice is contiguous, so each page reads only that slice.
+    while True:
+        page = wh.query(
+            f"SELECT {select} FROM {table.name}{final} WHERE owner_id = {{o:String}} "
+            f"ORDER BY {', '.join(table.key)} LIMIT {{n:UInt32}} OFFSET {{off:UInt64}}",
+            {"o": owner, "n": page_rows, "off": offset},
+        )
+        if page.num_rows or offset == 0:
+            yield page  # an empty first page still tells the writer the columns
+        if page.num_rows < page_rows:
+            return
+        offset += page.num_rows
+
+
+# -- erasure ----------------------------------------------------------------------------
+
+
+def record_erasure(wh: Warehouse, owner: str) -> tuple[str, int]:
+    erasure_id, requested = uuid.uuid4().hex, now_ms()
+    wh.execute(
+        "INSERT INTO erasures (owner_id, erasure_id, requested_at, completed_at, rows_deleted, "
+        "version) VALUES ({o:String}, {e:String}, fromUnixTimestamp64Milli({t:Int64}, 'UTC'), "
+        "NULL, '', 1)",
+        {"o": owner, "e": erasure_id, "t": requested},
+    )
+    return erasure_id, requested
+
+
+def erase_owner(wh: Warehouse, owner: str) -> dict[str, int]:
+    """Remove every row of the owner from every owner table; rows deleted per table.
+
+    ALTER TABLE ... DELETE rewrites the parts that hold the rows (compliance-grade,
+    unlike a lightweight DELETE, which only hides them until a merge)."""
+    deleted = owner_row_counts(wh, owner)
+    for table in ERASED_TABLES:
+        wh.execute(
+            f"ALTER TABLE {table} DELETE WHERE owner_id = {{o:String}} SETTINGS mutations_sync = 2",
+            {"o": owner},
+        )
+    return deleted
+
+
+def complete_erasure(
+    wh: Warehouse, owner: str, erasure_id: str, requested_ms: int, deleted: dict[str, int]
+) -> None:
+    wh.execute(
+        "INSERT INTO erasures (owner_id, erasure_id, requested_at, completed_at, rows_deleted, "
+        "version) VALUES ({o:String}, {e:String}, fromUnixTimestamp64Milli({t:Int64}, 'UTC'), "
+        "fromUnixTimestamp64Milli({c:Int64}, 'UTC'), {d:String}, 2)",
+        {"o": owner, "e": erasure_id, "t": requested_ms, "c": now_ms(), "d": json.dumps(deleted)},
+    )
+
+
+def erasures(wh: Warehouse, owner: str) -> list[dict]:
+    return records(
+        wh.query(
+            "SELECT erasure_id, requested_at, completed_at, rows_deleted FROM erasures FINAL "
+            "WHERE owner_id = {o:String} ORDER BY requested_at",
+            {"o": owner},
+        )
+    )

@@ -1,0 +1,53 @@
+"""What the sink must not store again after an owner's erasure. Pure.
+
+An erasure removes everything of the owner from before its time (the horizon). A
+replayed or late message about that time must not bring it back, so the sink drops
+samples whose event time is at or before the horizon, and aggregates that begin at or
+before it (a daily summary is judged by the earliest instant its local day can start).
+Data about moments after the erasure is the owner's new data and is stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sinks.rows import StoredUpload
+
+# The earliest local midnight of a date is 14 h before UTC midnight (UTC+14).
+_EARLIEST_OFFSET = timedelta(hours=14)
+
+
+def drop_erased_samples(
+    uploads: list[StoredUpload], horizons: dict[str, int]
+) -> tuple[list[StoredUpload], int]:
+    """(uploads with only the samples to keep, samples dropped); empty uploads vanish."""
+    kept, dropped = [], 0
+    for up in uploads:
+        horizon = horizons.get(up.owner_id)
+        if horizon is None:
+            kept.append(up)
+            continue
+        samples = [s for s in up.record["samples"] if s["event_time_ms"] > horizon]
+        dropped += len(up.record["samples"]) - len(samples)
+        if samples:
+            kept.append(replace(up, record={**up.record, "samples": samples}))
+    return kept, dropped
+
+
+def aggregate_start_ms(record: dict[str, Any]) -> int | None:
+    if record.get("start_ms") is not None:
+        return int(record["start_ms"])
+    if record.get("date"):
+        day = datetime.fromisoformat(record["date"]).replace(tzinfo=UTC)
+        return int((day - _EARLIEST_OFFSET).timestamp() * 1000)
+    return None
+
+
+def keep_aggregate(record: dict[str, Any], horizons: dict[str, int]) -> bool:
+    horizon = horizons.get(record.get("owner_id", ""))
+    if horizon is None:
+        return True
+    start = aggregate_start_ms(record)
+    return start is not None and start > horizon
