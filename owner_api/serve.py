@@ -37,6 +37,10 @@ def address_file(settings: Settings, region: str):
     return settings.data_dir / f"serve-{region}.json"
 
 
+class ServeError(RuntimeError):
+    """`vtp serve` cannot start."""
+
+
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,19 +48,30 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; set VTP_API_PORT") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): stop what listens there, or "
+            "set VTP_API_PORT (0 picks a free port)"
+        ) from None
     sock.listen(128)
     return sock
 
 
 def run_serve(settings: Settings, region: str, with_sink: bool = True) -> int:
+    if region not in settings.regions:
+        raise ServeError(
+            f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
+        )
+    sock = _bind(settings.api_host, settings.api_port)
+    try:
+        warehouse = open_warehouse(settings, region)
+    except BaseException:
+        sock.close()
+        raise
     metrics.serve_metrics(settings.metrics_port)
-    warehouse = open_warehouse(settings, region)
     migrate(warehouse)
     sink = RegionSink(settings, region, warehouse) if with_sink else None
     erasure_lock = (lambda: sink.write_lock) if sink else contextlib.nullcontext
     app = create_app(region, warehouse, signing_key(settings), erasure_lock)
-    sock = _bind(settings.api_host, settings.api_port)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False))
     failure: list[BaseException] = []

@@ -211,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from deploy.broker import BrokerError
+        from owner_api.serve import ServeError
         from sinks.sink import SinkError
         from sinks.warehouse import WarehouseError
 
-        if isinstance(exc, BrokerError | WarehouseError | SinkError):
+        if isinstance(exc, BrokerError | WarehouseError | SinkError | ServeError):
             print(f"vtp: {exc}", file=sys.stderr)
             return 1
         raise

@@ -56,3 +56,26 @@ def test_config_lists_every_variable(tmp_path):
     assert out.returncode == 0
     assert "VTP_REGIONS=cn  (default cn,eu)" in out.stdout
     assert "VTP_WAREHOUSE=chdb" in out.stdout
+
+
+def test_token_and_serve_refuse_what_they_cannot_do_in_one_line(tmp_path):
+    import socket
+
+    from owner_api.tokens import verify
+
+    token = vtp("token", "owner-0001", "--region", "eu", "--ttl", "60", data_dir=tmp_path)
+    assert token.returncode == 0, token.stderr
+    key = (tmp_path / "owner_api" / "signing.key").read_text().strip()
+    claims = verify(key, token.stdout.strip())  # signed with the key the service will use
+    assert (claims.owner_id, claims.region, claims.is_owner) == ("owner-0001", "eu", True)
+
+    wrong = vtp("token", "owner-0001", "--region", "us", data_dir=tmp_path)
+    assert wrong.returncode == 2 and "region 'us' is not one of" in wrong.stderr
+    assert vtp("serve", "--region", "us", data_dir=tmp_path).returncode == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = vtp("serve", "--region", "eu", data_dir=tmp_path, VTP_API_PORT=str(port))
+    assert busy.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr

@@ -1,0 +1,45 @@
+"""After an erasure the sink stores nothing of the owner from before it."""
+
+from __future__ import annotations
+
+from sinks.erased import aggregate_start_ms, drop_erased_samples, keep_aggregate
+from sinks.rows import StoredUpload
+
+HORIZON = 1_000_000
+
+
+def _upload(owner: str, times: list[int]) -> StoredUpload:
+    record = {"vin": "V", "upload_id": f"u{times[0]}",
+              "samples": [{"event_time_ms": t, "seq": i} for i, t in enumerate(times)]}  # fmt: skip
+    return StoredUpload(record, owner, "eu", 1, 0, "src", "t", 0, 0)
+
+
+def test_samples_at_or_before_the_horizon_go_later_ones_stay():
+    uploads = [
+        _upload("erased", [HORIZON - 5, HORIZON]),  # wholly before: gone
+        _upload("erased", [HORIZON, HORIZON + 1]),  # straddles: the later sample stays
+        _upload("other", [1, 2]),  # another owner: untouched
+    ]
+    kept, dropped = drop_erased_samples(uploads, {"erased": HORIZON})
+    assert dropped == 3
+    assert [[s["event_time_ms"] for s in u.record["samples"]] for u in kept] == [
+        [HORIZON + 1],
+        [1, 2],
+    ]
+    assert uploads[1].record["samples"][0]["event_time_ms"] == HORIZON  # input not mutated
+
+
+def test_aggregates_that_begin_before_the_horizon_are_dropped():
+    erased = {"erased": HORIZON}
+    assert not keep_aggregate({"owner_id": "erased", "start_ms": HORIZON}, erased)
+    assert keep_aggregate({"owner_id": "erased", "start_ms": HORIZON + 1}, erased)
+    assert keep_aggregate({"owner_id": "other", "start_ms": 0}, erased)
+    assert not keep_aggregate({"owner_id": "erased", "kind": "open_trip", "start_ms": None}, erased)
+
+
+def test_a_day_counts_from_its_earliest_local_midnight():
+    start = aggregate_start_ms({"date": "2026-11-26"})
+    assert start == 1_795_651_200_000 - 14 * 3_600_000  # 2026-11-26T00:00Z minus 14 h
+    horizon = {"erased": start}
+    assert not keep_aggregate({"owner_id": "erased", "date": "2026-11-26"}, horizon)
+    assert keep_aggregate({"owner_id": "erased", "date": "2026-11-27"}, horizon)
