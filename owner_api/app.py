@@ -22,8 +22,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from owner_api import store
+from owner_api.analyst import AnalystQueryError, run_analyst_query
 from owner_api.export import stream_export
-from owner_api.tokens import SCOPES, SIGNAL_SCOPE, Claims, TokenError, issue, verify
+from owner_api.tokens import (
+    SCOPES,
+    SIGNAL_SCOPE,
+    Claims,
+    TokenError,
+    issue,
+    verify,
+    verify_analyst,
+)
 from sinks.warehouse import Warehouse
 
 log = logging.getLogger("vtp.owner_api")
@@ -44,6 +53,10 @@ class ErrorBody(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
+
+
+class AnalystQuery(BaseModel):
+    sql: str = Field(min_length=1, max_length=20_000)
 
 
 class GrantRequest(BaseModel):
@@ -316,6 +329,30 @@ def create_app(
         found = store.access_log(wh, who.owner, limit)
         audit(who, "read", "audit", len(found))
         return {"entries": found}
+
+    @app.post("/v1/analyst/sql", responses=ERRORS)
+    def analyst_sql(
+        body: AnalystQuery, authorization: Annotated[str | None, Header()] = None
+    ) -> dict:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise ApiError(401, "missing_token", "send Authorization: Bearer <analyst token>")
+        try:
+            name, token_region = verify_analyst(
+                signing_key, authorization.removeprefix("Bearer ").strip()
+            )
+        except TokenError as exc:
+            raise ApiError(401, f"{exc.reason}_token", str(exc)) from None
+        if token_region != region:
+            raise ApiError(403, "wrong_region", f"this service serves {region!r}")
+        try:
+            result = run_analyst_query(wh, body.sql)
+        except AnalystQueryError as exc:
+            raise ApiError(400, "query_refused", str(exc)) from None
+        log.info("analyst %s ran a query returning %d rows", name, result.num_rows)
+        return {
+            "columns": result.column_names,
+            "rows": [list(r.values()) for r in store.records(result)],
+        }
 
     return app
 

@@ -98,10 +98,9 @@ def owner_claims(owner_id: str, region: str, ttl_s: int, now: float | None = Non
     return Claims(owner_id, region, int((now or time.time()) + ttl_s))
 
 
-def verify(key: str, token: str) -> Claims:
-    """The claims of a token this service signed and that has not expired."""
+def _decode(key: str, token: str) -> dict:
     try:
-        payload = jwt.decode(
+        return jwt.decode(
             token,
             key,
             algorithms=["HS256"],  # never "none", never what the token header asks for
@@ -114,7 +113,14 @@ def verify(key: str, token: str) -> Claims:
         raise TokenError("forged", "the token's signature does not verify") from None
     except jwt.PyJWTError as exc:
         raise TokenError("malformed", f"the token cannot be read: {exc}") from None
+
+
+def verify(key: str, token: str) -> Claims:
+    """The claims of an owner or grant token this service signed, not expired."""
+    payload = _decode(key, token)
     region = payload.get("region")
+    if payload.get("role") == "analyst":
+        raise TokenError("wrong_kind", "an analyst token opens only /v1/analyst/sql")
     if not isinstance(payload["sub"], str) or not isinstance(region, str):
         raise TokenError("malformed", "the token names no owner or region")
     grant = payload.get("grant")
@@ -127,3 +133,18 @@ def verify(key: str, token: str) -> Claims:
         payload["sub"], region, int(payload["exp"]), str(grant), str(payload.get("party")),
         tuple(scopes),
     )  # fmt: skip
+
+
+def issue_analyst(key: str, name: str, region: str, ttl_s: int) -> str:
+    """A token for the pseudonymised analyst views of one region, nothing else."""
+    payload = {"iss": ISSUER, "sub": name, "role": "analyst", "region": region,
+               "exp": int(time.time() + ttl_s)}  # fmt: skip
+    return jwt.encode(payload, key, algorithm="HS256")
+
+
+def verify_analyst(key: str, token: str) -> tuple[str, str]:
+    """(analyst name, region) of a valid analyst token."""
+    payload = _decode(key, token)
+    if payload.get("role") != "analyst":
+        raise TokenError("wrong_kind", "this route needs an analyst token")
+    return str(payload["sub"]), str(payload.get("region"))

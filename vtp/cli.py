@@ -80,6 +80,26 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sql(args: argparse.Namespace) -> int:
+    from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
+
+    settings = load_settings()
+    region = args.region.lower()
+    if region not in settings.regions:
+        raise SettingsError(
+            f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
+        )
+    try:
+        columns, found = query_locally_or_via_service(settings, region, args.query)
+    except AnalystQueryError as exc:
+        print(f"vtp sql: {exc}", file=sys.stderr)
+        return 1
+    print("\t".join(columns))
+    for row in found:
+        print("\t".join("" if v is None else str(v) for v in row))
+    return 0
+
+
 def _owner(args: argparse.Namespace) -> int:
     from owner_api.report import (
         UnknownOwner,
@@ -176,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", required=True)
     p.add_argument("--ttl", type=int, default=0, help="seconds; default VTP_OWNER_TOKEN_TTL_S")
     p.set_defaults(func=_token)
+
+    p = sub.add_parser("sql", help="an analyst query on a region's pseudonymised views")
+    p.add_argument("query")
+    p.add_argument("--region", required=True)
+    p.set_defaults(func=_sql)
 
     p = sub.add_parser("owner", help="owner-facing reads")
     owner_sub = p.add_subparsers(dest="owner_command", required=True)

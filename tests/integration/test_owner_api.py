@@ -16,8 +16,9 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
 from owner_api.serve import address_file
-from owner_api.tokens import Claims, issue, owner_claims
+from owner_api.tokens import Claims, issue, issue_analyst, owner_claims
 from producers.publish import publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet
@@ -305,6 +306,31 @@ def test_the_access_log_records_every_access_with_its_rows(served):
     with _client(served, "cn", _owner_token(other, "cn")) as api:
         theirs = api.get("/v1/audit").json()["entries"]
     assert not {e["request_id"] for e in theirs} & {e["request_id"] for e in entries}
+
+
+# -- analysts ---------------------------------------------------------------------------
+
+
+def test_analysts_query_the_running_service_and_see_no_identities(served):
+    settings = served["settings"]
+    eu = [v for v in served["fleet"] if v.region == "eu"]
+    columns, found = query_locally_or_via_service(
+        settings, "eu",
+        "SELECT owner_ref, count() AS n FROM analyst_samples GROUP BY owner_ref ORDER BY owner_ref",
+    )  # fmt: skip
+    assert columns == ["owner_ref", "n"]
+    assert sum(n for _, n in found) == sum(_truth_samples(served, v.vin) for v in eu)
+    assert len(found) == len({v.owner_id for v in eu})
+    assert not any(v.owner_id in str(found) or v.vin in str(found) for v in eu)
+    with pytest.raises(AnalystQueryError, match="not open to analysts"):
+        query_locally_or_via_service(settings, "eu", "SELECT owner_id FROM samples")
+    analyst = issue_analyst(KEY, "someone", "eu", 60)
+    with _client(served, "eu", analyst) as api:
+        r = api.get("/v1/vehicles")
+        assert (r.status_code, r.json()["error"]) == (401, "wrong_kind_token")
+    with _client(served, "eu", _owner_token(eu[0].owner_id, "eu")) as api:
+        r = api.post("/v1/analyst/sql", json={"sql": "SELECT 1"})
+        assert (r.status_code, r.json()["error"]) == (401, "wrong_kind_token")
 
 
 # -- erasure ----------------------------------------------------------------------------
