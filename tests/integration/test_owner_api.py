@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 import httpx
 import pyarrow.parquet as pq
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
 
 from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
 from owner_api.serve import address_file
@@ -405,3 +407,32 @@ def test_the_service_serves_its_openapi_document(served):
     assert {"/v1/me", "/v1/vehicles", "/v1/vehicles/{vin}/samples", "/v1/trips", "/v1/charges",
             "/v1/daily-summaries", "/v1/grants", "/v1/grants/{grant_id}", "/v1/export",
             "/v1/erasure", "/v1/erasures", "/v1/audit"} <= paths  # fmt: skip
+
+
+# -- schema-driven fuzzing --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_schema(served):
+    return schemathesis.openapi.from_url(f"{served['urls']['eu']}/openapi.json")
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzzed.exclude(method="POST", path="/v1/erasure").parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzing_the_openapi_document_finds_no_500_and_no_other_owners_data(case, served):
+    owner, _ = _owner_in(served, "eu", 0)
+    others = [v for v in served["fleet"] if v.owner_id != owner]
+    response = case.call(headers={"Authorization": f"Bearer {_owner_token(owner, 'eu')}"})
+    assert response.status_code < 500, response.text
+    body = response.content
+    if response.headers.get("content-type") == "application/zip":
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        body = b"".join(archive.read(name) for name in archive.namelist())
+    text = body.decode(errors="replace")
+    leaked = [v.vin for v in others if v.vin in text] + [
+        v.owner_id for v in others if f'"{v.owner_id}"' in text
+    ]
+    assert not leaked, (case.method, case.formatted_path, leaked)
