@@ -9,6 +9,7 @@ owner's slice and records the access in the audit log, with the rows returned.
 # (Who, Owner, ...) defined inside create_app when it reads the route signatures.
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from sinks.warehouse import Warehouse
 log = logging.getLogger("vtp.owner_api")
 
 MAX_RANGE_DAYS = 366
+VIN_IN_PATH = re.compile(r"/[A-HJ-NPR-Z0-9]{17}(?=/|$)")
 VIN = Path(pattern=r"^[A-HJ-NPR-Z0-9]{17}$", description="17-character VIN")
 
 
@@ -109,7 +111,11 @@ def create_app(
     def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         who = getattr(request.state, "caller", None)
         if who is not None:  # refused after the caller was known: that attempt is logged too
-            audit(who, "denied", request.url.path, 0, f"{exc.code}: {exc.message}", exc.status)
+            resource, detail = request.url.path, f"{exc.code}: {exc.message}"
+            if exc.code == "unknown_vehicle":
+                # Maybe another owner's VIN: it does not go into this owner's log.
+                resource, detail = VIN_IN_PATH.sub("/<not-yours>", resource), exc.code
+            audit(who, "denied", resource, 0, detail, exc.status)
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)

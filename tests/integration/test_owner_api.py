@@ -299,8 +299,9 @@ def test_the_access_log_records_every_access_with_its_rows(served):
         entries = api.get("/v1/audit").json()["entries"]
     by = {(e["actor"], e["action"], e["resource"]): e for e in entries}
     assert by[("owner", "read", f"samples/{vins[0]}")]["rows"] == n == 7
-    denied = by[("owner", "denied", "/v1/vehicles/WVWZZZ1JZXW000001/samples")]
-    assert denied["status"] == 404 and "unknown_vehicle" in denied["detail"]
+    denied = by[("owner", "denied", "/v1/vehicles/<not-yours>/samples")]
+    assert denied["status"] == 404 and denied["detail"] == "unknown_vehicle"
+    assert "WVWZZZ1JZXW000001" not in str(entries)  # maybe another owner's: not kept here
     assert by[("owner", "grant", f"grants/{grant['grant']['grant_id']}")]["rows"] == 1
     party_read = by[("party:Garage", "read", f"samples/{vins[0]}")]
     assert party_read["rows"] == 3 and party_read["grant_id"] == grant["grant"]["grant_id"]
@@ -421,7 +422,13 @@ fuzzed = schemathesis.pytest.from_fixture("api_schema")
 
 
 @fuzzed.exclude(method="POST", path="/v1/erasure").parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)  # same cases every run: CI stays stable
 def test_fuzzing_the_openapi_document_finds_no_500_and_no_other_owners_data(case, served):
     owner, _ = _owner_in(served, "eu", 0)
     others = [v for v in served["fleet"] if v.owner_id != owner]
