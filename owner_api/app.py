@@ -297,10 +297,13 @@ def create_app(
         format: Annotated[str, Query(pattern="^(jsonl|csv|parquet)$")] = "jsonl",
     ) -> StreamingResponse:
         generated = store.jsonable(datetime.now(UTC))
-        tables = [
-            (t.name, lambda t=t: store.export_pages(wh, who.owner, t, format != "parquet"))
-            for t in store.EXPORT_TABLES
-        ]
+
+        def pages(table: store.Table):
+            if format == "parquet":
+                return store.export_pages(wh, who.owner, table)
+            return store.export_text_pages(wh, who.owner, table, format)
+
+        tables = [(t.name, lambda t=t: pages(t)) for t in store.EXPORT_TABLES]
 
         def done(counts: dict[str, int]) -> None:
             audit(who, "export", "export", sum(counts.values()), f"format={format} {counts}")

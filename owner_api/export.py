@@ -7,17 +7,13 @@ with the rows actually written per table, so the owner can check completeness.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import time
 import zipfile
 from collections.abc import Callable, Generator, Iterator
 
-import pyarrow as pa
 import pyarrow.parquet as pq
-
-from owner_api.store import jsonable
 
 FORMATS = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}
 
@@ -60,49 +56,30 @@ class _Counted(io.RawIOBase):
         return self._pos
 
 
-def _csv_value(value: object) -> object:
-    if isinstance(value, list | dict):
-        return json.dumps(value)
-    return "" if value is None else jsonable(value)
+def _write_pages(member, fmt: str, pages: Iterator, pipe: _Pipe) -> Generator[bytes, None, int]:
+    """Write the pages into the member, yielding the ZIP bytes after each; rows written.
 
-
-def _write_pages(
-    member, fmt: str, pages: Iterator[pa.Table], pipe: _Pipe
-) -> Generator[bytes, None, int]:
-    """Write the pages into the member, yielding the ZIP bytes after each; rows written."""
+    Parquet pages are Arrow tables; text pages come formatted by ClickHouse, as
+    (bytes, rows)."""
     written = 0
     parquet: pq.ParquetWriter | None = None
-    text = None
     try:
         for page in pages:
             if fmt == "parquet":
                 if parquet is None:
                     parquet = pq.ParquetWriter(_Counted(member), page.schema, compression="zstd")
                 parquet.write_table(page)
-            elif fmt == "csv":
-                if text is None:
-                    text = io.TextIOWrapper(
-                        member, encoding="utf-8", newline="", write_through=True
-                    )
-                    csv.writer(text).writerow(page.column_names)
-                writer = csv.writer(text)
-                for row in page.to_pylist():
-                    writer.writerow([_csv_value(v) for v in row.values()])
+                written += page.num_rows
             else:
-                buf = io.StringIO()
-                for row in page.to_pylist():
-                    buf.write(json.dumps({k: jsonable(v) for k, v in row.items()}))
-                    buf.write("\n")
-                member.write(buf.getvalue().encode())
-            written += page.num_rows
+                data, rows = page
+                member.write(data)
+                written += rows
             chunk = pipe.take()
             if chunk:
                 yield chunk
     finally:
         if parquet is not None:
             parquet.close()
-        if text is not None:
-            text.detach()  # the member is closed by its own context manager
     return written
 
 
@@ -110,7 +87,7 @@ def stream_export(
     owner_id: str,
     region: str,
     fmt: str,
-    tables: list[tuple[str, Callable[[], Iterator[pa.Table]]]],
+    tables: list[tuple[str, Callable[[], Iterator]]],
     generated_at: str,
     done: Callable[[dict[str, int]], None],
 ) -> Iterator[bytes]:

@@ -7,6 +7,8 @@ come from the fixed lists below, never from a request.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 import uuid
@@ -298,31 +300,107 @@ def owner_row_counts(wh: Warehouse, owner: str) -> dict[str, int]:
     return counts
 
 
-def export_pages(
-    wh: Warehouse, owner: str, table: Table, text: bool, page_rows: int = 50_000
-) -> Iterator[pa.Table]:
-    """The owner's rows of ``table`` in key order, ``page_rows`` at a time (flat memory).
+# Text exports are formatted by ClickHouse itself: ISO 8601 times, shortest floats,
+# plain 64-bit numbers, empty CSV cells for NULL.
+TEXT_FORMATS = {"jsonl": ("JSONEachRow", "JSONEachRow"), "csv": ("CSVWithNames", "CSV")}
+TEXT_SETTINGS = (
+    " SETTINGS date_time_output_format = 'iso', output_format_json_quote_64bit_integers = 0,"
+    " format_csv_null_representation = ''"
+)
 
-    ``text``: for JSON/CSV, Float32 signals as their shortest decimal (Parquet keeps them
-    as float32)."""
+
+# How each key column is bound: its parameter type and how a value read back is passed.
+_KEY_TYPES = {
+    "event_time": "ts", "sent_at": "ts", "start_time": "ts", "at": "ts", "date": "date",
+    "seq": "u64",
+}  # fmt: skip
+
+
+def _key_param(column: str, name: str) -> str:
+    kind = _KEY_TYPES.get(column, "str")
+    if kind == "ts":
+        return f"fromUnixTimestamp64Milli({{{name}:Int64}}, 'UTC')"
+    return f"{{{name}:{ {'date': 'Date', 'u64': 'UInt64'}.get(kind, 'String') }}}"
+
+
+def _key_value(column: str, value: object) -> object:
+    kind = _KEY_TYPES.get(column, "str")
+    if kind == "ts":
+        return int(value.timestamp() * 1000 + 0.5)  # type: ignore[attr-defined]
+    if kind == "date":
+        return value.isoformat()  # type: ignore[attr-defined]
+    return value
+
+
+def _after(key: tuple[str, ...], prefix: str) -> str:
+    """SQL for "key > ({prefix}0, {prefix}1, ...)" in lexicographic order, written as an
+    OR of conjunctions over key columns, which ClickHouse answers from the primary key."""
+    terms = []
+    for i, column in enumerate(key):
+        equal = [f"{c} = {_key_param(c, f'{prefix}{j}')}" for j, c in enumerate(key[:i])]
+        terms.append(" AND ".join([*equal, f"{column} > {_key_param(column, f'{prefix}{i}')}"]))
+    return "(" + " OR ".join(f"({t})" for t in terms) + ")"
+
+
+def _pages(wh: Warehouse, owner: str, table: Table, page_rows: int) -> Iterator[tuple[str, dict]]:
+    """(WHERE clause, params) of each page, in key order. Keyset paging: each page
+    starts after the last key of the one before, so every page costs the same."""
     final = " FINAL" if table.final else ""
-    select = "*"
-    if text and table.name == "samples":
-        select = f"* REPLACE ({', '.join(_as_decimal_text(c) for c in FLOAT32_SIGNALS)})"
-    offset = 0
-    # Keyset paging would skip the OFFSET scan, but the key tuples differ per table;
-    # the owner's slice is contiguous, so each page reads only that slice.
+    order = ", ".join(table.key)
+    last: dict | None = None
     while True:
-        page = wh.query(
-            f"SELECT {select} FROM {table.name}{final} WHERE owner_id = {{o:String}} "
-            f"ORDER BY {', '.join(table.key)} LIMIT {{n:UInt32}} OFFSET {{off:UInt64}}",
-            {"o": owner, "n": page_rows, "off": offset},
-        )
-        if page.num_rows or offset == 0:
-            yield page  # an empty first page still tells the writer the columns
-        if page.num_rows < page_rows:
+        where, params = "owner_id = {o:String}", {"o": owner}
+        if last is not None:
+            where += " AND " + _after(table.key, "a")
+            params |= last
+        boundary = wh.query(
+            f"SELECT {order} FROM {table.name}{final} WHERE {where} ORDER BY {order} "
+            f"LIMIT 1 OFFSET {{skip:UInt64}}",
+            params | {"skip": page_rows - 1},
+        ).to_pylist()
+        if not boundary:
+            yield where, params  # the rest, fewer than page_rows (maybe none)
             return
-        offset += page.num_rows
+        upto = {f"b{i}": _key_value(c, boundary[0][c]) for i, c in enumerate(table.key)}
+        yield f"{where} AND NOT {_after(table.key, 'b')}", params | upto
+        last = {f"a{i}": v for i, v in enumerate(upto.values())}
+
+
+def export_pages(
+    wh: Warehouse, owner: str, table: Table, page_rows: int = 50_000
+) -> Iterator[pa.Table]:
+    """The owner's rows of ``table`` in key order as Arrow, about ``page_rows`` at a time."""
+    final = " FINAL" if table.final else ""
+    for i, (where, params) in enumerate(_pages(wh, owner, table, page_rows)):
+        page = wh.query(
+            f"SELECT * FROM {table.name}{final} WHERE {where} ORDER BY {', '.join(table.key)}",
+            params,
+        )
+        if page.num_rows or i == 0:
+            yield page  # an empty first page still tells the writer the columns
+
+
+def export_text_pages(
+    wh: Warehouse, owner: str, table: Table, fmt: str, page_rows: int = 50_000
+) -> Iterator[tuple[bytes, int]]:
+    """(formatted bytes, rows) pages of the owner's rows; CSV's header on the first."""
+    first_format, next_format = TEXT_FORMATS[fmt]
+    final = " FINAL" if table.final else ""
+    for i, (where, params) in enumerate(_pages(wh, owner, table, page_rows)):
+        data = wh.query_raw(
+            f"SELECT * FROM {table.name}{final} WHERE {where} ORDER BY {', '.join(table.key)}"
+            + TEXT_SETTINGS,
+            params,
+            first_format if i == 0 else next_format,
+        )
+        yield data, _count_rows(data, fmt, header=i == 0)
+
+
+def _count_rows(data: bytes, fmt: str, header: bool) -> int:
+    if fmt == "jsonl":
+        return data.count(b"\n")  # JSON escapes newlines inside strings
+    rows_ = sum(1 for _ in csv.reader(io.StringIO(data.decode())))
+    return rows_ - 1 if header else rows_
 
 
 # -- erasure ----------------------------------------------------------------------------

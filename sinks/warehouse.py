@@ -37,6 +37,10 @@ class Warehouse(Protocol):
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table: ...
 
+    def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
+        """The result in a ClickHouse output format (JSONEachRow, CSVWithNames, ...)."""
+        ...
+
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int: ...
 
     def close(self) -> None: ...
@@ -102,6 +106,9 @@ class ChdbWarehouse:
         from chdb.state.sqlitelike import to_arrowTable
 
         return to_arrowTable(self._run(sql, "Arrow", params))
+
+    def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
+        return self._run(sql, fmt, params).bytes()
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         if data.num_rows == 0:
@@ -169,6 +176,12 @@ class ServerWarehouse:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
         try:
             return self._client.query_arrow(sql, parameters=params or None)
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
+    def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
+        try:
+            return self._client.raw_query(sql, parameters=params or None, fmt=fmt)
         except Exception as exc:
             raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
 

@@ -1,0 +1,144 @@
+"""Owner API latency: a one-vehicle 30-day read and full exports of a large owner.
+
+Fills an embedded warehouse with synthetic samples (ClickHouse generates them: one
+owner with --vehicles vehicles at one sample per 2 s for 30 days, plus other owners),
+starts `vtp serve --no-sink` on it, and times the reads over HTTP. Prints the server's
+peak RSS after each export, to show that exporting does not hold the owner in memory.
+
+    python -m bench.owner_api [--vehicles 1] [--others 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from owner_api.tokens import issue, owner_claims
+from sinks.migrations import migrate
+from sinks.warehouse import ChdbWarehouse, rows
+from vtp.pipeline import settings_env
+from vtp.settings import load_settings
+
+KEY = "bench-signing-key-0123456789-0123456789"
+START_MS = 1_793_491_200_000  # 2026-11-01T00:00Z
+DAYS = 30
+SAMPLE_EVERY_S = 2
+
+FILL = """
+INSERT INTO samples (owner_id, vin, event_time, seq, upload_id, speed, latitude, longitude,
+                     heading, odometer, soc, is_charging, battery_temperature,
+                     outside_temperature, gear, dtcs, region, schema_version, received_at)
+SELECT {owner:String}, {vin:String},
+       fromUnixTimestamp64Milli(toInt64({start:Int64} + number * {step_ms:UInt32}), 'UTC'),
+       number, concat('u', toString(intDiv(number, 10))),
+       toFloat32(abs(sin(number / 500)) * 120), 52 + sin(number / 9000) / 10,
+       4.9 + cos(number / 9000) / 10, toFloat32(number % 360), 10000 + number * 0.01,
+       toFloat32(20 + 60 * abs(cos(number / 40000))), number % 7 = 0, toFloat32(25),
+       toFloat32(10), 'DRIVE', [], 'eu', 1,
+       fromUnixTimestamp64Milli(toInt64({start:Int64} + number * {step_ms:UInt32}), 'UTC')
+FROM numbers({n:UInt64})
+"""
+UPLOADS = """
+INSERT INTO uploads (owner_id, vin, upload_id, sent_at, received_at, first_event_time,
+                     last_event_time, sample_count, gateway_firmware, schema_version, region,
+                     raw_source, topic, partition, offset)
+SELECT owner_id, vin, upload_id, max(event_time), max(event_time), min(event_time),
+       max(event_time), count(), '3.2.1', 1, 'eu', '', 'bench', 0, 0
+FROM samples WHERE owner_id = {owner:String} GROUP BY owner_id, vin, upload_id
+"""
+
+
+def fill(path: Path, vehicles: int, others: int) -> tuple[str, list[str], int]:
+    wh = ChdbWarehouse(path)
+    migrate(wh)
+    per_vehicle = DAYS * 86400 // SAMPLE_EVERY_S
+    owner, vins = "owner-big", [f"WBABENCH{i:09d}" for i in range(vehicles)]
+    started = time.perf_counter()
+    for vin in vins:
+        wh.execute(FILL, {"owner": owner, "vin": vin, "start": START_MS,
+                          "step_ms": SAMPLE_EVERY_S * 1000, "n": per_vehicle})  # fmt: skip
+    for i in range(others):
+        wh.execute(FILL, {"owner": f"owner-{i:04d}", "vin": f"WBAOTHER{i:09d}",
+                          "start": START_MS, "step_ms": 60_000, "n": DAYS * 1440})  # fmt: skip
+    wh.execute(UPLOADS, {"owner": owner})
+    total = rows(wh.query("SELECT count() FROM samples"))[0][0]
+    print(f"filled {total:,} samples in {time.perf_counter() - started:.1f} s "
+          f"({per_vehicle * vehicles:,} of them owner-big's)")  # fmt: skip
+    wh.close()
+    return owner, vins, per_vehicle * vehicles
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vehicles", type=int, default=1)
+    parser.add_argument("--others", type=int, default=20)
+    args = parser.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="vtp-bench-api-"))
+    settings = load_settings().with_(data_dir=data_dir, kafka_bootstrap="unused:9092",
+                                     api_signing_key=KEY)  # fmt: skip
+    owner, vins, expected = fill(settings.warehouse_path("eu"), args.vehicles, args.others)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vtp.cli", "serve", "--region", "eu", "--no-sink"],
+        env=settings_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        address = settings.data_dir / "serve-eu.json"
+        while not address.exists():
+            if server.poll() is not None:
+                raise SystemExit("vtp serve exited")
+            time.sleep(0.1)
+        url = json.loads(address.read_text())["url"]
+        token = issue(KEY, owner_claims(owner, "eu", 3600))
+        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+        window = {"start": "2026-11-01T00:00:00Z", "end": "2026-12-01T00:00:00Z"}
+        print(f"rss after start {peak_rss_mib(server.pid):,.0f} MiB")
+
+        t = time.perf_counter()
+        first = api.get(f"/v1/vehicles/{vins[0]}/samples", params={**window, "limit": 1000})
+        first.raise_for_status()
+        print(f"one vehicle, 30 days, first page of 1000:      {time.perf_counter() - t:6.3f} s")
+        t, n, cursor = time.perf_counter(), 0, None
+        while True:
+            params = {**window, "limit": 10_000, "signals": "speed,soc,latitude,longitude"}
+            if cursor:
+                params["cursor"] = cursor
+            body = api.get(f"/v1/vehicles/{vins[0]}/samples", params=params).json()
+            n += len(body["samples"])
+            cursor = body["next"]
+            if not cursor:
+                break
+        took = time.perf_counter() - t
+        print(f"one vehicle, 30 days, all {n:,} samples in pages of 10k: {took:6.1f} s "
+              f"({n / took:,.0f} samples/s)")  # fmt: skip
+        for fmt in ("parquet", "jsonl", "csv"):
+            t, size = time.perf_counter(), 0
+            with api.stream("GET", "/v1/export", params={"format": fmt}) as r:
+                r.raise_for_status()
+                for chunk in r.iter_bytes():
+                    size += len(chunk)
+            took = time.perf_counter() - t
+            print(f"export {fmt:8} {expected:,} samples: {took:6.1f} s, {size / 2**20:7.1f} MiB, "
+                  f"server peak RSS {peak_rss_mib(server.pid):,.0f} MiB")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
