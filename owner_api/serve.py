@@ -106,3 +106,25 @@ def run_serve(settings: Settings, region: str, with_sink: bool = True) -> int:
         else:
             warehouse.close()
     return 1 if failure else 0
+
+
+def wait_for_service(settings: Settings, region: str, process, timeout: float = 60.0) -> str:
+    """The URL of a `vtp serve` process (vtp.pipeline.Process) once it answers."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    path = address_file(settings, region)
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise ServeError(f"vtp serve --region {region} exited:\n{process.log_tail()}")
+        if path.exists():
+            url = json.loads(path.read_text())["url"]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+        time.sleep(0.2)
+    raise ServeError(f"vtp serve --region {region} did not answer within {timeout:.0f} s")

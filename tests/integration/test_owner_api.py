@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
-from owner_api.serve import address_file
+from owner_api.serve import address_file, wait_for_service
 from owner_api.tokens import Claims, issue, issue_analyst, owner_claims
 from producers.publish import publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
@@ -41,23 +41,6 @@ DATA_TABLES = (
 )
 
 
-def _wait_for_address(settings, region: str, process) -> str:
-    deadline = time.monotonic() + 60
-    path = address_file(settings, region)
-    while time.monotonic() < deadline:
-        if process.popen.poll() is not None:
-            raise RuntimeError(f"vtp serve exited:\n{process.log_tail()}")
-        if path.exists():
-            url = json.loads(path.read_text())["url"]
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-        time.sleep(0.2)
-    raise RuntimeError(f"vtp serve --region {region} did not answer:\n{process.log_tail()}")
-
-
 @pytest.fixture(scope="module")
 def served(base_settings, tmp_path_factory):
     settings = base_settings.with_(
@@ -71,7 +54,7 @@ def served(base_settings, tmp_path_factory):
     serves = {r: start_serve(settings, r) for r in settings.regions}
     processes = [worker, *serves.values()]
     try:
-        urls = {r: _wait_for_address(settings, r, p) for r, p in serves.items()}
+        urls = {r: wait_for_service(settings, r, p) for r, p in serves.items()}
         published = publish_fleet(settings, fleet, seed=5, duration_s=3 * 3600)
         assert published.report.ok
         assert wait_drained(settings, processes, timeout=300)
