@@ -33,8 +33,9 @@ test-unit: $(STAMP) ## unit tests only (no broker)
 test-integration: $(STAMP) kafka-jars ## integration tests only
 	$(BIN)/pytest -q -ra tests/integration
 
-bench: $(STAMP) kafka-jars ## measure end-to-end and per-stage throughput
+bench: $(STAMP) kafka-jars ## measure pipeline throughput and owner API latency
 	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.owner_api
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .
