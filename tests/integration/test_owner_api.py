@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 
 from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
 from owner_api.serve import address_file, wait_for_service
-from owner_api.tokens import Claims, issue, issue_analyst, owner_claims
+from owner_api.tokens import SCOPES, Claims, issue, issue_analyst, owner_claims
 from producers.publish import publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet
@@ -175,8 +175,16 @@ def test_no_caller_reaches_another_owners_data(served):
         for vin in other_vins + cn_vins:
             r = api.get(f"/v1/vehicles/{vin}/samples")
             assert (r.status_code, r.json()["error"]) == (404, "unknown_vehicle"), vin
-            r = api.get("/v1/trips", params={"vin": vin})
-            assert r.status_code == 404, vin
+            for path in ("/v1/trips", "/v1/charges", "/v1/daily-summaries"):
+                r = api.get(path, params={"vin": vin})
+                assert (r.status_code, r.json()["error"]) == (404, "unknown_vehicle"), (path, vin)
+        grant = api.post(
+            "/v1/grants", json={"party": "Curious", "scopes": list(SCOPES), "expires_in_s": 600}
+        ).json()
+    with _client(served, "eu", grant["token"]) as party:  # a grantee of one owner, all scopes
+        for vin in other_vins:
+            assert party.get(f"/v1/vehicles/{vin}/samples").status_code == 404
+    with _client(served, "eu", mine) as api:
         assert {v["vin"] for v in api.get("/v1/vehicles").json()["vehicles"]} == set(vins)
     for token, status, code in [
         (None, 401, "missing_token"),
