@@ -17,7 +17,7 @@ from collections.abc import Callable
 import faust
 
 from schemas import FramingError, default_store
-from stream_jobs.faust_fixes import put_durably
+from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
 from stream_jobs.validate import Registration
 from vtp import metrics
@@ -69,6 +69,7 @@ def add_aggregation(
     async def aggregate_sessions(stream: faust.StreamT) -> None:
         async for events in stream.take_events(1000, within=0.2):
             touched: dict[str, dict] = {}
+            partition_of: dict[str, int] = {}
             pending = []
             for event in events:
                 message = event.message
@@ -84,6 +85,7 @@ def add_aggregation(
                     vin, _header(message, "vtp-owner") or "", region
                 )
                 touched[vin] = state
+                partition_of[vin] = message.partition
                 result = ingest(
                     state, record, config, (f"{message.topic}:{message.partition}", message.offset)
                 )
@@ -119,7 +121,10 @@ def add_aggregation(
             await asyncio.gather(
                 *(
                     put_durably(
-                        states, vin.encode(), json.dumps(state, separators=(",", ":")).encode()
+                        states,
+                        vin.encode(),
+                        json.dumps(state, separators=(",", ":")).encode(),
+                        partition_of[vin],
                     )
                     for vin, state in touched.items()
                 )
@@ -128,5 +133,5 @@ def add_aggregation(
     # One agent per region topic, so each region's backlog is batched on its own.
     for region in settings.regions:
         app.agent(app.topic(topics.validated(region), **raw), name=f"aggregate_{region}")(
-            aggregate_sessions
+            exit_on_error(aggregate_sessions)
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from faust.types import TP
 from schemas import FramingError, default_store
 from stream_jobs import faust_fixes
 from stream_jobs.aggregate import add_aggregation
-from stream_jobs.faust_fixes import put_durably
+from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.registry import decode_registration
 from stream_jobs.validate import (
     DeadLettered,
@@ -190,6 +191,7 @@ def create_app(settings: Settings) -> faust.App:
             gate.applied[message.partition] = message.offset
 
     @app.agent(uploads_topic)
+    @exit_on_error
     async def validate_uploads(stream: faust.StreamT) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             await gate.wait({e.message.partition for e in events})
@@ -216,9 +218,15 @@ def create_app(settings: Settings) -> faust.App:
             _report_batch_lag(events)
             # Durable before the batch is acked, so a committed offset never outruns the
             # dedup state that tells its replay from a resend.
+            partition_of = {r.key.decode(errors="replace"): r.partition for r in raws if r.key}
             await asyncio.gather(
                 *(
-                    put_durably(seen_table, vin.encode(), json.dumps(seen.by_vin[vin]).encode())
+                    put_durably(
+                        seen_table,
+                        vin.encode(),
+                        json.dumps(seen.by_vin[vin]).encode(),
+                        partition_of.get(vin),
+                    )
                     for vin in seen.changed
                 )
             )
@@ -278,11 +286,35 @@ def _stored_seen(table: faust.Table, vin: str) -> dict[str, str]:
     return json.loads(stored) if stored else {}
 
 
+def log_flow_state(app: faust.App) -> None:
+    """What the consumer and the agents are doing; `kill -USR1 <worker pid>` logs it."""
+    consumer = app.consumer
+    log.warning(
+        "flow: active=%s paused=%d buffered=%s flow_active=%s fetcher=%s",
+        sorted(f"{tp.topic}:{tp.partition}" for tp in consumer._active_partitions or ()),
+        len(consumer._paused_partitions), sorted(map(str, consumer._buffered_partitions)),
+        consumer.flow_active, app._fetcher.state,
+    )  # fmt: skip
+    for tp in sorted(consumer.assignment()):
+        acked = sorted(consumer._acked[tp])
+        log.warning(
+            "flow: %s:%s committed=%s read=%s acked=%s..(%d) high=%s", tp.topic, tp.partition,
+            consumer._committed_offset[tp], consumer._read_offset[tp], acked[:3], len(acked),
+            consumer.highwater(tp),
+        )  # fmt: skip
+    log.warning("flow: agents\n%s", app.agents.human_tracebacks())
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """`vtp worker`: run the validate job until SIGTERM/SIGINT."""
     metrics.serve_metrics(settings.metrics_port)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel)
+
+    @app.task
+    async def diagnose_on_sigusr1() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_flow_state, app)
+
     worker.execute_from_commandline()
 
 

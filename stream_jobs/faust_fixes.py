@@ -16,18 +16,33 @@
    state that the committed offsets rely on. `put_durably` returns the changelog
    write's delivery future so an agent can await it before its batch is acked.
 
+3. An exception in an agent body still acks its take_events() batch (the generator's
+   finally), and Faust then restarts the agent: the batch is lost. `exit_on_error` ends
+   the worker instead, so the batch is read again after a restart.
+
 The first fix replaces two method bodies, so it is tied to the pinned Faust version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import faust
 from faust.tables.recovery import Recovery
 
 FIXED_VERSION = "0.15.3"
+EXIT_AGENT_FAILED = 70  # EX_SOFTWARE
+log = logging.getLogger("vtp.worker")
+
+
+def _exit(code: int) -> None:  # replaced in tests
+    logging.shutdown()
+    os._exit(code)  # now: no finally, no ack, no commit
 
 
 async def _seek_then_resume_streams(self: Recovery) -> None:
@@ -107,7 +122,39 @@ def install() -> None:
     Recovery.on_recovery_completed = _recovery_completed_seeking_first  # type: ignore[method-assign]
 
 
-def put_durably(table: faust.Table, key: bytes, value: bytes) -> asyncio.Future:
-    """table[key] = value, returning the future of its changelog write (fix 2)."""
+async def put_durably(
+    table: faust.Table, key: bytes, value: bytes, partition: int | None = None
+) -> None:
+    """table[key] = value, returning once its changelog write is acknowledged (fix 2).
+
+    ``partition``: the changelog partition, i.e. the source partition the key's
+    messages arrive on; None lets the producer's partitioner choose, for which Faust
+    needs the changelog topic's metadata at hand (it does not wait for it)."""
+    if partition is None:
+        producer = cast(Any, table.app.producer)._ensure_producer()
+        await producer.partitions_for(table.changelog_topic.get_topic_name())
     table.data[key] = value
-    return table.send_changelog(table.partition_for_key(key), key, value)
+    await table.send_changelog(partition, key, value)
+
+
+def exit_on_error(agent: Callable[[faust.StreamT], Awaitable[None]]):
+    """Fix 3: Faust acks a take_events() batch even when the agent body raised, and then
+    restarts the agent, so the batch would be lost. An agent wrapped in this ends the
+    worker instead, before the acks can be committed; its batch is read again on restart."""
+
+    @functools.wraps(agent)
+    async def guarded(stream: faust.StreamT) -> None:
+        try:
+            await agent(stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.critical(
+                "agent %s failed; exiting so its batch is processed again",
+                agent.__name__,
+                exc_info=True,
+            )
+            logging.shutdown()
+            _exit(EXIT_AGENT_FAILED)
+
+    return guarded

@@ -120,3 +120,22 @@ def test_install_replaces_the_method_and_refuses_other_faust_versions(monkeypatc
     monkeypatch.setattr(faust, "__version__", "0.16.0")
     with pytest.raises(RuntimeError, match="patches faust-streaming 0.15.3, found 0.16.0"):
         faust_fixes.install()
+
+
+def test_an_agent_that_raises_ends_the_worker_instead_of_losing_its_batch(monkeypatch):
+    exits: list[int] = []
+    monkeypatch.setattr(faust_fixes, "_exit", exits.append)
+
+    @faust_fixes.exit_on_error
+    async def failing(stream) -> None:
+        raise TypeError("a bug in the batch body")
+
+    @faust_fixes.exit_on_error
+    async def cancelled(stream) -> None:
+        raise asyncio.CancelledError
+
+    asyncio.run(failing(None))
+    assert exits == [faust_fixes.EXIT_AGENT_FAILED] and failing.__name__ == "failing"
+    with pytest.raises(asyncio.CancelledError):  # a worker shutting down is not a failure
+        asyncio.run(cancelled(None))
+    assert exits == [faust_fixes.EXIT_AGENT_FAILED]
