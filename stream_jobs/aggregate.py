@@ -39,6 +39,20 @@ def _header(message, name: str) -> str | None:
     return None
 
 
+def _raw_position(message) -> tuple[str, int]:
+    """Where the upload first reached Kafka (vtp-source, "topic:partition:offset").
+
+    After a worker restart the validate agent routes a stretch of raw uploads again, so
+    the same upload can reach aggregation at two validated offsets; by its raw position
+    the second copy is a replay, skipped, rather than a late arrival."""
+    source = _header(message, "vtp-source")
+    if source:
+        topic_partition, _, offset = source.rpartition(":")
+        if topic_partition and offset.isdigit():
+            return topic_partition, int(offset)
+    return f"{message.topic}:{message.partition}", message.offset
+
+
 def add_aggregation(
     app: faust.App,
     settings: Settings,
@@ -86,9 +100,7 @@ def add_aggregation(
                 )
                 touched[vin] = state
                 partition_of[vin] = message.partition
-                result = ingest(
-                    state, record, config, (f"{message.topic}:{message.partition}", message.offset)
-                )
+                result = ingest(state, record, config, _raw_position(message))
                 if result.too_late:
                     metrics.AGGREGATE_TOO_LATE.labels(region).inc(len(result.too_late))
                     detail = f"{len(result.too_late)} samples older than the released time; seq {result.too_late[:20]}"

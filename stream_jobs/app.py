@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -314,6 +315,28 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     @app.task
     async def diagnose_on_sigusr1() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_flow_state, app)
+
+    watch = faust_fixes.StallWatch(settings.worker_stall_s)
+
+    @app.timer(interval=10.0)
+    async def restart_if_stalled() -> None:
+        consumer = app.consumer
+        if not consumer.flow_active or settings.worker_stall_s <= 0:
+            watch.since.clear()
+            return
+        progress = {
+            tp: (consumer._read_offset[tp], consumer.highwater(tp))
+            for tp in consumer.assignment()
+            if tp.topic not in app.tables.changelog_topics
+        }
+        stuck = watch.stalled(progress, time.monotonic())
+        if stuck:
+            log_flow_state(app)
+            log.critical(
+                "no record read for %.0f s from %s although they have more; restarting the "
+                "worker in place", settings.worker_stall_s, sorted(f"{tp.topic}:{tp.partition}" for tp in stuck),
+            )  # fmt: skip
+            faust_fixes.restart_in_place()
 
     worker.execute_from_commandline()
 

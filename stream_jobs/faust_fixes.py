@@ -20,6 +20,8 @@
    finally), and Faust then restarts the agent: the batch is lost. `exit_on_error` ends
    the worker instead, so the batch is read again after a restart.
 
+4. A watchdog restarts a worker whose fetcher stopped delivering (see StallWatch).
+
 The first fix replaces two method bodies, so it is tied to the pinned Faust version.
 """
 
@@ -29,7 +31,9 @@ import asyncio
 import functools
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
@@ -158,3 +162,41 @@ def exit_on_error(agent: Callable[[faust.StreamT], Awaitable[None]]):
             _exit(EXIT_AGENT_FAILED)
 
     return guarded
+
+
+# -- fix 4: a watchdog for a fetcher that stops delivering ---------------------------
+#
+# Seen about once in ten runs of tests/integration/test_aggregation.py: after a
+# restart the worker is "ready", every stream partition is active, the flow is on and
+# the high-water marks move, but no record is ever delivered (read offsets stay at the
+# committed ones). `kill -USR1` shows that state; the cause lies below Faust, in the
+# fetch path, and is not found yet. A worker that is behind on a partition and has not
+# read from it for `stall_after_s` restarts itself in place (same pid, same command);
+# what it had not committed is read again.
+
+
+@dataclass
+class StallWatch:
+    stall_after_s: float
+    since: dict[Any, tuple[int | None, float]] = field(default_factory=dict)
+
+    def stalled(self, progress: dict[Any, tuple[int | None, int | None]], now: float) -> list:
+        """Partitions behind their high-water mark whose read offset has not moved for
+        ``stall_after_s``. ``progress``: partition -> (last offset read, high-water)."""
+        stuck = []
+        for tp, (read, high) in progress.items():
+            behind = high is not None and high > (read if read is not None else -1) + 1
+            seen = self.since.get(tp)
+            if not behind or seen is None or seen[0] != read:
+                self.since[tp] = (read, now)
+            elif now - seen[1] >= self.stall_after_s:
+                stuck.append(tp)
+        for tp in set(self.since) - set(progress):
+            del self.since[tp]
+        return stuck
+
+
+def restart_in_place() -> None:
+    """Replace this process with a fresh `vtp <same arguments>` (the pid stays)."""
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, "-m", "vtp.cli", *sys.argv[1:]])

@@ -40,6 +40,7 @@ def settings_env(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
             "VTP_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
             "VTP_TRIP_GAP_S": str(settings.trip_gap_s),
             "VTP_CHARGE_GAP_S": str(settings.charge_gap_s),
+            "VTP_WORKER_STALL_S": str(settings.worker_stall_s),
         }
     )
     return env
@@ -249,8 +250,11 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], str]:
 
 def read_outcomes(settings: Settings) -> Outcomes:
     dead = _read_to_end(settings, settings.topics.deadletter)
+    # One raw message, one outcome: a replay after a crash may dead-letter the same
+    # message again, even at another stage (refused by the worker, then by the sink).
+    refused = {source: r for (stage, source), r in dead.items() if stage != "aggregate"}
     return Outcomes(
-        deadlettered=Counter(r for (stage, _), r in dead.items() if stage != "aggregate"),
+        deadlettered=Counter(refused.values()),
         quarantined=Counter(_read_to_end(settings, settings.topics.quarantine).values()),
         too_late=sum(1 for stage, _ in dead if stage == "aggregate"),
     )

@@ -77,6 +77,9 @@ class Settings:
     trip_gap_s: float = 300.0
     charge_gap_s: float = 300.0
     allowed_lateness_s: float = 120.0
+    # A worker behind on a partition that read nothing from it for this long restarts
+    # itself in place (see stream_jobs/faust_fixes.py, fix 4); 0 turns that off.
+    worker_stall_s: float = 60.0
     # Sink: batches are cut by message count per partition (never by time alone,
     # see sinks/batching.py); the flush interval only bounds how long a partial
     # batch waits, and the batch it produces is recorded before it is inserted.
@@ -178,6 +181,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             trip_gap_s=_float("TRIP_GAP_S", 300.0),
             charge_gap_s=_float("CHARGE_GAP_S", 300.0),
             allowed_lateness_s=_float("ALLOWED_LATENESS_S", 120.0),
+            worker_stall_s=_float("WORKER_STALL_S", 60.0),
             sink_batch_messages=_int("SINK_BATCH_MESSAGES", 2000),
             sink_flush_ms=_int("SINK_FLUSH_MS", 500),
             sink_instance=_env("SINK_INSTANCE", "0"),

@@ -79,3 +79,18 @@ def test_token_and_serve_refuse_what_they_cannot_do_in_one_line(tmp_path):
         busy = vtp("serve", "--region", "eu", data_dir=tmp_path, VTP_API_PORT=str(port))
     assert busy.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
+
+
+def test_a_stalled_worker_restarts_as_the_same_command_in_the_same_process(tmp_path):
+    # restart_in_place is what the worker's stall watchdog calls: `vtp <same args>` by exec.
+    code = (
+        "import os, sys; print('pid', os.getpid(), flush=True); sys.argv = ['vtp', 'config'];"
+        "from stream_jobs.faust_fixes import restart_in_place; restart_in_place()"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VTP_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "VTP_DATA_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("pid ") and "VTP_WORKER_STALL_S" in done.stdout

@@ -139,3 +139,17 @@ def test_an_agent_that_raises_ends_the_worker_instead_of_losing_its_batch(monkey
     with pytest.raises(asyncio.CancelledError):  # a worker shutting down is not a failure
         asyncio.run(cancelled(None))
     assert exits == [faust_fixes.EXIT_AGENT_FAILED]
+
+
+def test_the_watchdog_names_partitions_behind_that_stopped_reading():
+    watch = faust_fixes.StallWatch(stall_after_s=60)
+    assert watch.stalled({"a": (99, 500), "b": (499, 500), "c": (None, 0)}, now=0) == []
+    assert watch.stalled({"a": (99, 500), "b": (499, 500)}, now=59) == []
+    # a: behind and not moving for 60 s; b: caught up; c: gone from the assignment
+    assert watch.stalled({"a": (99, 500), "b": (499, 500)}, now=60) == ["a"]
+    assert "c" not in watch.since
+    assert watch.stalled({"a": (150, 600)}, now=61) == []  # it read again: the clock restarts
+    assert watch.stalled({"a": (150, 600)}, now=120) == []
+    assert watch.stalled({"a": (150, 600)}, now=121) == ["a"]
+    assert watch.stalled({"a": (None, 10)}, now=200) == []  # never read, behind: starts counting
+    assert watch.stalled({"a": (None, 10)}, now=260) == ["a"]
