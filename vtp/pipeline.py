@@ -75,13 +75,15 @@ class Process:
             return ""
 
 
-def start_process(settings: Settings, name: str, *args: str, metrics_port: int = 0) -> Process:
+def start_process(
+    settings: Settings, name: str, *args: str, metrics_port: int = 0, module: str = "vtp.cli"
+) -> Process:
     log_dir = settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
     popen = subprocess.Popen(
-        [sys.executable, "-m", "vtp.cli", *args],
+        [sys.executable, "-m", module, *args],
         env=settings_env(settings, metrics_port),
         stdout=log_file,
         stderr=subprocess.STDOUT,

@@ -29,9 +29,11 @@ class _Signal:
         pass
 
 
-def _recovery_double(calls: list[str]) -> SimpleNamespace:
+def _recovery_double(calls: list[str], committed: int | None = 5) -> SimpleNamespace:
     """Just enough of a Recovery for _resume_streams, recording what it does in order."""
     consumer = SimpleNamespace(
+        _committed_offset={("uploads", 0): committed},
+        seek=lambda tp, offset: _record(calls, f"seek {tp} to {offset}"),
         assignment=lambda: {("uploads", 0), ("vtp-validate-seen-changelog", 0)},
         perform_seek=lambda: _record(calls, "seek"),
         resume_partitions=lambda tps: calls.append(f"resume {sorted(tps)}"),
@@ -101,6 +103,12 @@ def test_after_a_restore_streams_are_also_seeked_before_they_resume():
         "fetcher",
         "rebalance_end",
     ]
+
+
+def test_a_partition_the_group_never_committed_starts_at_the_beginning():
+    calls: list[str] = []
+    asyncio.run(_recovery_completed_seeking_first(_recovery_double(calls, None), 7))
+    assert calls[2:5] == ["seek", "seek ('uploads', 0) to 0", "resume [('uploads', 0)]"]
 
 
 def test_a_newer_rebalance_leaves_the_streams_alone():
