@@ -1,9 +1,10 @@
 """Fixes to faust-streaming that the worker needs to survive a restart with a backlog.
 
-1. Recovery resumes the stream partitions *before* it seeks them to their committed
-   offsets (faust/tables/recovery.py: Recovery.on_recovery_completed and
-   _resume_streams). When the worker had table changelogs to restore, the fetcher is
-   already running at that point, so records fetched between the resume and the seek
+1. After restoring tables, recovery resumes the stream partitions *before* it seeks
+   them to their committed offsets (faust/tables/recovery.py:
+   Recovery.on_recovery_completed). The fetcher is already running at that point
+   (_resume_streams, used when nothing needed restoring, runs with the flow stopped and
+   is left alone), so records fetched between the resume and the seek
    reach the agents, and after the seek the same offsets arrive again. Both copies are acked; Faust's commit bookkeeping then
    holds one offset twice and finds a "gap" after every one of them, so the committed
    offset creeps forward by one or two per commit interval, or stops for good. Seen
@@ -23,7 +24,7 @@
 4. A watchdog restarts a worker whose fetcher stopped delivering (see StallWatch).
    Fix 1 also seeks stream partitions the group never committed to the beginning.
 
-The first fix replaces two method bodies, so it is tied to the pinned Faust version.
+The first fix replaces a method body, so it is tied to the pinned Faust version.
 """
 
 from __future__ import annotations
@@ -67,28 +68,6 @@ async def _seek_then_resume_streams(self: Recovery) -> None:
     consumer.resume_partitions(streams)
 
 
-async def _resume_streams_seeking_first(self: Recovery, generation_id: int = 0) -> None:
-    # Upstream's Recovery._resume_streams (used when nothing needed restoring), with the
-    # seek moved before resume_partitions.
-    app = self.app
-    await app.on_rebalance_complete.send()
-    if app.consumer_generation_id != generation_id:
-        self.log.warning("Recovery rebalancing again")
-        return
-    if not app.consumer.assignment():
-        self.log.info("Resuming streams with empty assignment")
-    await _seek_then_resume_streams(self)
-    self.completed.set()
-    self.log.info("Resuming flow...")
-    app.flow_control.resume()
-    app.consumer.resume_flow()
-    await cast(Any, app)._fetcher.maybe_start()
-    self.tables.on_actives_ready()
-    self.tables.on_standbys_ready()
-    app.on_rebalance_end()
-    self.log.info("Worker ready")
-
-
 async def _recovery_completed_seeking_first(self: Recovery, generation_id: int = 0) -> None:
     # Upstream's Recovery.on_recovery_completed (after restoring changelogs, the fetcher
     # running), with the seek moved before resume_partitions.
@@ -128,10 +107,9 @@ def install() -> None:
     if faust.__version__ != FIXED_VERSION:
         raise RuntimeError(
             f"stream_jobs/faust_fixes.py patches faust-streaming {FIXED_VERSION}, found "
-            f"{faust.__version__}: check whether Recovery._resume_streams still resumes "
+            f"{faust.__version__}: check whether Recovery.on_recovery_completed still resumes "
             "stream partitions before seeking them, then update or drop the fix"
         )
-    Recovery._resume_streams = _resume_streams_seeking_first  # type: ignore[method-assign]
     Recovery.on_recovery_completed = _recovery_completed_seeking_first  # type: ignore[method-assign]
 
 

@@ -10,10 +10,7 @@ import pytest
 from faust.tables.recovery import Recovery
 
 from stream_jobs import faust_fixes
-from stream_jobs.faust_fixes import (
-    _recovery_completed_seeking_first,
-    _resume_streams_seeking_first,
-)
+from stream_jobs.faust_fixes import _recovery_completed_seeking_first
 
 
 class _Table:
@@ -30,7 +27,7 @@ class _Signal:
 
 
 def _recovery_double(calls: list[str], committed: int | None = 5) -> SimpleNamespace:
-    """Just enough of a Recovery for _resume_streams, recording what it does in order."""
+    """Just enough of a Recovery for on_recovery_completed, recording what it does in order."""
     consumer = SimpleNamespace(
         _committed_offset={("uploads", 0): committed},
         seek=lambda tp, offset: _record(calls, f"seek {tp} to {offset}"),
@@ -74,22 +71,7 @@ async def _record(calls: list[str], what: str) -> None:
     calls.append(what)
 
 
-def test_streams_are_seeked_to_committed_offsets_before_they_resume():
-    calls: list[str] = []
-    recovery = _recovery_double(calls)
-    asyncio.run(_resume_streams_seeking_first(recovery, generation_id=7))
-    assert calls == [
-        "seek",
-        "resume [('uploads', 0)]",  # changelog partitions stay with the restore
-        "flow_control",
-        "resume_flow",
-        "fetcher",
-        "rebalance_end",
-    ]
-    assert recovery.completed.is_set()
-
-
-def test_after_a_restore_streams_are_also_seeked_before_they_resume():
+def test_after_a_restore_streams_are_seeked_before_they_resume():
     calls: list[str] = []
     recovery = _recovery_double(calls)
     asyncio.run(_recovery_completed_seeking_first(recovery, generation_id=7))
@@ -114,16 +96,13 @@ def test_a_partition_the_group_never_committed_starts_at_the_beginning():
 def test_a_newer_rebalance_leaves_the_streams_alone():
     calls: list[str] = []
     recovery = _recovery_double(calls)
-    asyncio.run(_resume_streams_seeking_first(recovery, generation_id=6))
     asyncio.run(_recovery_completed_seeking_first(recovery, generation_id=6))
     assert calls == ["recovery_ended", "table"]
 
 
 def test_install_replaces_the_method_and_refuses_other_faust_versions(monkeypatch):
-    monkeypatch.setattr(Recovery, "_resume_streams", Recovery._resume_streams)
     monkeypatch.setattr(Recovery, "on_recovery_completed", Recovery.on_recovery_completed)
     faust_fixes.install()
-    assert Recovery._resume_streams is _resume_streams_seeking_first
     assert Recovery.on_recovery_completed is _recovery_completed_seeking_first
     monkeypatch.setattr(faust, "__version__", "0.16.0")
     with pytest.raises(RuntimeError, match="patches faust-streaming 0.15.3, found 0.16.0"):
