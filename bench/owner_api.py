@@ -11,20 +11,18 @@ peak RSS after each export, to show that exporting does not hold the owner in me
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from sinks.migrations import migrate
 from sinks.warehouse import ChdbWarehouse, rows
-from vtp.pipeline import settings_env
+from vtp.pipeline import start_process
 from vtp.settings import load_settings
 
 KEY = "bench-signing-key-0123456789-0123456789"
@@ -92,17 +90,10 @@ def main() -> None:
     settings = load_settings().with_(data_dir=data_dir, kafka_bootstrap="unused:9092",
                                      api_signing_key=KEY)  # fmt: skip
     owner, vins, expected = fill(settings.warehouse_path("eu"), args.vehicles, args.others)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vtp.cli", "serve", "--region", "eu", "--no-sink"],
-        env=settings_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    serve = start_process(settings, "serve-eu", "serve", "--region", "eu", "--no-sink")
+    server = serve.popen
     try:
-        address = settings.data_dir / "serve-eu.json"
-        while not address.exists():
-            if server.poll() is not None:
-                raise SystemExit("vtp serve exited")
-            time.sleep(0.1)
-        url = json.loads(address.read_text())["url"]
+        url = wait_for_service(settings, "eu", serve)
         token = issue(KEY, owner_claims(owner, "eu", 3600))
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
         window = {"start": "2026-11-01T00:00:00Z", "end": "2026-12-01T00:00:00Z"}
@@ -135,8 +126,7 @@ def main() -> None:
             print(f"export {fmt:8} {expected:,} samples: {took:6.1f} s, {size / 2**20:7.1f} MiB, "
                   f"server peak RSS {peak_rss_mib(server.pid):,.0f} MiB")  # fmt: skip
     finally:
-        server.terminate()
-        server.wait(30)
+        serve.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

@@ -15,8 +15,6 @@ from collections.abc import Callable, Generator, Iterator
 
 import pyarrow.parquet as pq
 
-FORMATS = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}
-
 
 class _Pipe(io.RawIOBase):
     """A write-only stream that hands out what was written since the last take()."""
@@ -96,7 +94,7 @@ def stream_export(
     counts: dict[str, int] = {}
     with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, pages in tables:
-            entry = zipfile.ZipInfo(f"{name}.{FORMATS[fmt]}", time.gmtime()[:6])
+            entry = zipfile.ZipInfo(f"{name}.{fmt}", time.gmtime()[:6])
             entry.compress_type = zipfile.ZIP_DEFLATED
             with archive.open(entry, "w", force_zip64=True) as member:
                 counts[name] = yield from _write_pages(member, fmt, pages(), pipe)
@@ -107,7 +105,7 @@ def stream_export(
             "format": fmt,
             "generated_at": generated_at,
             "row_counts": counts,
-            "files": [f"{name}.{FORMATS[fmt]}" for name, _ in tables],
+            "files": [f"{name}.{fmt}" for name, _ in tables],
         }
         archive.writestr("manifest.json", json.dumps(manifest, indent=2))
     yield pipe.take()

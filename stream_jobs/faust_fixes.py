@@ -60,8 +60,8 @@ async def _seek_then_resume_streams(self: Recovery) -> None:
         await self._wait(consumer.perform_seek(), timeout=self.app.conf.broker_request_timeout)
         # A partition the group never committed keeps whatever position the restore
         # left it at, and was then never fetched (the worker looked ready and read
-        # nothing): start it at the beginning, as auto_offset_reset=earliest says.
-        # (Offset 0 gone to retention resets to the earliest, as auto_offset_reset says.)
+        # nothing): start it at offset 0 (if retention removed that, the consumer's
+        # auto_offset_reset=earliest takes over).
         for tp in sorted(streams):
             if consumer._committed_offset[tp] is None:
                 await self._wait(consumer.seek(tp, 0), timeout=self.app.conf.broker_request_timeout)

@@ -66,15 +66,20 @@ def _serve(args: argparse.Namespace) -> int:
     return run_serve(load_settings(), args.region.lower(), with_sink=not args.no_sink)
 
 
-def _token(args: argparse.Namespace) -> int:
-    from owner_api.tokens import issue, owner_claims, signing_key
-
-    settings = load_settings()
-    region = args.region.lower()
+def _known_region(settings, name: str) -> str:
+    region = name.lower()
     if region not in settings.regions:
         raise SettingsError(
             f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
         )
+    return region
+
+
+def _token(args: argparse.Namespace) -> int:
+    from owner_api.tokens import issue, owner_claims, signing_key
+
+    settings = load_settings()
+    region = _known_region(settings, args.region)
     ttl = args.ttl or settings.owner_token_ttl_s
     print(issue(signing_key(settings), owner_claims(args.owner_id, region, ttl)))
     return 0
@@ -84,11 +89,7 @@ def _sql(args: argparse.Namespace) -> int:
     from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
 
     settings = load_settings()
-    region = args.region.lower()
-    if region not in settings.regions:
-        raise SettingsError(
-            f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
-        )
+    region = _known_region(settings, args.region)
     try:
         columns, found = query_locally_or_via_service(settings, region, args.query)
     except AnalystQueryError as exc:

@@ -3,8 +3,13 @@ the real worker and sinks as processes, and what owners would see."""
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import time
+import zipfile
+
+import httpx
 
 from deploy.broker import fetch_jars, start_broker, stop_broker
 from owner_api.report import (
@@ -152,8 +157,6 @@ def _run_on_broker(settings: Settings, state, seed: int, minutes: float) -> int:
 
 def _show_owner_api(settings: Settings, region: str, url: str, owner: str) -> None:
     """What an owner's app does: list vehicles, export everything, share a little."""
-    import httpx
-
     key = signing_key(settings)
     token = issue(key, owner_claims(owner, region, 600))
     with httpx.Client(
@@ -163,10 +166,6 @@ def _show_owner_api(settings: Settings, region: str, url: str, owner: str) -> No
         started = time.monotonic()
         export = api.get("/v1/export", params={"format": "parquet"})
         took = time.monotonic() - started
-        import io
-        import json
-        import zipfile
-
         manifest = json.loads(zipfile.ZipFile(io.BytesIO(export.content)).read("manifest.json"))
         grant = api.post("/v1/grants", json={"party": "Insurer", "scopes": ["driving"],
                                              "expires_in_s": 3600}).json()  # fmt: skip
