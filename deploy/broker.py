@@ -201,12 +201,20 @@ def _pid_is_broker(pid: int) -> bool:
     return b"kafka.Kafka" in cmdline
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status when the broker is our own child (tests, demo)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    """Collect the exit status when the broker is our own child (tests, demo).
+
+    Its cmdline empties while it is still exiting, before it becomes a zombie, so one
+    WNOHANG wait can come too early and leave the zombie behind: wait until it is reaped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reaped, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child, or already collected
+            return
+        if reaped == pid or time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -366,8 +374,10 @@ def _format_once(java: str, libs: Path, data: Path, properties: Path) -> None:
         return
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     formatted = subprocess.run(
+        # "=" form: an id that starts with "-" (one in 32) would otherwise be taken for
+        # an option ("argument --cluster-id/-t: expected one argument").
         [java, "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
-         "-t", cluster_id, "-c", str(properties)],
+         f"--cluster-id={cluster_id}", "-c", str(properties)],
         capture_output=True, text=True,
     )  # fmt: skip
     if formatted.returncode != 0:

@@ -209,7 +209,6 @@ class RegionSink:
     def _report_lag(self, now: float) -> None:
         if now - self._last_lag_report < 5:
             return
-        self._last_lag_report = now
         assigned = self.consumer.assignment()
         for tp in self.consumer.position(assigned) if assigned else []:
             _, high = self.consumer.get_watermark_offsets(tp, cached=True)
@@ -217,6 +216,8 @@ class RegionSink:
                 metrics.CONSUMER_LAG.labels(self.group, tp.topic, str(tp.partition)).set(
                     max(0, high - tp.offset)
                 )
+                # Until a position is known (right after start) it tries again next loop.
+                self._last_lag_report = now
 
     # -- warehouse side ---------------------------------------------------------
     def _recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:

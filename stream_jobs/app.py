@@ -131,6 +131,7 @@ class RegistryGate:
 def create_app(settings: Settings) -> faust.App:
     faust_fixes.install()
     topics = settings.topics
+    faust_fixes.refuse_gaps_on(topics.uploads, *(topics.validated(r) for r in settings.regions))
     app_id = f"{settings.topic_prefix}-validate"
     app = faust.App(
         app_id,
@@ -303,7 +304,62 @@ def log_flow_state(app: faust.App) -> None:
             consumer._committed_offset[tp], consumer._read_offset[tp], acked[:3], len(acked),
             consumer.highwater(tp),
         )  # fmt: skip
+    log_fetch_state(app)
+    log_producer_state(app)
     log.warning("flow: agents\n%s", app.agents.human_tracebacks())
+
+
+def log_fetch_state(app: faust.App) -> None:
+    """What aiokafka's own consumer (in Faust's consumer thread) holds per partition:
+    paused or not, and where it will fetch next."""
+    aio = app.consumer._thread._consumer
+    assignment = aio._subscription.subscription and aio._subscription.subscription.assignment
+    if not assignment:
+        return
+    for tp in sorted(assignment.tps):
+        state = assignment.state_value(tp)
+        log.warning(
+            "fetch: %s:%s paused=%s position=%s awaiting_reset=%s", tp.topic, tp.partition,
+            state.paused, state.position if state.has_valid_position else None,
+            state.awaiting_reset,
+        )  # fmt: skip
+
+
+def log_producer_state(app: faust.App) -> None:
+    """The aiokafka producer's sender: requests in flight per broker connection, and
+    batches waiting per partition (a send that never drains blocks commits too)."""
+    producer = getattr(app.producer, "_producer", None)
+    if producer is None:
+        return
+    sender = producer._sender
+    now = time.monotonic()
+    waiting = {str(tp): len(q) for tp, q in producer._message_accumulator._batches.items() if q}
+    log.warning(
+        "producer: in_flight=%s muted=%s waiting_batches=%s sender_task=%s",
+        sorted(sender._in_flight), sorted(map(str, sender._muted_partitions)), waiting,
+        sender.sender_task,
+    )  # fmt: skip
+    for key, conn in producer.client._conns.items():
+        pending = [(cid, type(req).__name__) for cid, req, _ in conn._requests]
+        log.warning(
+            "producer: connection %s idle %.1f s, pending %s", key,
+            now - conn._last_action, pending,
+        )  # fmt: skip
+    for task in asyncio.all_tasks():
+        if "_send_produce_req" in getattr(task.get_coro(), "__qualname__", ""):
+            log.warning("producer: request in flight awaiting %s", _awaiting(task.get_coro()))
+
+
+def _awaiting(coro) -> list[str]:
+    """Where a suspended coroutine waits: its chain of awaited coroutines."""
+    chain = []
+    while coro is not None and hasattr(coro, "cr_frame"):
+        if coro.cr_frame is not None:
+            chain.append(f"{coro.cr_code.co_name}:{coro.cr_frame.f_lineno}")
+        coro = coro.cr_await
+    if coro is not None:
+        chain.append(repr(coro)[:200])
+    return chain
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
@@ -325,7 +381,12 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
             watch.since.clear()
             return
         progress = {
-            tp: (consumer._read_offset[tp], consumer.highwater(tp))
+            tp: (
+                consumer._read_offset[tp],
+                consumer._committed_offset[tp],
+                consumer.highwater(tp),
+                len(consumer._acked[tp]),
+            )  # fmt: skip
             for tp in consumer.assignment()
             if tp.topic not in app.tables.changelog_topics
         }
@@ -333,8 +394,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         if stuck:
             log_flow_state(app)
             log.critical(
-                "no record read for %.0f s from %s although they have more; restarting the "
-                "worker in place", settings.worker_stall_s, sorted(f"{tp.topic}:{tp.partition}" for tp in stuck),
+                "no record read or committed for %.0f s on %s although work is outstanding; "
+                "restarting the worker in place", settings.worker_stall_s, sorted(f"{tp.topic}:{tp.partition}" for tp in stuck),
             )  # fmt: skip
             faust_fixes.restart_in_place()
 

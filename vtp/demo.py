@@ -27,7 +27,7 @@ from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet
 from sinks.warehouse import open_warehouse, rows
-from vtp.pipeline import read_outcomes, start_serve, start_worker, wait_drained
+from vtp.pipeline import NotDrained, read_outcomes, start_serve, start_worker, wait_drained
 from vtp.settings import Settings
 from vtp.topics import create_topics
 
@@ -94,8 +94,10 @@ def _run_on_broker(settings: Settings, state, seed: int, minutes: float) -> int:
             f"delivered, {len(report.failed)} failed")  # fmt: skip
 
         started = time.monotonic()
-        if not wait_drained(settings, processes, timeout=240):
-            say("pipeline did not drain within 240 s")
+        try:
+            wait_drained(settings, processes, timeout=240)
+        except NotDrained as exc:
+            say(str(exc))
             return 1
         say(f"drained {time.monotonic() - started:.1f} s after the last upload was acknowledged")
         for region in settings.regions:

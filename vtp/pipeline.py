@@ -176,21 +176,37 @@ def pipeline_lag(settings: Settings) -> int:
     return total
 
 
+class NotDrained(RuntimeError):
+    """The pipeline still had messages to process when the wait ended; the message says
+    where each consumer group stands and what each process last logged."""
+
+
 def wait_drained(
     settings: Settings, processes: list[Process], timeout: float = 180.0, progress=None
 ) -> bool:
+    """True once every consumer of the pipeline has committed everything; raises
+    NotDrained (with the evidence) after ``timeout`` seconds, or when a process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in processes:
             if p.popen.poll() is not None:
-                raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
+                raise NotDrained(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
         lag = pipeline_lag(settings)
         if progress:
             progress(lag)
         if lag == 0:
             return True
         time.sleep(1.0)
-    return False
+    raise NotDrained(_not_drained_report(settings, processes, timeout))
+
+
+def _not_drained_report(settings: Settings, processes: list[Process], timeout: float) -> str:
+    lines = [f"not drained after {timeout:g} s; committed/total per consumer:"]
+    for name, (committed, total) in pipeline_positions(settings).items():
+        lines.append(f"  {name}: {committed}/{total}")
+    for p in processes:
+        lines.append(f"--- last lines of {p.log_path} ---\n{p.log_tail(60)}")
+    return "\n".join(lines)
 
 
 @dataclass

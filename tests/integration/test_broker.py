@@ -4,12 +4,14 @@ stops by its own pid."""
 from __future__ import annotations
 
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
+from deploy import broker
 from deploy.broker import (
     BrokerError,
     broker_status,
@@ -127,3 +129,14 @@ def test_fetched_jars_are_not_fetched_again(tmp_path, monkeypatch):
     (libs.parent / ".complete").write_text(settings.kafka_version)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no mvn: must not be needed
     assert fetch_jars(settings) == libs
+
+
+def test_a_cluster_id_starting_with_a_dash_formats(tmp_path, monkeypatch):
+    # urlsafe base64 of a UUID starts with "-" when its first byte is 0xf8..0xfb
+    monkeypatch.setattr(broker.uuid, "uuid4", lambda: uuid.UUID(bytes=b"\xf8" * 16))
+    settings = load_settings().with_(data_dir=tmp_path)
+    libs = fetch_jars(settings)
+    data, properties = tmp_path / "data", tmp_path / "server.properties"
+    properties.write_text(broker._server_properties(data, 19092, 19093))
+    broker._format_once(broker._java(), libs, data, properties)
+    assert "cluster.id=-" in (data / "meta.properties").read_text()

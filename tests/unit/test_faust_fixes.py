@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import faust
 import pytest
 from faust.tables.recovery import Recovery
+from faust.types import TP
+from intervaltree import IntervalTree
 
 from stream_jobs import faust_fixes
 from stream_jobs.faust_fixes import _recovery_completed_seeking_first
@@ -130,13 +132,76 @@ def test_an_agent_that_raises_ends_the_worker_instead_of_losing_its_batch(monkey
 
 def test_the_watchdog_names_partitions_behind_that_stopped_reading():
     watch = faust_fixes.StallWatch(stall_after_s=60)
-    assert watch.stalled({"a": (99, 500), "b": (499, 500), "c": (None, 0)}, now=0) == []
-    assert watch.stalled({"a": (99, 500), "b": (499, 500)}, now=59) == []
-    # a: behind and not moving for 60 s; b: caught up; c: gone from the assignment
-    assert watch.stalled({"a": (99, 500), "b": (499, 500)}, now=60) == ["a"]
+    caught_up = (499, 500, 500, 0)
+    assert watch.stalled({"a": (99, 50, 500, 0), "b": caught_up, "c": (None, None, 0, 0)}, 0) == []
+    assert watch.stalled({"a": (99, 50, 500, 0), "b": caught_up}, now=59) == []
+    # a: behind and not moving for 60 s; b: read and committed all; c: no longer assigned
+    assert watch.stalled({"a": (99, 50, 500, 0), "b": caught_up}, now=60) == ["a"]
     assert "c" not in watch.since
-    assert watch.stalled({"a": (150, 600)}, now=61) == []  # it read again: the clock restarts
-    assert watch.stalled({"a": (150, 600)}, now=120) == []
-    assert watch.stalled({"a": (150, 600)}, now=121) == ["a"]
-    assert watch.stalled({"a": (None, 10)}, now=200) == []  # never read, behind: starts counting
-    assert watch.stalled({"a": (None, 10)}, now=260) == ["a"]
+    assert watch.stalled({"a": (150, 50, 600, 0)}, now=61) == []  # read again: clock restarts
+    assert watch.stalled({"a": (150, 50, 600, 0)}, now=120) == []
+    assert watch.stalled({"a": (150, 50, 600, 0)}, now=121) == ["a"]
+    assert watch.stalled({"a": (None, None, 10, 0)}, now=200) == []  # never read, behind
+    assert watch.stalled({"a": (None, None, 10, 0)}, now=260) == ["a"]
+    # seeked to 2655 (read offset = next to read = committed) and nothing arrives
+    assert watch.stalled({"a": (2655, 2655, 5110, 0)}, now=300) == []
+    assert watch.stalled({"a": (2655, 2655, 5110, 0)}, now=360) == ["a"]
+
+
+def test_the_watchdog_names_partitions_read_to_the_end_whose_commits_stopped():
+    watch = faust_fixes.StallWatch(stall_after_s=60)
+    # everything read; the producer stopped draining, so acks pile up uncommitted
+    stuck = {"a": (499, None, 500, 88), "b": (499, 300, 500, 0)}
+    assert watch.stalled(stuck, now=0) == []
+    assert watch.stalled(stuck, now=60) == ["a", "b"]
+    # a commit moves the clock; a partition committed to its end is never stalled
+    assert watch.stalled({"b": (499, 400, 500, 0), "c": (9, 10, 10, 0)}, now=70) == []
+    assert watch.stalled({"b": (499, 400, 500, 0), "c": (9, 10, 10, 0)}, now=200) == ["b"]
+
+
+def test_the_watchdog_leaves_a_worker_alone_that_was_seeked_to_its_end():
+    # after a restart Faust's read offset is the seek position, equal to the committed one
+    watch = faust_fixes.StallWatch(stall_after_s=60)
+    seeked = {"a": (3064, 3064, 3064, 0), "b": (2, 2, 2, 0), "c": (None, None, 0, 0)}
+    assert watch.stalled(seeked, now=0) == []
+    assert watch.stalled(seeked, now=1000) == []
+
+
+class _Bookkeeping:
+    """The parts of a Faust Consumer that its commit bookkeeping reads."""
+
+    def __init__(self, acked: list[int], committed: int | None):
+        self._acked = {"tp": list(acked)}
+        self._acked_index = {"tp": set(acked)}
+        self._gap = {"tp": IntervalTree()}
+        self._committed_offset = {"tp": committed}
+
+
+def test_a_commit_never_passes_an_offset_that_was_not_processed():
+    new_offset = faust_fixes._new_offset_from_committed
+    # committed 31 = 31 is the next to process; Faust committed 33 here (off by one)
+    assert new_offset(_Bookkeeping([32], committed=31), "tp") is None
+    # committed 0: Faust skipped the check altogether and committed 45
+    assert new_offset(_Bookkeeping([40, 41, 42, 43, 44], committed=0), "tp") is None
+    book = _Bookkeeping([31, 32, 33, 35], committed=31)
+    assert new_offset(book, "tp") == 34
+    assert book._acked["tp"] == [35] and book._acked_index["tp"] == {35}
+    # offsets acked again after a seek back are dropped, not counted
+    book = _Bookkeeping([10, 11, 12, 13], committed=12)
+    assert new_offset(book, "tp") == 14
+    assert book._acked["tp"] == []
+    # nothing committed yet: the first run read counts, as in Faust
+    assert new_offset(_Bookkeeping([0, 1, 2, 5], committed=None), "tp") == 3
+
+
+def test_gaps_fill_the_run_on_compacted_topics_only():
+    book = _Bookkeeping([3, 4, 8], committed=3)
+    book._gap["tp"].addi(5, 8)  # 5..7 compacted away
+    assert faust_fixes._new_offset_from_committed(book, "tp") == 9
+
+    class _Consumer:
+        _gap = {"plain": IntervalTree()}
+
+    faust_fixes.refuse_gaps_on("plain")
+    asyncio.run(faust_fixes._add_gap_unless_gapless(_Consumer(), TP("plain", 0), 6, 9))
+    assert not _Consumer._gap["plain"]
