@@ -333,9 +333,20 @@ def log_producer_state(app: faust.App) -> None:
         return
     sender = producer._sender
     now = time.monotonic()
-    waiting = {str(tp): len(q) for tp, q in producer._message_accumulator._batches.items() if q}
+    cluster = producer.client.cluster
+    waiting = {
+        f"{tp.topic}:{tp.partition}": (
+            len(q),
+            cluster.leader_for_partition(tp),
+            tp.topic in producer.client._topics,
+            round(time.monotonic() - q[0]._ctime, 1),
+        )  # fmt: skip
+        for tp, q in producer._message_accumulator._batches.items()
+        if q
+    }
     log.warning(
-        "producer: in_flight=%s muted=%s waiting_batches=%s sender_task=%s",
+        "producer: in_flight=%s muted=%s waiting (batches, leader, topic in metadata, "
+        "age s)=%s sender_task=%s",
         sorted(sender._in_flight), sorted(map(str, sender._muted_partitions)), waiting,
         sender.sender_task,
     )  # fmt: skip
