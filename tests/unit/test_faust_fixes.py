@@ -194,7 +194,7 @@ def test_a_commit_never_passes_an_offset_that_was_not_processed():
     assert new_offset(_Bookkeeping([0, 1, 2, 5], committed=None), "tp") == 3
 
 
-def test_gaps_fill_the_run_on_compacted_topics_only():
+def test_gaps_fill_the_run_on_compacted_topics_only_a_skip_elsewhere_restarts(monkeypatch):
     book = _Bookkeeping([3, 4, 8], committed=3)
     book._gap["tp"].addi(5, 8)  # 5..7 compacted away
     assert faust_fixes._new_offset_from_committed(book, "tp") == 9
@@ -202,6 +202,9 @@ def test_gaps_fill_the_run_on_compacted_topics_only():
     class _Consumer:
         _gap = {"plain": IntervalTree()}
 
+    restarts = []
+    monkeypatch.setattr(faust_fixes, "on_skipped_offsets", lambda: restarts.append(1))
     faust_fixes.refuse_gaps_on("plain")
-    asyncio.run(faust_fixes._add_gap_unless_gapless(_Consumer(), TP("plain", 0), 6, 9))
-    assert not _Consumer._gap["plain"]
+    asyncio.run(faust_fixes._add_gap_unless_gapless(_Consumer(), TP("plain", 0), 248, 808))
+    assert not _Consumer._gap["plain"]  # never counted as processed
+    assert restarts == [1]  # and the worker restarts before record 808 is processed
