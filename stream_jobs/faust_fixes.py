@@ -42,7 +42,17 @@
    committed yet or the committed offset is 0. `_new_offset_from_committed` commits
    only a run of acked offsets that starts exactly at the committed offset.
 
-Fixes 1 and 5 replace method bodies, so they are tied to the pinned Faust version.
+6. aiokafka's producer (0.14.0) stops for good on a topic its metadata forgot: a send
+   to a topic the cluster metadata already knows does not add it to the topics the
+   client refreshes (`AIOKafkaClient._wait_on_metadata`). While that list is empty a
+   refresh fetches every topic; once any other topic is added it fetches only the
+   listed ones, the others drop out of the metadata, and their queued batches wait for
+   a leader that is never looked up (until the 20-minute request timeout). Seen as a
+   worker whose sends and commits (which flush the producer) hung with batches for
+   validated.* and deadletter partitions, leader None, 67 s old. Every topic sent to is
+   now tracked.
+
+Fixes 1, 5 and 6 replace method bodies, so they are tied to the pinned versions.
 """
 
 from __future__ import annotations
@@ -57,7 +67,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aiokafka
 import faust
+from aiokafka.client import AIOKafkaClient
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 
@@ -135,6 +147,28 @@ def install() -> None:
         _faust_add_gap["original"] = Consumer._add_gap
         Consumer._add_gap = _add_gap_unless_gapless  # type: ignore[method-assign]
     Consumer._new_offset = _new_offset_from_committed  # type: ignore[method-assign]
+    if aiokafka.__version__ != FIXED_AIOKAFKA_VERSION:
+        raise RuntimeError(
+            f"stream_jobs/faust_fixes.py patches aiokafka {FIXED_AIOKAFKA_VERSION}, found "
+            f"{aiokafka.__version__}: check whether a send still leaves a topic the "
+            "metadata knows out of the client's refreshed topics, then update or drop fix 6"
+        )
+    if AIOKafkaClient._wait_on_metadata is not _wait_on_metadata_tracking:
+        _aiokafka_wait_on_metadata["original"] = AIOKafkaClient._wait_on_metadata
+        AIOKafkaClient._wait_on_metadata = _wait_on_metadata_tracking  # type: ignore[method-assign]
+
+
+# -- fix 6: the producer's metadata keeps every topic it sends to ---------------------
+
+FIXED_AIOKAFKA_VERSION = "0.14.0"
+_aiokafka_wait_on_metadata: dict[str, Callable[..., Awaitable[Any]]] = {}
+
+
+async def _wait_on_metadata_tracking(self, topic: str):
+    # Added without forcing a refresh: the cluster metadata already has it, and the next
+    # refresh (periodic or forced) asks for it along with the others.
+    self._topics.add(topic)
+    return await _aiokafka_wait_on_metadata["original"](self, topic)
 
 
 # -- fix 5: no gaps on topics whose offsets are contiguous ---------------------------

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import faust
 import pytest
+from aiokafka.client import AIOKafkaClient
 from faust.tables.recovery import Recovery
 from faust.types import TP
 from intervaltree import IntervalTree
@@ -208,3 +209,16 @@ def test_gaps_fill_the_run_on_compacted_topics_only_a_skip_elsewhere_restarts(mo
     asyncio.run(faust_fixes._add_gap_unless_gapless(_Consumer(), TP("plain", 0), 248, 808))
     assert not _Consumer._gap["plain"]  # never counted as processed
     assert restarts == [1]  # and the worker restarts before record 808 is processed
+
+
+def test_the_producer_keeps_refreshing_every_topic_it_sends_to():
+    faust_fixes.install()
+
+    async def send_to_a_known_topic() -> set[str]:
+        client = AIOKafkaClient(bootstrap_servers="127.0.0.1:9")  # never started
+        client.cluster.partitions_for_topic = lambda topic: {0, 1}  # metadata has it
+        assert await client._wait_on_metadata("validated.cn") == {0, 1}
+        return client._topics
+
+    # aiokafka left it out: the next refresh of other topics dropped it from the metadata
+    assert asyncio.run(send_to_a_known_topic()) == {"validated.cn"}
