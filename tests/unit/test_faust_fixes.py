@@ -201,14 +201,27 @@ def test_gaps_fill_the_run_on_compacted_topics_only_a_skip_elsewhere_restarts(mo
     assert faust_fixes._new_offset_from_committed(book, "tp") == 9
 
     class _Consumer:
-        _gap = {"plain": IntervalTree()}
+        log_start = 0
+
+        def __init__(self):
+            self._gap = {TP("plain", 0): IntervalTree()}
+            self._committed_offset = {TP("plain", 0): None}
+
+        async def earliest_offsets(self, tp):
+            return {tp: self.log_start}
 
     restarts = []
     monkeypatch.setattr(faust_fixes, "on_skipped_offsets", lambda: restarts.append(1))
+    faust_fixes.install()
     faust_fixes.refuse_gaps_on("plain")
-    asyncio.run(faust_fixes._add_gap_unless_gapless(_Consumer(), TP("plain", 0), 248, 808))
-    assert not _Consumer._gap["plain"]  # never counted as processed
+    consumer = _Consumer()
+    asyncio.run(faust_fixes._add_gap_unless_gapless(consumer, TP("plain", 0), 248, 808))
+    assert not consumer._gap[TP("plain", 0)]  # never counted as processed
     assert restarts == [1]  # and the worker restarts before record 808 is processed
+    # records deleted by retention while the worker was down are a gap, as in Faust
+    consumer.log_start = 808
+    asyncio.run(faust_fixes._add_gap_unless_gapless(consumer, TP("plain", 0), 248, 808))
+    assert consumer._gap[TP("plain", 0)].overlaps(248, 809) and restarts == [1]
 
 
 def test_the_producer_keeps_refreshing_every_topic_it_sends_to():
