@@ -36,6 +36,9 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(base_setting
     log = worker.log_path.read_text()
     assert "restarting the worker in place" in log
     assert log.count("[^Worker]: Ready") >= 2  # the same process, started again
+    # before restarting it logged what it was doing: offsets, fetch positions, producer
+    for line in ("flow: ", "fetch: ", "producer: in_flight=", "TRACEBACK OF ALL RUNNING AGENT"):
+        assert line in log
     stored = 0
     for region in settings.regions:
         wh = open_warehouse(settings, region)
