@@ -21,9 +21,11 @@ from producers.simulator import build_fleet
 from schemas import default_store
 from sinks.warehouse import open_warehouse, rows
 from vtp.pipeline import (
+    NotDrained,
     group_position,
     pipeline_lag,
     read_outcomes,
+    start_process,
     start_sink,
     start_worker,
     topic_message_count,
@@ -308,3 +310,30 @@ def test_worker_reports_its_consumer_lag(run):
     }
     uploads = run["settings"].topics.uploads
     assert any(f'topic="{uploads}"' in k for k in lag), lag
+
+
+def test_a_pipeline_that_does_not_drain_says_where_it_stands(base_settings, tmp_path_factory):
+    settings = make_settings(base_settings, tmp_path_factory, "undrained")
+    producer = Producer({"bootstrap.servers": settings.bootstrap()})
+    for i in range(3):
+        producer.produce(settings.topics.uploads, key=b"WBA00000000000001", value=b"x%d" % i)
+    assert producer.flush(30) == 0
+    sink = start_sink(settings, "cn")  # no worker: nothing reads the uploads
+    try:
+        with pytest.raises(NotDrained) as waited:
+            wait_drained(settings, [sink], timeout=3)
+    finally:
+        sink.stop()
+    report = str(waited.value)
+    assert "not drained after 3 s" in report
+    assert f"{settings.topic_prefix}-validate {settings.topics.uploads}: 0/3" in report
+    assert f"--- last lines of {sink.log_path} ---" in report
+
+    refused = start_process(settings, "sink-xx", "sink", "--region", "xx")
+    try:
+        with pytest.raises(NotDrained) as exited:
+            wait_drained(settings, [refused], timeout=60)
+    finally:
+        refused.stop()
+    # the process's own last words come with it
+    assert "sink-xx exited with 1:\nvtp: region 'xx' is not one of" in str(exited.value)
