@@ -34,9 +34,8 @@
    wrong anyway (aggregation takes an upload older than one it applied for a replay), so
    on the worker's plain topics (`refuse_gaps_on`) the worker restarts in place before
    that record reaches an agent; nothing past the hole is committed, and the hole is
-   read first after the restart. `refuse_gaps_on` names those topics;
-   Faust's commit also
-   committed past an unprocessed offset: it only checks that the first acked offset is
+   read first after the restart. Faust's commit also committed past an unprocessed
+   offset: it only checks that the first acked offset is
    at most one past the committed one (Consumer._new_offset, an off-by-one: the
    committed offset is the next to process) and skips the check when nothing was
    committed yet or the committed offset is 0. `_new_offset_from_committed` commits
@@ -143,9 +142,7 @@ def install() -> None:
             "stream partitions before seeking them, then update or drop the fix"
         )
     Recovery.on_recovery_completed = _recovery_completed_seeking_first  # type: ignore[method-assign]
-    if Consumer._add_gap is not _add_gap_unless_gapless:
-        _faust_add_gap["original"] = Consumer._add_gap
-        Consumer._add_gap = _add_gap_unless_gapless  # type: ignore[method-assign]
+    Consumer._add_gap = _add_gap_unless_gapless  # type: ignore[method-assign]
     Consumer._new_offset = _new_offset_from_committed  # type: ignore[method-assign]
     if aiokafka.__version__ != FIXED_AIOKAFKA_VERSION:
         raise RuntimeError(
@@ -153,40 +150,31 @@ def install() -> None:
             f"{aiokafka.__version__}: check whether a send still leaves a topic the "
             "metadata knows out of the client's refreshed topics, then update or drop fix 6"
         )
-    if AIOKafkaClient._wait_on_metadata is not _wait_on_metadata_tracking:
-        _aiokafka_wait_on_metadata["original"] = AIOKafkaClient._wait_on_metadata
-        AIOKafkaClient._wait_on_metadata = _wait_on_metadata_tracking  # type: ignore[method-assign]
+    AIOKafkaClient._wait_on_metadata = _wait_on_metadata_tracking  # type: ignore[method-assign]
 
 
 # -- fix 6: the producer's metadata keeps every topic it sends to ---------------------
 
 FIXED_AIOKAFKA_VERSION = "0.14.0"
-_aiokafka_wait_on_metadata: dict[str, Callable[..., Awaitable[Any]]] = {}
+_aiokafka_wait_on_metadata = AIOKafkaClient._wait_on_metadata  # unpatched, at import
 
 
 async def _wait_on_metadata_tracking(self, topic: str):
     # Added without forcing a refresh: the cluster metadata already has it, and the next
     # refresh (periodic or forced) asks for it along with the others.
     self._topics.add(topic)
-    return await _aiokafka_wait_on_metadata["original"](self, topic)
+    return await _aiokafka_wait_on_metadata(self, topic)
 
 
 # -- fix 5: no gaps on topics whose offsets are contiguous ---------------------------
 
 _gapless_topics: set[str] = set()
-_faust_add_gap: dict[str, Callable[..., Awaitable[None]]] = {}
+_faust_add_gap = Consumer._add_gap  # unpatched, at import
 
 
 def refuse_gaps_on(*topics: str) -> None:
     """Plain (not compacted, not transactional) topics: offsets never skip there."""
     _gapless_topics.update(topics)
-
-
-def _restart_before_processing_out_of_order() -> None:
-    restart_in_place()
-
-
-on_skipped_offsets: Callable[[], None] = _restart_before_processing_out_of_order
 
 
 async def _add_gap_unless_gapless(self, tp, offset_from: int, offset_to: int) -> None:
@@ -201,16 +189,16 @@ async def _add_gap_unless_gapless(self, tp, offset_from: int, offset_to: int) ->
                 "%s:%s: offsets %d..%d were deleted by retention before this worker read "
                 "them", tp.topic, tp.partition, offset_from, offset_to - 1,
             )  # fmt: skip
-            await _faust_add_gap["original"](self, tp, offset_from, offset_to)
+            await _faust_add_gap(self, tp, offset_from, offset_to)
             return
         log.critical(
             "%s:%s: record %d arrived after %d, offsets %d..%d were skipped; restarting in "
             "place before processing it, so the skipped records are read first",
             tp.topic, tp.partition, offset_to, offset_from - 1, offset_from, offset_to - 1,
         )  # fmt: skip
-        on_skipped_offsets()
+        restart_in_place()
         return
-    await _faust_add_gap["original"](self, tp, offset_from, offset_to)
+    await _faust_add_gap(self, tp, offset_from, offset_to)
 
 
 def _new_offset_from_committed(self, tp) -> int | None:

@@ -211,7 +211,7 @@ def test_gaps_fill_the_run_on_compacted_topics_only_a_skip_elsewhere_restarts(mo
             return {tp: self.log_start}
 
     restarts = []
-    monkeypatch.setattr(faust_fixes, "on_skipped_offsets", lambda: restarts.append(1))
+    monkeypatch.setattr(faust_fixes, "restart_in_place", lambda: restarts.append(1))
     faust_fixes.install()
     faust_fixes.refuse_gaps_on("plain")
     consumer = _Consumer()
