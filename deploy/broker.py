@@ -5,7 +5,7 @@ Maven Central jars on the installed JDK, on a free loopback port, stopped by its
     start_broker(settings)    format storage once, start, wait until it answers
     stop_broker(settings)     SIGTERM, then SIGKILL, by the pid in the state file
 
-The state file (<data_dir>/broker/state.json) is written only once the broker answers,
+The state file (<data_dir>/<region>/broker/state.json) is written only once the broker answers,
 so its presence with a live pid means "a usable broker runs here".
 """
 
@@ -56,7 +56,8 @@ class BrokerState:
 
 
 def broker_dir(settings: Settings) -> Path:
-    return settings.data_dir / "broker"
+    """The broker of the settings' region (each region has a cluster of its own)."""
+    return settings.home / "broker"
 
 
 def jars_dir(settings: Settings) -> Path:

@@ -1,17 +1,26 @@
 """The one settings object, read from ``VTP_*`` environment variables.
 
-Every default runs locally: the broker address comes from the state file that
-``vtp stack up`` writes, the warehouse is the embedded ClickHouse engine (chdb)
-in a folder per region under the data directory.
+Each setting is declared once below, with its default and what it means; the parser
+follows the default's type. Every default runs locally: the broker address comes from
+the state file that ``vtp stack up`` writes, the warehouse is the embedded ClickHouse
+engine (chdb) in the region's folder under the data directory.
+
+A process serves one region (``VTP_REGION``, or ``--region`` on the command line); its
+local state lives in ``<data_dir>/<region>``. Secrets (token keys, the pseudonym key)
+are files in ``VTP_KEYS_DIR``, never environment variables: the embedded engine runs
+inside the process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from vtp.regions import REGIONS, UnknownRegion, known_region
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,104 +29,111 @@ class SettingsError(ValueError):
     """A ``VTP_*`` variable has a value that cannot be used."""
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"VTP_{name}", default)
-
-
-def _int(name: str, default: int) -> int:
-    raw = _env(name, str(default))
-    try:
-        return int(raw)
-    except ValueError:
-        raise SettingsError(f"VTP_{name}={raw!r} is not a whole number") from None
-
-
-def _float(name: str, default: float) -> float:
-    raw = _env(name, str(default))
-    try:
-        return float(raw)
-    except ValueError:
-        raise SettingsError(f"VTP_{name}={raw!r} is not a number") from None
-
-
-def _json_map(name: str) -> dict[str, Any]:
-    raw = _env(name, "{}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SettingsError(f"VTP_{name} must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise SettingsError(f"VTP_{name} must be a JSON object, got {type(value).__name__}")
-    return value
+def setting(default: Any, doc: str) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)
 class Settings:
-    # Where state lives: broker logs and data, chdb warehouses, cached jars.
-    data_dir: Path = REPO_ROOT / "var"
-    cache_dir: Path = REPO_ROOT / ".cache"
-    # Kafka. Empty bootstrap means "the broker that `vtp stack up` started".
-    kafka_bootstrap: str = ""
-    kafka_version: str = "4.1.1"
-    # Port of the local broker `vtp stack up` starts; 0 picks a free loopback port.
-    broker_port: int = 0
-    # librdkafka / aiokafka keys passed through unchanged (operators know them).
-    kafka_extra: dict[str, Any] = field(default_factory=dict)
-    topic_prefix: str = "vtp"
-    topic_partitions: int = 4
-    regions: tuple[str, ...] = ("cn", "eu")
-    # Validation.
-    max_clock_skew_s: float = 300.0
-    max_backlog_s: float = 7 * 86400.0
-    # Upload ids remembered per vehicle to catch resends; older resends are caught
-    # by the sink, which refuses an upload id it already stored from another message.
-    dedup_uploads_per_vehicle: int = 64
-    # Aggregation: a trip ends after this long parked, a charge after this long not
-    # charging; samples may arrive this much out of event-time order.
-    trip_gap_s: float = 300.0
-    charge_gap_s: float = 300.0
-    allowed_lateness_s: float = 120.0
-    # A worker behind on a partition that read nothing from it for this long restarts
-    # itself in place (see stream_jobs/faust_fixes.py, fix 4); 0 turns that off.
-    worker_stall_s: float = 60.0
-    # Sink: batches are cut by message count per partition (never by time alone,
-    # see sinks/batching.py); the flush interval only bounds how long a partial
-    # batch waits, and the batch it produces is recorded before it is inserted.
-    sink_batch_messages: int = 2000
-    sink_flush_ms: int = 500
-    # Names this sink process in its consumer group (static membership); give each
-    # process of a region its own when running several.
-    sink_instance: str = "0"
-    # Warehouse: "chdb" (embedded, a folder per region) or an http(s) URL of a
-    # ClickHouse server, e.g. http://user:pass@host:8123/vtp_{region}.
-    warehouse: str = "chdb"
-    # Prometheus: 0 disables the endpoint; each process adds its own offset.
-    metrics_port: int = 0
-    # Owner API (`vtp serve`): loopback by default; port 0 picks a free one and writes
-    # the address to <data_dir>/serve-<region>.json. Tokens are signed with this key;
-    # empty means a random key kept in <data_dir>/owner_api/signing.key (local use only).
-    api_host: str = "127.0.0.1"
-    api_port: int = 0
-    api_signing_key: str = ""
-    owner_token_ttl_s: int = 3600
+    data_dir: Path = setting(REPO_ROOT / "var", "local state; each region's in <data_dir>/<region>")
+    cache_dir: Path = setting(REPO_ROOT / ".cache", "Kafka jars")
+    region: str = setting("", f"the region this process serves: one of {', '.join(REGIONS)}")
+    kafka_bootstrap: str = setting(
+        "", "host:port of the region's Kafka cluster; empty: the broker `vtp stack up` started"
+    )
+    kafka_version: str = setting("4.1.1", "Kafka jars the local launcher resolves")
+    broker_port: int = setting(0, "port of the local broker; 0 picks a free loopback port")
+    kafka_extra: dict[str, Any] = setting(
+        {}, "JSON of librdkafka keys passed through (e.g. security) to the SDK, sinks, admin"
+    )
+    topic_prefix: str = setting("vtp", "prefix of every topic, consumer group and app id")
+    topic_partitions: int = setting(4, "partitions of every topic")
+    max_clock_skew_s: float = setting(
+        300.0, "how far after the broker's receive time a timestamp may be"
+    )
+    max_backlog_s: float = setting(7 * 86400.0, "how old a sample may be relative to its upload")
+    dedup_uploads_per_vehicle: int = setting(64, "upload ids the worker remembers per vehicle")
+    trip_gap_s: float = setting(300.0, "parked this long ends a trip")
+    charge_gap_s: float = setting(300.0, "not charging this long ends a charging session")
+    allowed_lateness_s: float = setting(120.0, "how far out of event-time order samples may arrive")
+    worker_stall_s: float = setting(
+        60.0, "a worker whose offsets did not move this long with work outstanding restarts; 0 off"
+    )
+    sink_batch_messages: int = setting(2000, "messages per sink batch")
+    sink_flush_ms: int = setting(500, "how long a partial sink batch waits")
+    sink_instance: str = setting("0", "names the sink process in its group (static membership)")
+    sink_registry_wait_s: float = setting(
+        30.0, "how long the sink waits for its registry copy to reach what the worker used"
+    )
+    warehouse: str = setting("chdb", "`chdb` (embedded) or a ClickHouse server URL")
+    metrics_port: int = setting(0, "Prometheus endpoint on 127.0.0.1; 0 off")
+    api_host: str = setting("127.0.0.1", "where `vtp serve` listens")
+    api_port: int = setting(0, "its port; 0 picks a free one (written to <region dir>/serve.json)")
+    keys_dir: str = setting(
+        "", "folder of the region's keys (token signing, pseudonyms); empty: <region dir>/keys"
+    )
+    owner_token_ttl_s: int = setting(3600, "lifetime of owner tokens `vtp token` issues")
+    owner_token_max_ttl_s: int = setting(
+        86400, "longest owner token lifetime the API accepts (checked at every request)"
+    )
+    analyst_max_execution_s: float = setting(10.0, "an analyst query is cancelled after this")
+    analyst_max_memory_mb: int = setting(1024, "memory one analyst query may use")
+    analyst_max_rows_read: int = setting(200_000_000, "rows one analyst query may read")
+    analyst_max_result_rows: int = setting(100_000, "rows one analyst query may return")
+
+    def __post_init__(self) -> None:
+        if self.region:
+            try:
+                object.__setattr__(self, "region", known_region(self.region))
+            except UnknownRegion as exc:
+                raise SettingsError(f"{exc} (VTP_REGION or --region)") from None
+        if self.sink_batch_messages < 1:
+            raise SettingsError("VTP_SINK_BATCH_MESSAGES must be at least 1")
+        if self.topic_partitions < 1:
+            raise SettingsError("VTP_TOPIC_PARTITIONS must be at least 1")
+
+    def for_region(self, region: str) -> Settings:
+        """These settings for one region (``--region`` on the command line)."""
+        return replace(self, region=region)
+
+    def need_region(self) -> str:
+        if not self.region:
+            raise SettingsError(
+                f"no region: set VTP_REGION or pass --region (one of {', '.join(REGIONS)})"
+            )
+        return self.region
+
+    @property
+    def home(self) -> Path:
+        """This region's local state: broker, warehouse, worker state, logs, keys."""
+        return self.data_dir / self.region if self.region else self.data_dir
+
+    @property
+    def keys_path(self) -> Path:
+        return Path(self.keys_dir) if self.keys_dir else self.home / "keys"
 
     @property
     def topics(self) -> Topics:
-        return Topics(self.topic_prefix, self.regions)
+        return Topics(self.topic_prefix, self.need_region())
 
-    def warehouse_path(self, region: str) -> Path:
-        return self.data_dir / "warehouse" / region
+    @property
+    def warehouse_path(self) -> Path:
+        return self.home / "warehouse"
 
     def bootstrap(self) -> str:
-        """The broker address: VTP_KAFKA_BOOTSTRAP, else the local stack's state file."""
+        """The region's broker: VTP_KAFKA_BOOTSTRAP, else the local stack's state file."""
         if self.kafka_bootstrap:
             return self.kafka_bootstrap
         from deploy.broker import read_state
 
         state = read_state(self)
         if state is None:
+            where = f" --region {self.region}" if self.region else ""
             raise SettingsError(
-                "no broker: set VTP_KAFKA_BOOTSTRAP=host:port or start one with `vtp stack up`"
+                "no broker: set VTP_KAFKA_BOOTSTRAP=host:port or start one with "
+                f"`vtp stack up{where}`"
             )
         return state.bootstrap
 
@@ -127,89 +143,101 @@ class Settings:
 
 @dataclass(frozen=True)
 class Topics:
+    """A region's topics. The region is in every name, so a process pointed at the wrong
+    cluster finds nothing of its own instead of another region's data."""
+
     prefix: str
-    regions: tuple[str, ...]
+    region: str
+
+    def _name(self, what: str) -> str:
+        return f"{self.prefix}.{self.region}.{what}"
 
     @property
     def uploads(self) -> str:
-        return f"{self.prefix}.uploads"
+        return self._name("uploads")
 
     @property
     def vehicles(self) -> str:
-        return f"{self.prefix}.vehicles"
+        return self._name("vehicles")
+
+    @property
+    def validated(self) -> str:
+        return self._name("validated")
+
+    @property
+    def aggregates(self) -> str:
+        return self._name("aggregates")
 
     @property
     def deadletter(self) -> str:
-        return f"{self.prefix}.deadletter"
+        return self._name("deadletter")
 
     @property
     def quarantine(self) -> str:
-        return f"{self.prefix}.quarantine"
+        return self._name("quarantine")
 
-    def validated(self, region: str) -> str:
-        return f"{self.prefix}.validated.{region}"
+    @property
+    def worker_app(self) -> str:
+        """The Faust app id, which is also the worker's consumer group."""
+        return f"{self.prefix}-{self.region}-worker"
 
-    def aggregates(self, region: str) -> str:
-        return f"{self.prefix}.aggregates.{region}"
-
-
-def load_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Build Settings from the environment (``environ`` replaces os.environ in tests)."""
-    saved = None
-    if environ is not None:
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(environ)
-    try:
-        regions = tuple(r.strip().lower() for r in _env("REGIONS", "cn,eu").split(",") if r.strip())
-        if not regions:
-            raise SettingsError("VTP_REGIONS lists no region")
-        data_dir = Path(_env("DATA_DIR", str(REPO_ROOT / "var"))).resolve()
-        settings = Settings(
-            data_dir=data_dir,
-            cache_dir=Path(_env("CACHE_DIR", str(REPO_ROOT / ".cache"))).resolve(),
-            kafka_bootstrap=_env("KAFKA_BOOTSTRAP", ""),
-            kafka_version=_env("KAFKA_VERSION", "4.1.1"),
-            broker_port=_int("BROKER_PORT", 0),
-            kafka_extra=_json_map("KAFKA_EXTRA"),
-            topic_prefix=_env("TOPIC_PREFIX", "vtp"),
-            topic_partitions=_int("TOPIC_PARTITIONS", 4),
-            regions=regions,
-            max_clock_skew_s=_float("MAX_CLOCK_SKEW_S", 300.0),
-            max_backlog_s=_float("MAX_BACKLOG_S", 7 * 86400.0),
-            dedup_uploads_per_vehicle=_int("DEDUP_UPLOADS_PER_VEHICLE", 64),
-            trip_gap_s=_float("TRIP_GAP_S", 300.0),
-            charge_gap_s=_float("CHARGE_GAP_S", 300.0),
-            allowed_lateness_s=_float("ALLOWED_LATENESS_S", 120.0),
-            worker_stall_s=_float("WORKER_STALL_S", 60.0),
-            sink_batch_messages=_int("SINK_BATCH_MESSAGES", 2000),
-            sink_flush_ms=_int("SINK_FLUSH_MS", 500),
-            sink_instance=_env("SINK_INSTANCE", "0"),
-            warehouse=_env("WAREHOUSE", "chdb"),
-            metrics_port=_int("METRICS_PORT", 0),
-            api_host=_env("API_HOST", "127.0.0.1"),
-            api_port=_int("API_PORT", 0),
-            api_signing_key=_env("API_SIGNING_KEY", ""),
-            owner_token_ttl_s=_int("OWNER_TOKEN_TTL_S", 3600),
-        )
-    finally:
-        if saved is not None:
-            os.environ.clear()
-            os.environ.update(saved)
-    if settings.sink_batch_messages < 1:
-        raise SettingsError("VTP_SINK_BATCH_MESSAGES must be at least 1")
-    if settings.api_signing_key and len(settings.api_signing_key) < 32:
-        raise SettingsError("VTP_API_SIGNING_KEY must be at least 32 characters (HS256)")
-    return settings
+    @property
+    def sink_group(self) -> str:
+        return f"{self.prefix}-{self.region}-sink"
 
 
-def documented_variables() -> list[tuple[str, str]]:
-    """(VTP_NAME, default) pairs, for `vtp config` and the README."""
+def _parse(name: str, raw: str, default: Any) -> Any:
+    env = f"VTP_{name.upper()}"
+    if isinstance(default, Path):
+        return Path(raw).resolve()
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{env}={raw!r} is not a whole number") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"{env}={raw!r} is not a number") from None
+    if isinstance(default, dict):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{env} must be a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise SettingsError(f"{env} must be a JSON object, got {type(value).__name__}")
+        return value
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default: the process environment); nothing is written."""
+    env = os.environ if environ is None else environ
     defaults = Settings()
-    out = []
+    values = {}
     for f in fields(Settings):
-        value = getattr(defaults, f.name)
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        out.append((f"VTP_{f.name.upper()}", str(value)))
+        raw = env.get(f"VTP_{f.name.upper()}")
+        if raw is not None:
+            values[f.name] = _parse(f.name, raw, getattr(defaults, f.name))
+    return Settings(**values)
+
+
+def as_environment(settings: Settings) -> dict[str, str]:
+    """Every setting as the ``VTP_*`` variables that reproduce it in a child process."""
+    out = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        out[f"VTP_{f.name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
     return out
+
+
+def documented_variables() -> list[tuple[str, str, str]]:
+    """(VTP_NAME, default, meaning) of every setting, for `vtp config` and the README."""
+    defaults = Settings()
+    return [
+        (f"VTP_{f.name.upper()}", str(getattr(defaults, f.name)), f.metadata["doc"])
+        for f in fields(Settings)
+    ]

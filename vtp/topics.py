@@ -1,42 +1,83 @@
-"""Create vtp's topics (idempotent). Uploads and the registry share partition count and
-key (VIN) so a worker holds the registry entries of the vehicles it validates."""
+"""Create a region's topics (idempotent), and refuse topics that exist in a shape vtp
+cannot work with.
+
+Uploads, the registry and the worker's outputs share partition count and key (VIN), so
+a worker holds the registry entries of the vehicles it validates: a topic that exists
+with another partition count would break that silently, so it is an error. The uploads
+topic stamps each message with the broker's clock (LogAppendTime): a gateway's clock
+never decides how late or early its data is.
+"""
 
 from __future__ import annotations
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from vtp.kafka_retry import retry_kafka
 from vtp.settings import Settings
+
+
+class TopicError(RuntimeError):
+    """A topic exists in a shape vtp cannot work with; the message says how to fix it."""
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
     t = settings.topics
-    specs: dict[str, dict[str, str]] = {
-        t.uploads: {},
+    return {
+        t.uploads: {"message.timestamp.type": "LogAppendTime"},
         t.vehicles: {"cleanup.policy": "compact"},
+        t.validated: {},
+        t.aggregates: {},
         t.deadletter: {},
         t.quarantine: {},
     }
-    for region in settings.regions:
-        specs[t.validated(region)] = {}
-        specs[t.aggregates(region)] = {}
-    return specs
 
 
 def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Create missing topics; returns the names created now."""
+    """Create the region's missing topics and check the others; returns those created."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap(), **settings.kafka_extra})
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    specs = topic_specs(settings)
+    existing = retry_kafka(lambda: admin.list_topics(timeout=timeout).topics, "list topics")
     missing = [
-        NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1, config=cfg)
-        for name, cfg in topic_specs(settings).items()
+        NewTopic(
+            name, num_partitions=settings.topic_partitions, replication_factor=1, config=config
+        )
+        for name, config in specs.items()
         if name not in existing
     ]
-    if not missing:
-        return []
-    for _name, future in admin.create_topics(missing, request_timeout=timeout).items():
+    for _name, future in (admin.create_topics(missing, request_timeout=timeout) if missing else {}).items():  # fmt: skip
         try:
             future.result()
-        except Exception as exc:  # a concurrent creator is fine
+        except Exception as exc:  # a concurrent creator is fine; it is checked below
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    check_topics(admin, settings, {n: c for n, c in specs.items() if n in existing}, timeout)
     return [t.topic for t in missing]
+
+
+def check_topics(
+    admin: AdminClient, settings: Settings, specs: dict[str, dict[str, str]], timeout: float
+) -> None:
+    if not specs:
+        return
+    meta = retry_kafka(lambda: admin.list_topics(timeout=timeout).topics, "list topics")
+    problems = []
+    for name in specs:
+        partitions = len(meta[name].partitions)
+        if partitions != settings.topic_partitions:
+            problems.append(
+                f"{name} has {partitions} partitions, VTP_TOPIC_PARTITIONS is "
+                f"{settings.topic_partitions}"
+            )
+    resources = [ConfigResource("topic", name) for name, config in specs.items() if config]
+    for resource, future in (admin.describe_configs(resources) if resources else {}).items():
+        found = retry_kafka(lambda f=future: f.result(timeout), f"describe {resource.name}")
+        for key, wanted in specs[resource.name].items():
+            actual = found[key].value if key in found else None
+            if actual != wanted:
+                problems.append(f"{resource.name} has {key}={actual}, vtp needs {wanted}")
+    if problems:
+        raise TopicError(
+            "topics exist in a shape vtp cannot use: "
+            + "; ".join(problems)
+            + ". Recreate them (or set VTP_TOPIC_PARTITIONS to match)."
+        )

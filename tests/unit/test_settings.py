@@ -1,26 +1,42 @@
+import os
+
 import pytest
 
-from vtp.settings import SettingsError, documented_variables, load_settings
+from vtp.settings import (
+    Settings,
+    SettingsError,
+    as_environment,
+    documented_variables,
+    load_settings,
+)
 
 
-def test_defaults_run_locally():
+def test_defaults_run_locally_and_a_region_has_its_own_folder_and_topics():
     s = load_settings({})
-    assert s.regions == ("cn", "eu")
-    assert s.warehouse == "chdb"
-    assert s.topics.validated("cn") == "vtp.validated.cn"
-    assert s.warehouse_path("eu").parts[-2:] == ("warehouse", "eu")
+    assert s.region == "" and s.warehouse == "chdb"
+    cn = s.for_region("CN")
+    assert cn.region == "cn" and cn.home == s.data_dir / "cn"
+    assert cn.topics.validated == "vtp.cn.validated" and cn.topics.uploads == "vtp.cn.uploads"
+    assert cn.topics.worker_app == "vtp-cn-worker" and cn.topics.sink_group == "vtp-cn-sink"
+    assert cn.warehouse_path == s.data_dir / "cn" / "warehouse"
+    assert cn.keys_path == s.data_dir / "cn" / "keys"
 
 
 def test_environment_overrides():
     s = load_settings(
-        {"VTP_REGIONS": "CN, EU ,us", "VTP_SINK_BATCH_MESSAGES": "10", "VTP_TOPIC_PREFIX": "x",
+        {"VTP_REGION": "eu", "VTP_SINK_BATCH_MESSAGES": "10", "VTP_TOPIC_PREFIX": "x",
          "VTP_KAFKA_EXTRA": '{"security.protocol": "SSL"}', "VTP_KAFKA_BOOTSTRAP": "h:1"}
     )  # fmt: skip
-    assert s.regions == ("cn", "eu", "us")
-    assert s.sink_batch_messages == 10
-    assert s.topics.uploads == "x.uploads"
+    assert s.region == "eu" and s.sink_batch_messages == 10
+    assert s.topics.uploads == "x.eu.uploads"
     assert s.kafka_extra == {"security.protocol": "SSL"}
     assert s.bootstrap() == "h:1"
+
+
+def test_reading_settings_writes_nothing_to_the_environment():
+    before = dict(os.environ)
+    load_settings({"VTP_REGION": "eu", "VTP_TOPIC_PREFIX": "y"})
+    assert dict(os.environ) == before
 
 
 @pytest.mark.parametrize(
@@ -31,7 +47,7 @@ def test_environment_overrides():
         ({"VTP_MAX_CLOCK_SKEW_S": "soon"}, "not a number"),
         ({"VTP_KAFKA_EXTRA": "[1]"}, "JSON object"),
         ({"VTP_KAFKA_EXTRA": "{"}, "JSON object"),
-        ({"VTP_REGIONS": " , "}, "no region"),
+        ({"VTP_REGION": "us"}, "not one of cn, eu"),  # a region is opened in code, not here
     ],
 )
 def test_bad_values_are_named(env, fragment):
@@ -39,12 +55,21 @@ def test_bad_values_are_named(env, fragment):
         load_settings(env)
 
 
+def test_a_region_bound_command_without_a_region_says_what_to_do():
+    with pytest.raises(SettingsError, match="set VTP_REGION or pass --region"):
+        load_settings({}).topics  # noqa: B018 - the property is what raises
+
+
 def test_no_broker_configured_says_what_to_do(tmp_path):
-    s = load_settings({"VTP_DATA_DIR": str(tmp_path)})
-    with pytest.raises(SettingsError, match="vtp stack up"):
+    s = load_settings({"VTP_DATA_DIR": str(tmp_path), "VTP_REGION": "cn"})
+    with pytest.raises(SettingsError, match="vtp stack up --region cn"):
         s.bootstrap()
 
 
-def test_every_variable_is_documented():
-    names = [n for n, _ in documented_variables()]
-    assert "VTP_KAFKA_BOOTSTRAP" in names and "VTP_WAREHOUSE" in names
+def test_every_setting_is_documented_once_and_reaches_a_child_process_whole():
+    documented = documented_variables()
+    names = [n for n, _, _ in documented]
+    assert len(names) == len(set(names)) and all(doc for _, _, doc in documented)
+    assert "VTP_KAFKA_BOOTSTRAP" in names and "VTP_REGION" in names
+    custom = Settings(region="eu", max_clock_skew_s=7.5, kafka_extra={"a": "b"}, trip_gap_s=9.0)
+    assert load_settings(as_environment(custom)) == custom

@@ -1,0 +1,36 @@
+"""Kafka header names vtp writes, and the dead-letter/quarantine headers in one place."""
+
+from __future__ import annotations
+
+REGION = "vtp-region"  # the region the worker routed an upload in
+RECEIVED_MS = "vtp-received-ms"  # the broker's append time of the raw upload
+SOURCE = "vtp-source"  # where the message first reached Kafka: topic:partition:offset
+REGISTRY_REVISION = "vtp-registry-revision"  # the registry revision the worker decided with
+CONTROL = "vtp-control"  # not data: a signal on a data topic (e.g. "registry")
+STAGE, REASON, DETAIL = "vtp-stage", "vtp-reason", "vtp-detail"
+# On a quarantine record that holds only some samples of a message whose other samples
+# were stored: the message's outcome is "stored", this record keeps the rest.
+PARTIAL = "vtp-partial"
+
+DETAIL_MAX = 2000
+
+
+def deadletter_headers(
+    stage: str, reason: str, detail: str, source: str, partial: int | None = None
+) -> list[tuple[str, bytes]]:
+    headers = [
+        (STAGE, stage.encode()),
+        (REASON, reason.encode()),
+        (DETAIL, detail[:DETAIL_MAX].encode()),
+        (SOURCE, source.encode()),
+    ]
+    if partial is not None:
+        headers.append((PARTIAL, str(partial).encode()))
+    return headers
+
+
+def header(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    for key, value in headers or []:
+        if key == name and value is not None:
+            return value.decode(errors="replace")
+    return None

@@ -1,0 +1,58 @@
+"""Retry Kafka admin and metadata calls through the errors a cluster recovers from.
+
+librdkafka marks few errors of synchronous calls (watermarks, committed offsets, admin
+futures) as retriable, yet a leader election or a coordinator still loading answers
+exactly those calls with NOT_LEADER_FOR_PARTITION or COORDINATOR_LOAD_IN_PROGRESS for a
+moment. Those codes are retried here with backoff; anything else, or a transient error
+that outlasts the attempts, is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from confluent_kafka import KafkaError, KafkaException
+
+log = logging.getLogger("vtp.kafka")
+T = TypeVar("T")
+
+TRANSIENT = frozenset(
+    {
+        KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._WAIT_COORD, KafkaError._UNKNOWN_PARTITION, KafkaError._RESOLVE,
+        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION,
+        KafkaError.REBALANCE_IN_PROGRESS, KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.UNSTABLE_OFFSET_COMMIT,
+    }
+)  # fmt: skip
+
+
+def is_transient(exc: BaseException) -> bool:
+    if not isinstance(exc, KafkaException) or not exc.args:
+        return False
+    error = exc.args[0]
+    if not isinstance(error, KafkaError):
+        return False
+    return error.retriable() or error.code() in TRANSIENT
+
+
+def retry_kafka(call: Callable[[], T], what: str, attempts: int = 20, backoff_s: float = 0.25) -> T:
+    """``call()``, retried on transient Kafka errors with a growing pause (capped at 2 s)."""
+    pause = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except KafkaException as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            if attempt in (1, attempts // 2):
+                log.warning("%s: %s; retrying (attempt %d of %d)", what, exc, attempt, attempts)
+            time.sleep(pause)
+            pause = min(2.0, pause * 1.5)
+    raise AssertionError("unreachable")
