@@ -1,4 +1,4 @@
-"""The aggregation agent: validated uploads -> trips, charges, daily summaries.
+"""The aggregation agent: the region's validated uploads -> trips, charges, daily summaries.
 
 Per-vehicle session state lives in a changelog-backed Faust table keyed by VIN, so a
 restarted worker continues where it was. Each batch ingests every upload, advances
@@ -6,22 +6,31 @@ each touched vehicle once, stores its state, and emits records (JSON, keyed by V
 to the region's aggregates topic. Samples that arrive after their time was released
 are dead-lettered (reason too_late, stage aggregate) with the upload's bytes; the
 samples themselves are still stored by the sink.
+
+Every sample is aggregated for the owner registered at its event time. A registry
+change (sale, move, deregistration) reaches this agent as a control message on the
+validated topic, in order with the vehicle's uploads, so the old owner's sessions
+close even when no more samples of the vehicle come to this region.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import faust
 
 from schemas import FramingError, default_store
+from schemas.registry import Registration
 from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
-from stream_jobs.validate import Registration
+from vtp import headers as h
 from vtp import metrics
+from vtp.headers import deadletter_headers
 from vtp.settings import Settings
+
+REGISTRY_CONTROL = b"registry"
 
 
 def session_config(settings: Settings) -> SessionConfig:
@@ -32,20 +41,13 @@ def session_config(settings: Settings) -> SessionConfig:
     )
 
 
-def _header(message, name: str) -> str | None:
-    for key, value in message.headers or []:
-        if key == name and value is not None:
-            return value.decode(errors="replace")
-    return None
-
-
 def _raw_position(message) -> tuple[str, int]:
     """Where the upload first reached Kafka (vtp-source, "topic:partition:offset").
 
     After a worker restart the validate agent routes a stretch of raw uploads again, so
     the same upload can reach aggregation at two validated offsets; by its raw position
     the second copy is a replay, skipped, rather than a late arrival."""
-    source = _header(message, "vtp-source")
+    source = h.header(message.headers, h.SOURCE)
     if source:
         topic_partition, _, offset = source.rpartition(":")
         if topic_partition and offset.isdigit():
@@ -54,11 +56,10 @@ def _raw_position(message) -> tuple[str, int]:
 
 
 def add_aggregation(
-    app: faust.App,
-    settings: Settings,
-    registry: Callable[[str], Registration | None],
-    deadletter_headers: Callable[..., list],
-) -> None:
+    app: faust.App, settings: Settings, registry: Callable[[str], Registration | None]
+) -> Callable[[bytes, int], Awaitable[None]]:
+    """Add the agent; returns what the registry agent awaits after applying a change."""
+    region = settings.need_region()
     topics = settings.topics
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     states = app.Table(
@@ -67,45 +68,55 @@ def add_aggregation(
     store = default_store()
     config = session_config(settings)
 
-    def state_for(vin: str, owner: str, region: str) -> dict:
+    def state_for(vin: str) -> dict:
         stored = states.get(vin.encode())
         if stored:
             return json.loads(stored)
         reg = registry(vin)
         return new_state(
-            vin,
-            owner,
-            region,
-            reg.time_zone if reg else "UTC",
-            reg.battery_capacity_kwh if reg else None,
+            vin, region, reg.time_zone if reg else "UTC", reg.battery_capacity_kwh if reg else None
         )
+
+    async def emit(vin: str, records: list[dict], pending: list) -> None:
+        for rec in records:
+            metrics.AGGREGATE_RECORDS.labels(region, rec["kind"], str(rec["final"])).inc()
+            pending.append(
+                await app.producer.send(
+                    topics.aggregates, vin.encode(), json.dumps(rec).encode(), None, None, None
+                )
+            )
 
     async def aggregate_sessions(stream: faust.StreamT) -> None:
         async for events in stream.take_events(1000, within=0.2):
             touched: dict[str, dict] = {}
+            ended: set[str] = set()  # vehicles whose registration changed
             partition_of: dict[str, int] = {}
             pending = []
             for event in events:
                 message = event.message
+                if h.header(message.headers, h.CONTROL) == REGISTRY_CONTROL.decode():
+                    vin = (message.key or b"").decode(errors="replace")
+                    if states.get(message.key) is not None or vin in touched:
+                        touched[vin] = touched.get(vin) or state_for(vin)
+                        partition_of[vin] = message.partition
+                        ended.add(vin)
+                    continue
                 try:
                     record, _ = store.decode(message.value or b"")
                 except FramingError:
                     continue  # the sink dead-letters undecodable messages; nothing to aggregate
-                vin = record["vin"]
-                region = _header(message, "vtp-region") or ""
-                if region not in settings.regions:
+                if h.header(message.headers, h.REGION) != region:
                     continue  # the sink refuses it too
-                state = touched.get(vin) or state_for(
-                    vin, _header(message, "vtp-owner") or "", region
-                )
+                vin = record["vin"]
+                state = touched.get(vin) or state_for(vin)
                 touched[vin] = state
                 partition_of[vin] = message.partition
-                result = ingest(state, record, config, _raw_position(message))
+                result = ingest(state, record, config, registry(vin), _raw_position(message))
                 if result.too_late:
                     metrics.AGGREGATE_TOO_LATE.labels(region).inc(len(result.too_late))
                     detail = f"{len(result.too_late)} samples older than the released time; seq {result.too_late[:20]}"
                     source = (
-                        _header(message, "vtp-source")
+                        h.header(message.headers, h.SOURCE)
                         or f"{message.topic}:{message.partition}:{message.offset}"
                     )
                     pending.append(
@@ -115,20 +126,7 @@ def add_aggregation(
                         )
                     )  # fmt: skip
             for vin, state in touched.items():
-                for rec in advance(state, config):
-                    metrics.AGGREGATE_RECORDS.labels(
-                        state["region"], rec["kind"], str(rec["final"])
-                    ).inc()
-                    pending.append(
-                        await app.producer.send(
-                            topics.aggregates(state["region"]),
-                            vin.encode(),
-                            json.dumps(rec).encode(),
-                            None,
-                            None,
-                            None,
-                        )
-                    )
+                await emit(vin, advance(state, config, registry(vin), vin in ended), pending)
             await asyncio.gather(*pending)
             await asyncio.gather(
                 *(
@@ -142,8 +140,18 @@ def add_aggregation(
                 )
             )
 
-    # One agent per region topic, so each region's backlog is batched on its own.
-    for region in settings.regions:
-        app.agent(app.topic(topics.validated(region), **raw), name=f"aggregate_{region}")(
-            exit_on_error(aggregate_sessions)
-        )
+    app.agent(app.topic(topics.validated, **raw), name="aggregate")(
+        exit_on_error(aggregate_sessions)
+    )
+
+    async def registration_changed(vin: bytes, revision: int) -> None:
+        """Tell the agent, in order with the vehicle's uploads, to re-judge its periods."""
+        if states.get(vin) is None:
+            return  # nothing aggregated for it yet: its next samples find the new registry
+        sent = await app.producer.send(
+            topics.validated, vin, b"", None, None,
+            [(h.CONTROL, REGISTRY_CONTROL), (h.REGISTRY_REVISION, str(revision).encode())],
+        )  # fmt: skip
+        await sent
+
+    return registration_changed

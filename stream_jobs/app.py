@@ -1,10 +1,11 @@
-"""The Faust worker: validate raw uploads, tag residency, route them.
+"""The Faust worker of one region: validate raw uploads, check residency, route them.
 
 The agents are thin: they turn Faust events into RawUpload values, call the pure
 functions in stream_jobs.validate, and send each outcome to its topic. Offsets are
 acked after the batch body finishes, so routing is at-least-once; a replayed message
 keeps its raw source offset, which lets the dedup table and the sink tell a replay
-from a duplicate.
+from a duplicate. Every topic, table and changelog is the region's own (the region is
+in every name); nothing is sent anywhere else.
 """
 
 from __future__ import annotations
@@ -22,38 +23,29 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP
 
 from schemas import FramingError, default_store
+from schemas.registry import Registration, decode_registration
 from stream_jobs import faust_fixes, flow_log
 from stream_jobs.aggregate import add_aggregation
 from stream_jobs.faust_fixes import exit_on_error, put_durably
-from stream_jobs.registry import decode_registration
 from stream_jobs.validate import (
     DeadLettered,
     Limits,
     Quarantined,
     RawUpload,
-    Registration,
     Routed,
     SeenUploads,
     route_batch,
 )
+from vtp import headers as h
 from vtp import metrics
+from vtp.headers import deadletter_headers
+from vtp.kafka_retry import retry_kafka
 from vtp.settings import Settings
 
 log = logging.getLogger("vtp.worker")
 
 BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.2
-
-
-def deadletter_headers(
-    stage: str, reason: str, detail: str, source: str
-) -> list[tuple[str, bytes]]:
-    return [
-        ("vtp-stage", stage.encode()),
-        ("vtp-reason", reason.encode()),
-        ("vtp-detail", detail[:2000].encode()),
-        ("vtp-source", source.encode()),
-    ]
 
 
 class RegistryView(Mapping[str, Registration]):
@@ -93,20 +85,27 @@ class RegistryGate:
     def _snapshot(self) -> dict[int, int]:
         topic = self._settings.topics.vehicles
         consumer = Consumer(
-            {"bootstrap.servers": self._settings.bootstrap(), "group.id": self._group}
-        )
+            {"bootstrap.servers": self._settings.bootstrap(), "group.id": self._group,
+             **self._settings.kafka_extra}
+        )  # fmt: skip
         try:
-            meta = consumer.list_topics(topic, timeout=10)
+            meta = retry_kafka(lambda: consumer.list_topics(topic, timeout=10), "registry metadata")
             parts = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
+            tps = [TopicPartition(topic, p) for p in parts]
             committed = {
                 tp.partition: tp.offset
-                for tp in consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+                for tp in retry_kafka(
+                    lambda: consumer.committed(tps, timeout=10), "registry committed offsets"
+                )
             }
             targets = {}
-            for p in parts:
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                if committed.get(p, -1) < high:
-                    targets[p] = high
+            for tp in tps:
+                _, high = retry_kafka(
+                    lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10),
+                    "registry watermarks",
+                )
+                if committed.get(tp.partition, -1) < high:
+                    targets[tp.partition] = high
             return targets
         finally:
             consumer.close()
@@ -130,9 +129,10 @@ class RegistryGate:
 
 def create_app(settings: Settings) -> faust.App:
     faust_fixes.install()
+    region = settings.need_region()
     topics = settings.topics
-    faust_fixes.refuse_gaps_on(topics.uploads, *(topics.validated(r) for r in settings.regions))
-    app_id = f"{settings.topic_prefix}-validate"
+    faust_fixes.refuse_gaps_on(topics.uploads, topics.validated)
+    app_id = topics.worker_app
     app = faust.App(
         app_id,
         broker=f"kafka://{settings.bootstrap()}",
@@ -146,7 +146,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
         web_enabled=False,
-        datadir=str(_made(settings.data_dir / "faust" / app_id)),
+        datadir=str(_made(settings.home / "faust" / app_id)),
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     uploads_topic = app.topic(topics.uploads, **raw)
@@ -166,9 +166,10 @@ def create_app(settings: Settings) -> faust.App:
     limits = Limits(
         max_clock_skew_ms=int(settings.max_clock_skew_s * 1000),
         max_backlog_ms=int(settings.max_backlog_s * 1000),
-        regions=settings.regions,
+        region=region,
         dedup_per_vehicle=settings.dedup_uploads_per_vehicle,
     )
+    registration_changed = add_aggregation(app, settings, registry.get)
 
     @app.agent(registry_topic)
     async def apply_registrations(stream: faust.StreamT) -> None:
@@ -176,9 +177,10 @@ def create_app(settings: Settings) -> faust.App:
             message = event.message
             if message.value is None:  # tombstone: the vehicle left the registry
                 vehicles.pop(message.key, None)
+                await registration_changed(message.key, 0)
             else:
                 try:
-                    decode_registration(message.value, store)
+                    registration = decode_registration(message.value, store)
                 except FramingError as exc:
                     source = f"{message.topic}:{message.partition}:{message.offset}"
                     await deadletter.send(
@@ -190,6 +192,7 @@ def create_app(settings: Settings) -> faust.App:
                 else:
                     vehicles[message.key] = message.value
                     metrics.REGISTRY_UPDATES.inc()
+                    await registration_changed(message.key, registration.revision)
             gate.applied[message.partition] = message.offset
 
     @app.agent(uploads_topic)
@@ -236,12 +239,12 @@ def create_app(settings: Settings) -> faust.App:
     async def _send(raw_upload: RawUpload, outcome: object) -> asyncio.Future:
         source = f"{topics.uploads}:{raw_upload.source}"
         if isinstance(outcome, Routed):
-            topic = topics.validated(outcome.region)
+            topic = topics.validated
             headers = [
-                ("vtp-region", outcome.region.encode()),
-                ("vtp-owner", outcome.owner_id.encode()),
-                ("vtp-received-ms", str(raw_upload.timestamp_ms).encode()),
-                ("vtp-source", source.encode()),
+                (h.REGION, outcome.region.encode()),
+                (h.RECEIVED_MS, str(raw_upload.timestamp_ms).encode()),
+                (h.SOURCE, source.encode()),
+                (h.REGISTRY_REVISION, str(outcome.registry_revision).encode()),
             ]
             metrics.UPLOADS_ROUTED.labels(outcome.region).inc()
             metrics.SAMPLES_ROUTED.labels(outcome.region).inc(outcome.samples)
@@ -266,8 +269,6 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.CONSUMER_LAG.labels(app_id, topics.uploads, str(partition)).set(
                     max(0, high - offset - 1)
                 )
-
-    add_aggregation(app, settings, registry.get, deadletter_headers)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

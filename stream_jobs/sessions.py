@@ -15,6 +15,13 @@ A trip starts when the vehicle leaves PARK and ends once it has stayed parked fo
 plausibly in it. A charge ends once charging has stopped for ``charge_gap_ms``, so an
 interrupted and resumed charge is one session. Day totals are attributed to the local
 day (the vehicle's time zone) of the later sample of each consecutive pair.
+
+Ownership is over time: each released sample belongs to the registration period in
+force at its event time (``schemas.registry``). When the period changes (a sale, a move,
+a deregistration), the old owner's trip, charge and days close final and their open
+slots are emptied; the new owner starts from nothing, so neither sees the other's time.
+Samples outside any period registered in the state's region are not aggregated (the
+sink refuses them too).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.registry import Period, Registration
 from vtp.days import DayClock
 
 
@@ -49,12 +57,12 @@ def _order(sample: dict) -> tuple[int, int]:
     return sample["t"], sample["seq"]
 
 
-def new_state(
-    vin: str, owner_id: str, region: str, time_zone: str, capacity_kwh: float | None
-) -> dict:
+def new_state(vin: str, region: str, time_zone: str, capacity_kwh: float | None) -> dict:
+    """A vehicle's state in ``region``; its owner comes from the registration period of
+    each sample as it is released (``period`` is that period's start)."""
     return {
-        "vin": vin, "owner_id": owner_id, "region": region, "tz": time_zone or "UTC",
-        "capacity": capacity_kwh, "buffer": [], "max_t": None, "last": None,
+        "vin": vin, "owner_id": None, "region": region, "period": None, "tz": time_zone or "UTC",
+        "capacity": capacity_kwh, "buffer": [], "max_t": None, "last": None, "released": None,
         "trip": None, "charge": None, "days": {}, "recent": [], "version": 0,
     }  # fmt: skip
 
@@ -82,9 +90,11 @@ def ingest(
     state: dict,
     upload: dict[str, Any],
     config: SessionConfig,
+    registration: Registration | None,
     source: tuple[str, int] | None = None,
 ) -> Ingested:
-    """Buffer an upload's samples; nothing is released here.
+    """Buffer an upload's samples; nothing is released here. Samples outside every
+    period registered in the state's region are left out.
 
     ``source`` is (topic-partition, offset) of the message: a vehicle's messages share
     one partition, so an offset at or below the last one applied is a replay after a
@@ -97,10 +107,12 @@ def ingest(
     if upload["upload_id"] in state["recent"]:
         return Ingested(0, [], duplicate_upload=True)
     state["recent"] = (state["recent"] + [upload["upload_id"]])[-config.recent_uploads :]
-    released_t = state["last"]["t"] if state["last"] else None
+    released_t = state["released"]
     buffered = {s["seq"] for s in state["buffer"]}
     accepted, late = 0, []
     for sample in upload["samples"]:
+        if registration is None or not registration.here(state["region"], sample["event_time_ms"]):
+            continue
         if released_t is not None and sample["event_time_ms"] <= released_t:
             late.append(sample["seq"])
         elif sample["seq"] not in buffered:
@@ -112,17 +124,32 @@ def ingest(
     return Ingested(accepted, late)
 
 
-def advance(state: dict, config: SessionConfig) -> list[dict]:
-    """Release what the watermark allows; return final and provisional records."""
+def advance(
+    state: dict, config: SessionConfig, registration: Registration | None, close_ended: bool = False
+) -> list[dict]:
+    """Release what the watermark allows; return final and provisional records.
+
+    A registration period that has ended closes its owner's sessions once the watermark
+    passes its end, or at once with ``close_ended`` (the registry changed and no more
+    samples may come here: the vehicle was sold, moved or deregistered)."""
     state["version"] += 1
     out: list[dict] = []
+    watermark = None
     if state["max_t"] is not None:
         watermark = state["max_t"] - config.allowed_lateness_ms
-        _release(state, config, out, until=watermark)
+        _release(state, config, out, watermark, registration)
         _close_days(state, out, everything=False)
+    end = _end_of_current_period(state, registration)
+    if end is not None and (close_ended or (watermark is not None and watermark >= end)):
+        _release(state, config, out, end - 1, registration)
+        _switch_owner(state, None, out)
+        # Anything about the ended period that arrives later is too late for it.
+        state["released"] = (
+            end - 1 if state["released"] is None else max(state["released"], end - 1)
+        )
     preview = _preview_copy(state)
     closed_in_preview: list[dict] = []
-    _release(preview, config, closed_in_preview, until=None, provisional=True)
+    _release(preview, config, closed_in_preview, None, registration, provisional=True)
     # A session the preview closes lies wholly before the watermark when its gap is at
     # least the allowed lateness, so no late sample can move its start (its key): it is
     # emitted provisionally. Otherwise it waits; the open slot shows the rest.
@@ -144,11 +171,41 @@ def _preview_copy(state: dict) -> dict:
     return preview
 
 
-def flush(state: dict, config: SessionConfig) -> list[dict]:
+def _end_of_current_period(state: dict, registration: Registration | None) -> int | None:
+    """When the period the state aggregates for ended (None while it lasts); a vehicle
+    that left the registry ends it at once."""
+    if state["period"] is None:
+        return None
+    if registration is None:
+        return state["released"] + 1 if state["released"] is not None else state["period"]
+    period = registration.period_at(state["period"])
+    if period is None or period.from_ms != state["period"] or period.owner_id != state["owner_id"]:
+        return state["period"]  # the registry no longer holds that period: it ended at once
+    return registration.end_of(period)
+
+
+def _switch_owner(state: dict, period: Period | None, out: list) -> None:
+    """The old owner's sessions and days close final and its open slots empty; the state
+    then aggregates for ``period``'s owner (or nobody), from nothing."""
+    if state["owner_id"] is not None:
+        for key in ("trip", "charge"):
+            if state[key] is not None:
+                out.append(_record(state, key, state[key], final=True))
+                state[key] = None
+        _close_days(state, out, everything=True)
+        out.extend(_open_records(state))  # both slots now inactive
+    state["owner_id"] = period.owner_id if period else None
+    state["period"] = period.from_ms if period else None
+    state["last"] = None
+
+
+def flush(state: dict, config: SessionConfig, registration: Registration | None) -> list[dict]:
     """End of the stream (tests, shutdown of a vehicle): everything final."""
     state["version"] += 1
     out: list[dict] = []
-    _release(state, config, out, until=None)
+    _release(state, config, out, None, registration)
+    if state["owner_id"] is None:
+        return out
     for key in ("trip", "charge"):
         if state[key] is not None:
             out.append(_record(state, key, state[key], final=True))
@@ -159,7 +216,12 @@ def flush(state: dict, config: SessionConfig) -> list[dict]:
 
 
 def _release(
-    state: dict, config: SessionConfig, out: list, until: int | None, provisional: bool = False
+    state: dict,
+    config: SessionConfig,
+    out: list,
+    until: int | None,
+    registration: Registration | None,
+    provisional: bool = False,
 ) -> None:
     buffer = state["buffer"]  # kept in event-time order by ingest
     cut = (
@@ -167,8 +229,20 @@ def _release(
         if until is None
         else next((i for i, s in enumerate(buffer) if s["t"] > until), len(buffer))
     )
-    for sample in buffer[:cut]:
+    for i, sample in enumerate(buffer[:cut]):
+        period = registration.here(state["region"], sample["t"]) if registration else None
+        if period is None:
+            continue  # not this region's vehicle at that moment
+        if period.from_ms != state["period"] or period.owner_id != state["owner_id"]:
+            if provisional and state["owner_id"] is not None:
+                # A preview shows the current owner's open sessions; the next owner's
+                # appear once the watermark passes the change.
+                cut = i
+                break
+            _switch_owner(state, period, out)
         _step(state, sample, config, out, provisional)
+        if not provisional:
+            state["released"] = sample["t"]
     state["buffer"] = buffer[cut:]
 
 
@@ -297,6 +371,8 @@ def _close_days(state: dict, out: list, everything: bool) -> None:
 def _open_records(preview: dict) -> list[dict]:
     """The vehicle's open trip and open charge slots (``active`` False when empty), and
     every day not yet final."""
+    if preview["owner_id"] is None:
+        return []
     out = []
     for key in ("trip", "charge"):
         if preview[key] is not None:

@@ -1,7 +1,9 @@
 """Validation and residency routing of raw uploads: pure functions, no I/O.
 
-Every raw message gets exactly one Outcome: Routed to its region's validated topic,
-DeadLettered with a reason code, or Quarantined because its region is unknown.
+Every raw message of a region's uploads topic gets exactly one Outcome: Routed to the
+region's validated topic, DeadLettered with a reason code, or Quarantined because the
+vehicle is not registered in this region at the time of its samples. Nothing is ever
+forwarded to another region: a vehicle registered elsewhere is quarantined here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from schemas import FramingError, SchemaStore
+from schemas.registry import Registration, refusal
 from schemas.signals import Signal, sample_problems, sample_signals
 
 VIN_PATTERN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
@@ -24,7 +27,7 @@ class RawUpload:
     key: bytes | None
     partition: int
     offset: int
-    timestamp_ms: int  # broker (or producer) timestamp: when vtp received it
+    timestamp_ms: int  # the broker's append time (LogAppendTime): when vtp received it
 
     @property
     def source(self) -> str:
@@ -32,30 +35,20 @@ class RawUpload:
 
 
 @dataclass(frozen=True)
-class Registration:
-    vin: str
-    owner_id: str
-    region: str
-    model: str = ""
-    battery_capacity_kwh: float | None = None
-    time_zone: str = "UTC"
-
-
-@dataclass(frozen=True)
 class Limits:
     max_clock_skew_ms: int
     max_backlog_ms: int
-    regions: tuple[str, ...]
+    region: str  # the one region this worker serves
     dedup_per_vehicle: int = 64
 
 
 @dataclass(frozen=True)
 class Routed:
     region: str
-    owner_id: str
     vin: str
     upload_id: str
     samples: int
+    registry_revision: int  # what the sink's own registry copy must have reached
 
 
 @dataclass(frozen=True)
@@ -166,24 +159,23 @@ def route_upload(
     if rejected:
         return rejected
     vin, upload_id = record["vin"], record["upload_id"]
-    if raw.key is not None and raw.key != vin.encode():
+    if raw.key is None:
+        # Uploads are partitioned by VIN so that a vehicle's registry entry, dedup and
+        # session state sit with its uploads; an unkeyed message would land anywhere.
+        return DeadLettered("missing_key", f"the message has no key; it must be the VIN {vin}")
+    if raw.key != vin.encode():
         return DeadLettered("key_mismatch", f"message key {raw.key!r} is not the VIN {vin}")
     first = seen.first_source(vin, upload_id)
     if first is not None and first != raw.source:
         return DeadLettered("duplicate_upload", f"upload {upload_id} was first seen at {first}")
     registration = registry.get(vin)
-    if registration is None:
-        return Quarantined("unknown_vin", f"{vin} is not in the vehicle registry", vin)
-    if registration.region not in limits.regions:
-        return Quarantined(
-            "unknown_region",
-            f"{vin} is registered to region {registration.region!r}, not one of {limits.regions}",
-            vin,
-        )
+    times = [s["event_time_ms"] for s in record["samples"]]
+    if registration is None or not any(registration.here(limits.region, t) for t in times):
+        # Judged by the newest sample: what the vehicle's registration says now.
+        reason, detail = refusal(registration, limits.region, max(times)) or ("", "")
+        return Quarantined(reason, f"{vin}: {detail}", vin)
     seen.remember(vin, upload_id, raw.source, limits.dedup_per_vehicle)
-    return Routed(
-        registration.region, registration.owner_id, vin, upload_id, len(record["samples"])
-    )
+    return Routed(limits.region, vin, upload_id, len(times), registration.revision)
 
 
 def route_batch(

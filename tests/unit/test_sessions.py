@@ -6,10 +6,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from schemas.registry import Period, Registration
 from stream_jobs.sessions import SessionConfig, advance, flush, ingest, new_state
 
 CFG = SessionConfig(trip_gap_ms=300_000, charge_gap_ms=300_000, allowed_lateness_ms=120_000)
 SHANGHAI = ZoneInfo("Asia/Shanghai")
+REG = Registration("VIN", (Period(0, "owner-1", "cn"),))
 
 
 def at(text: str) -> int:
@@ -57,15 +59,15 @@ class Car:
 
 
 def run(samples, upload_size=10, shuffle_seed=None, config=CFG):
-    state = new_state("VIN", "owner-1", "cn", "Asia/Shanghai", 60.0)
+    state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     uploads = [samples[i : i + upload_size] for i in range(0, len(samples), upload_size)]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(uploads)
     records = []
     for i, chunk in enumerate(uploads):
-        ingest(state, {"upload_id": f"u{i}", "samples": chunk}, config)
-        records += advance(state, config)
-    records += flush(state, config)
+        ingest(state, {"upload_id": f"u{i}", "samples": chunk}, config, REG)
+        records += advance(state, config, REG)
+    records += flush(state, config, REG)
     return state, records
 
 
@@ -191,11 +193,11 @@ def test_out_of_order_uploads_within_lateness_give_the_same_result():
 
 
 def test_clock_jumping_back_past_what_was_released_is_too_late():
-    state = new_state("VIN", "o", "cn", "Asia/Shanghai", 60.0)
+    state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     car = Car(at("2026-11-06T07:00:00"))
     car.drive(600)
-    ingest(state, {"upload_id": "a", "samples": car.samples}, CFG)
-    advance(state, CFG)  # releases up to newest - 2 minutes
+    ingest(state, {"upload_id": "a", "samples": car.samples}, CFG, REG)
+    advance(state, CFG, REG)  # releases up to newest - 2 minutes
     old = dict(car.samples[10], seq=10_000)
     result = ingest(
         state,
@@ -204,31 +206,32 @@ def test_clock_jumping_back_past_what_was_released_is_too_late():
             "samples": [old, dict(car.samples[-1], seq=10_001, event_time_ms=car.t)],
         },
         CFG,
+        REG,
     )
     assert result.too_late == [10_000] and result.accepted == 1
 
 
 def test_a_replayed_upload_is_ignored():
-    state = new_state("VIN", "o", "cn", "Asia/Shanghai", 60.0)
+    state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     car = Car(at("2026-11-06T07:00:00"))
     car.drive(60)
-    first = ingest(state, {"upload_id": "a", "samples": car.samples}, CFG)
-    again = ingest(state, {"upload_id": "a", "samples": car.samples}, CFG)
+    first = ingest(state, {"upload_id": "a", "samples": car.samples}, CFG, REG)
+    again = ingest(state, {"upload_id": "a", "samples": car.samples}, CFG, REG)
     assert first.accepted == 60 and again.duplicate_upload and again.accepted == 0
 
 
 def test_open_trip_is_provisional_until_it_closes_and_then_final_with_a_higher_version():
-    state = new_state("VIN", "o", "cn", "Asia/Shanghai", 60.0)
+    state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     car = Car(at("2026-11-06T07:00:00"))
     car.drive(600)
-    ingest(state, {"upload_id": "a", "samples": car.samples}, CFG)
-    (open_trip,) = [r for r in advance(state, CFG) if r["kind"] == "open_trip"]
+    ingest(state, {"upload_id": "a", "samples": car.samples}, CFG, REG)
+    (open_trip,) = [r for r in advance(state, CFG, REG) if r["kind"] == "open_trip"]
     assert open_trip["active"] and open_trip["final"] is False
     assert open_trip["distance_km"] == pytest.approx(6.0, abs=0.02)
     car.samples.clear()
     car.park(1200)
-    ingest(state, {"upload_id": "b", "samples": car.samples}, CFG)
-    records = advance(state, CFG)
+    ingest(state, {"upload_id": "b", "samples": car.samples}, CFG, REG)
+    records = advance(state, CFG, REG)
     (closed,) = [r for r in records if r["kind"] == "trip"]
     (slot,) = [r for r in records if r["kind"] == "open_trip"]
     assert closed["final"] and closed["version"] > open_trip["version"]
@@ -257,13 +260,13 @@ def test_daily_totals_include_idle_drain_and_charging():
 
 
 def test_a_message_at_or_below_the_applied_offset_is_a_replay():
-    state = new_state("VIN", "o", "cn", "Asia/Shanghai", 60.0)
+    state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     car = Car(at("2026-11-06T07:00:00"))
     car.drive(20)
     first, second = car.samples[:10], car.samples[10:]
-    assert ingest(state, {"upload_id": "a", "samples": first}, CFG, ("t:0", 5)).accepted == 10
-    assert ingest(state, {"upload_id": "b", "samples": second}, CFG, ("t:0", 9)).accepted == 10
-    replay = ingest(state, {"upload_id": "a", "samples": first}, CFG, ("t:0", 5))
+    assert ingest(state, {"upload_id": "a", "samples": first}, CFG, REG, ("t:0", 5)).accepted == 10
+    assert ingest(state, {"upload_id": "b", "samples": second}, CFG, REG, ("t:0", 9)).accepted == 10
+    replay = ingest(state, {"upload_id": "a", "samples": first}, CFG, REG, ("t:0", 5))
     assert replay.duplicate_upload and replay.too_late == []
 
 

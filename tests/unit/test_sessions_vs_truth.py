@@ -12,10 +12,8 @@ CONFIG = SessionConfig()
 
 
 def aggregate(uploads, fleet, config=CONFIG):
-    states = {
-        v.vin: new_state(v.vin, v.owner_id, v.region, v.time_zone, v.battery_capacity_kwh)
-        for v in fleet
-    }
+    states = {v.vin: new_state(v.vin, v.region, v.time_zone, v.battery_capacity_kwh) for v in fleet}
+    registry = {v.vin: v.registration_in(v.region) for v in fleet}
     latest: dict[tuple, dict] = {}
     late = 0
 
@@ -27,10 +25,11 @@ def aggregate(uploads, fleet, config=CONFIG):
                 latest[key] = r
 
     for upload in uploads:
-        late += len(ingest(states[upload["vin"]], upload, config).too_late)
-        keep(advance(states[upload["vin"]], config))
-    for state in states.values():
-        keep(flush(state, config))
+        registration = registry[upload["vin"]]
+        late += len(ingest(states[upload["vin"]], upload, config, registration).too_late)
+        keep(advance(states[upload["vin"]], config, registration))
+    for vin, state in states.items():
+        keep(flush(state, config, registry[vin]))
     return latest, late
 
 

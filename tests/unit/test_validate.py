@@ -1,11 +1,10 @@
 from schemas import default_store
-from stream_jobs.registry import decode_registration, encode_registration
+from schemas.registry import Period, Registration
 from stream_jobs.validate import (
     DeadLettered,
     Limits,
     Quarantined,
     RawUpload,
-    Registration,
     Routed,
     SeenUploads,
     route_batch,
@@ -17,11 +16,25 @@ V1 = STORE.get("VehicleUpload", 1)
 VIN = "LRW3E7EK4NC000001"
 EU_VIN = "WVWZZZ1KZAW000002"
 NOW = 1_800_000_000_000
-LIMITS = Limits(max_clock_skew_ms=300_000, max_backlog_ms=7 * 86_400_000, regions=("cn", "eu"))
+LIMITS = Limits(max_clock_skew_ms=300_000, max_backlog_ms=7 * 86_400_000, region="cn")
+MOVED_VIN, SOLD_VIN, GONE_VIN = "LRW3E7EK4NC000003", "LRW3E7EK4NC000004", "LRW3E7EK4NC000005"
+LATER = "LRW3E7EK4NC000006"
+
+
+def registered(vin, *periods, revision=1):
+    return Registration(vin, tuple(Period(*p) for p in periods), revision=revision)
+
+
 REGISTRY = {
-    VIN: Registration(VIN, "owner-1", "cn"),
-    EU_VIN: Registration(EU_VIN, "owner-2", "eu"),
-    "LRW3E7EK4NC000009": Registration("LRW3E7EK4NC000009", "owner-3", "us"),
+    VIN: registered(VIN, (0, "owner-1", "cn")),
+    # the EU registry's owners are not in the CN registry: only that it is elsewhere
+    EU_VIN: registered(EU_VIN, (0, None, "eu")),
+    MOVED_VIN: registered(MOVED_VIN, (0, "owner-3", "cn"), (NOW - 10_000, None, "eu"), revision=2),
+    SOLD_VIN: registered(
+        SOLD_VIN, (0, "owner-4", "cn"), (NOW - 10_000, "owner-5", "cn"), revision=7
+    ),
+    GONE_VIN: registered(GONE_VIN, (0, "owner-6", "cn"), (NOW - 10_000, None, None)),
+    LATER: registered(LATER, (NOW + 60_000, "owner-7", "cn")),
 }
 
 
@@ -52,16 +65,32 @@ def route(r, seen=None):
     return route_upload(r, STORE, REGISTRY, seen or SeenUploads(), LIMITS)
 
 
-def test_routes_to_the_registered_region_with_the_owner():
-    assert route(raw()) == Routed("cn", "owner-1", VIN, "u-1", 1)
-    assert route(raw(upload(vin=EU_VIN))).region == "eu"
+def test_routes_within_the_region_with_the_registry_revision_it_decided_with():
+    assert route(raw()) == Routed("cn", VIN, "u-1", 1, 1)
+    sold = route(raw(upload(vin=SOLD_VIN)))  # both owners are registered here
+    assert sold == Routed("cn", SOLD_VIN, "u-1", 1, 7)
 
 
-def test_unknown_vin_and_unknown_region_are_quarantined():
-    out = route(raw(upload(vin="LRW3E7EK4NC000777")))
-    assert isinstance(out, Quarantined) and out.reason == "unknown_vin"
-    out = route(raw(upload(vin="LRW3E7EK4NC000009")))
-    assert isinstance(out, Quarantined) and out.reason == "unknown_region"
+def quarantined(r):
+    out = route(r)
+    assert isinstance(out, Quarantined), out
+    return out.reason
+
+
+def test_a_vehicle_not_registered_here_at_its_samples_times_is_quarantined_never_forwarded():
+    assert quarantined(raw(upload(vin="LRW3E7EK4NC000777"))) == "unknown_vin"
+    assert quarantined(raw(upload(vin=EU_VIN))) == "registered_elsewhere"
+    assert quarantined(raw(upload(vin=MOVED_VIN))) == "registered_elsewhere"  # after the move
+    assert quarantined(raw(upload(vin=GONE_VIN))) == "deregistered"
+    assert quarantined(raw(upload(vin=LATER))) == "not_registered_yet"
+    # before the move it was this region's: routed, though it is sent after the move
+    before = upload(vin=MOVED_VIN, event_time_ms=NOW - 20_000)
+    assert isinstance(route(raw(before)), Routed)
+
+
+def test_an_upload_with_some_samples_registered_here_is_routed_for_the_sink_to_split():
+    samples = [{"event_time_ms": NOW - 20_000, "seq": 1}, {"event_time_ms": NOW - 1_000, "seq": 2}]
+    assert isinstance(route(raw(upload(vin=GONE_VIN, samples=samples))), Routed)
 
 
 def reason(r):
@@ -80,10 +109,18 @@ def test_dead_letter_reasons():
     assert reason(raw(upload(event_time_ms=NOW + 3_600_000))) == "clock_skew"
     assert reason(raw(upload(event_time_ms=NOW - 8 * 86_400_000))) == "too_old"
     assert reason(raw(key=b"SOMEOTHERVIN00000")) == "key_mismatch"
+    unkeyed = RawUpload(STORE.encode(upload(), V1), None, 0, 0, NOW)
+    assert reason(unkeyed) == "missing_key"
     reg = STORE.encode(
-        {"vin": VIN, "owner_id": "o", "region": "cn"}, STORE.get("VehicleRegistration")
+        {"vin": VIN, "owner_id": "o", "region": "cn"}, STORE.get("VehicleRegistration", 1)
     )
     assert reason(raw(value=reg)) == "unexpected_schema"
+
+
+def test_clock_skew_is_measured_against_the_broker_receive_time_not_the_gateways_clock():
+    # a gateway a day ahead: its own sent_at agrees with its samples, the broker's does not
+    ahead = upload(sent=NOW + 86_400_000, event_time_ms=NOW + 86_400_000 - 1000)
+    assert reason(raw(ahead, received=NOW)) == "clock_skew"
 
 
 def test_sequence_must_increase_within_an_upload():
@@ -126,12 +163,3 @@ def test_seen_history_is_bounded_per_vehicle():
         seen.remember(VIN, f"u-{i}", f"0:{i}", keep=64)
     assert len(seen.by_vin[VIN]) == 64
     assert "u-0" not in seen.by_vin[VIN] and "u-99" in seen.by_vin[VIN]
-
-
-def test_registration_round_trip_lowercases_region():
-    data = encode_registration(
-        {"vin": VIN, "owner_id": "owner-1", "region": "CN", "model": "M",
-         "battery_capacity_kwh": 75.0, "time_zone": "Asia/Shanghai"}
-    )  # fmt: skip
-    reg = decode_registration(data)
-    assert reg.region == "cn" and reg.owner_id == "owner-1" and reg.battery_capacity_kwh == 75.0
