@@ -1,11 +1,14 @@
-"""`vtp sink --region R`: the region's validated topic into its warehouse.
+"""`vtp sink`: the region's validated topic into its warehouse.
 
 Per batch (one topic-partition, a contiguous offset range):
   1. record the range in sink_batches (unless it is a replay of a recorded range),
-  2. refuse what may not be stored here (residency, untagged, undecodable) and
-     resends of uploads already stored -> dead-letter topic, with the original bytes,
-  3. insert samples, then uploads, each with the token topic-partition-first-last,
-  4. wait for the dead-letter topic to acknowledge, then commit offset last+1.
+  2. check residency itself, against its own copy of the region's registry: every
+     sample is stored under the owner registered here at its event time; samples of
+     no period registered here are quarantined, never stored,
+  3. refuse what may not be stored (untagged, tagged for another region, undecodable)
+     and resends of uploads already stored -> dead-letter topic, with the original bytes,
+  4. insert samples, then uploads, each with the token topic-partition-first-last,
+  5. wait for the dead-letter and quarantine topics to acknowledge, then commit last+1.
 A crash anywhere replays the range with the same token: no loss, no duplicate.
 """
 
@@ -16,21 +19,26 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from schemas import FramingError, default_store
+from schemas.registry import Registration, refusal
 from sinks import rows as rowlib
 from sinks.aggregate_rows import aggregate_tables
 from sinks.batching import Batcher, PartitionBatch
-from sinks.erased import drop_erased_samples, keep_aggregate
+from sinks.erased import aggregate_start_ms, drop_erased_samples, keep_aggregate
 from sinks.migrations import migrate
+from sinks.pseudonyms import backfill, record_pairs
+from sinks.registry_copy import RegistryCopy
 from sinks.warehouse import Warehouse, open_warehouse, rows
-from stream_jobs.app import deadletter_headers
+from vtp import headers as h
 from vtp import metrics
+from vtp.headers import deadletter_headers
+from vtp.keys import pseudonym_key
 from vtp.settings import Settings
 
 log = logging.getLogger("vtp.sink")
@@ -46,63 +54,76 @@ class Refused:
     reason: str
     detail: str
     source: str
-
-
-@dataclass(frozen=True)
-class Sorted:
-    fresh: list[rowlib.StoredUpload]
-    refused: list[Refused]
-    replays_skipped: int
+    quarantine: bool = False  # not registered here: quarantine, not the dead-letter topic
+    partial: int | None = None  # this many samples refused; the message's others are stored
 
 
 def _header(message: Message, name: str) -> str | None:
-    for key, value in message.headers() or []:
-        if key == name and value is not None:
-            return value.decode(errors="replace")
-    return None
+    return h.header(message.headers(), name)
+
+
+def split_by_owner(
+    upload: rowlib.StoredUpload, registration: Registration | None, region: str
+) -> tuple[list[rowlib.StoredUpload], list[dict]]:
+    """(one piece per owner registered here at its samples' times, samples of nobody here)."""
+    by_owner: dict[str, list[dict]] = {}
+    outside = []
+    for sample in upload.record["samples"]:
+        period = registration.here(region, sample["event_time_ms"]) if registration else None
+        if period is None:
+            outside.append(sample)
+        else:
+            by_owner.setdefault(period.owner_id or "", []).append(sample)
+    pieces = [
+        replace(upload, owner_id=owner, record={**upload.record, "samples": samples})
+        for owner, samples in by_owner.items()
+    ]
+    return pieces, outside
 
 
 def classify(
-    messages: list[Message], region: str
+    messages: list[Message], region: str, registry: Mapping[str, Registration]
 ) -> tuple[list[rowlib.StoredUpload], list[Refused]]:
-    """Decode what may be stored in ``region``; refuse the rest with a reason."""
+    """Decode what may be stored in ``region`` and split it by owner; refuse the rest."""
     store = default_store()
     good, refused = [], []
     for m in messages:
-        source = _header(m, "vtp-source") or f"{m.topic()}:{m.partition()}:{m.offset()}"
-        tag = _header(m, "vtp-region")
-        owner = _header(m, "vtp-owner")
-        if tag is None or owner is None:
-            refused.append(Refused(m, "untagged", "no vtp-region/vtp-owner header", source))
+        if _header(m, h.CONTROL) is not None:
+            continue  # a signal for the aggregation agent, not data
+        source = _header(m, h.SOURCE) or f"{m.topic()}:{m.partition()}:{m.offset()}"
+        tag = _header(m, h.REGION)
+        if tag is None:
+            refused.append(Refused(m, "untagged", "no vtp-region header", source))
             continue
         if tag != region:
-            refused.append(
-                Refused(
-                    m,
-                    "residency_mismatch",
-                    f"tagged {tag!r}, refused by the {region!r} sink",
-                    source,
-                )
-            )
+            detail = f"tagged {tag!r}, refused by the {region!r} sink"
+            refused.append(Refused(m, "residency_mismatch", detail, source))
             continue
         try:
             record, writer = store.decode(m.value() or b"")
         except FramingError as exc:
             refused.append(Refused(m, exc.reason, exc.detail, source))
             continue
-        good.append(
-            rowlib.StoredUpload(
-                record=record,
-                owner_id=owner,
-                region=region,
-                schema_version=writer.version,
-                received_ms=int(_header(m, "vtp-received-ms") or m.timestamp()[1]),
-                raw_source=source,
-                topic=m.topic(),
-                partition=m.partition(),
-                offset=m.offset(),
-            )
+        upload = rowlib.StoredUpload(
+            record=record,
+            owner_id="",
+            region=region,
+            schema_version=writer.version,
+            received_ms=int(_header(m, h.RECEIVED_MS) or m.timestamp()[1]),
+            raw_source=source,
+            topic=m.topic(),
+            partition=m.partition(),
+            offset=m.offset(),
         )
+        registration = registry.get(record["vin"])
+        pieces, outside = split_by_owner(upload, registration, region)
+        if outside:
+            reason, detail = refusal(registration, region, outside[-1]["event_time_ms"]) or ("", "")
+            seqs = [s["seq"] for s in outside]
+            detail = f"{record['vin']}: {detail}; {len(seqs)} of {len(record['samples'])} samples, seq {seqs[:20]}"
+            partial = len(seqs) if pieces else None
+            refused.append(Refused(m, reason, detail, source, quarantine=True, partial=partial))
+        good += pieces
     return good, refused
 
 
@@ -115,7 +136,8 @@ def sort_against_stored(
     already in the warehouse. The same validated message again is a sink replay and is
     inserted again (its token makes that a no-op); the same raw message at another
     validated offset is a worker replay, skipped; another raw message with a stored
-    upload id is a resend, refused as duplicate_upload.
+    upload id is a resend, refused as duplicate_upload. The pieces of one upload (one
+    per owner) share a message and are inserted together.
     """
     seen = dict(stored)
     fresh, resends, skipped = [], [], 0
@@ -134,19 +156,18 @@ def sort_against_stored(
 
 
 class RegionSink:
-    def __init__(self, settings: Settings, region: str, warehouse: Warehouse | None = None):
-        if region not in settings.regions:
-            raise SinkError(
-                f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
-            )
+    def __init__(self, settings: Settings, warehouse: Warehouse | None = None):
         self.settings = settings
-        self.region = region
-        self.topic = settings.topics.validated(region)
-        self.aggregates_topic = settings.topics.aggregates(region)
-        self.warehouse = warehouse or open_warehouse(settings, region)
+        self.region = settings.need_region()
+        self.topic = settings.topics.validated
+        self.aggregates_topic = settings.topics.aggregates
+        self.warehouse = warehouse or open_warehouse(settings)
         migrate(self.warehouse)
+        self.pseudonym_key = pseudonym_key(settings)
+        backfill(self.warehouse, self.pseudonym_key)
         bootstrap = settings.bootstrap()
-        self.group = f"{settings.topic_prefix}-sink-{region}"
+        self.group = settings.topics.sink_group
+        self.registry = RegistryCopy(settings)
         self.consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -177,6 +198,7 @@ class RegionSink:
         self._stop = True
 
     def run(self, should_stop: Callable[[], bool] | None = None) -> None:
+        self.registry.start()
         self.consumer.subscribe([self.topic, self.aggregates_topic], on_revoke=self._on_revoke)
         log.info("sink %s: %s -> %s", self.region, self.topic, self.warehouse.description)
         try:
@@ -192,6 +214,7 @@ class RegionSink:
                             log.warning("consumer: %s", err)
                         continue
                     self.batcher.add(m.topic(), m.partition(), m.offset(), m, now)
+                self.registry.refresh()
                 for batch in self.batcher.take_ready(now):
                     self._write(batch)
                 self._report_lag(now)
@@ -199,6 +222,7 @@ class RegionSink:
                 self._write(batch)
         finally:
             self.consumer.close()
+            self.registry.close()
             self.producer.flush(10)
             self.warehouse.close()
 
@@ -275,16 +299,22 @@ class RegionSink:
             refused = self._insert_aggregates(batch, horizons)
         else:
             refused = self._insert_uploads(batch, horizons)
+        topics = self.settings.topics
         for r in refused:
             self.producer.produce(
-                self.settings.topics.deadletter,
+                topics.quarantine if r.quarantine else topics.deadletter,
                 key=r.message.key(),
                 value=r.message.value(),
-                headers=deadletter_headers("sink", r.reason, r.detail, r.source),
+                headers=deadletter_headers("sink", r.reason, r.detail, r.source, r.partial),
             )
-            metrics.DEADLETTERED.labels("sink", r.reason).inc()
+            if r.quarantine:
+                metrics.QUARANTINED.labels(r.reason).inc()
+            else:
+                metrics.DEADLETTERED.labels("sink", r.reason).inc()
         if refused and self.producer.flush(30) > 0:
-            raise SinkError("the dead-letter topic did not acknowledge within 30 s; not committing")
+            raise SinkError(
+                "the dead-letter/quarantine topics did not acknowledge within 30 s; not committing"
+            )
         self.consumer.commit(
             offsets=[TopicPartition(batch.topic, batch.partition, batch.last_offset + 1)],
             asynchronous=False,
@@ -292,21 +322,43 @@ class RegionSink:
         metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
         metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
 
+    def _catch_up_registry(self, batch: PartitionBatch) -> None:
+        """Read the registry copy up to the revisions the worker decided this batch with."""
+        wanted: dict[str, int] = {}
+        for m in batch.items:
+            revision = _header(m, h.REGISTRY_REVISION)
+            if revision and revision.isdigit() and m.key() and _header(m, h.CONTROL) is None:
+                vin = m.key().decode(errors="replace")
+                wanted[vin] = max(wanted.get(vin, 0), int(revision))
+        behind = self.registry.wait_for(wanted, self.settings.sink_registry_wait_s)
+        if behind:
+            log.warning(
+                "registry copy still behind the worker for %d vehicles after %.0f s (e.g. %s); "
+                "deciding with what it has",
+                len(behind), self.settings.sink_registry_wait_s, behind[0],
+            )  # fmt: skip
+
     def _insert_uploads(self, batch: PartitionBatch, horizons: dict[str, int]) -> list[Refused]:
-        good, refused = classify(batch.items, self.region)
+        self._catch_up_registry(batch)
+        good, refused = classify(batch.items, self.region, self.registry)
         good, erased = drop_erased_samples(good, horizons)
         metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)
         fresh, resends, skipped = sort_against_stored(good, self._stored(good))
+        resent = {up.offset: up for up in resends}  # an upload's pieces are one message
         refused += [
             Refused(self._message_of(batch, up), "duplicate_upload",
                     f"upload {up.record['upload_id']} is already stored", up.raw_source)
-            for up in resends
+            for up in resent.values()
         ]  # fmt: skip
+        record_pairs(
+            self.warehouse, self.pseudonym_key, {(up.owner_id, up.record["vin"]) for up in fresh}
+        )
         samples = rowlib.samples_table(fresh)
         self.warehouse.insert_arrow("samples", samples, batch.token)
         self.warehouse.insert_arrow("uploads", rowlib.uploads_table(fresh), batch.token)
-        self.stored_uploads += len(fresh)
-        metrics.SINK_UPLOADS.labels(self.region).inc(len(fresh))
+        stored_messages = len({up.offset for up in fresh})
+        self.stored_uploads += stored_messages
+        metrics.SINK_UPLOADS.labels(self.region).inc(stored_messages)
         metrics.SINK_SAMPLES.labels(self.region).inc(samples.num_rows)
         metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
         return refused
@@ -324,14 +376,14 @@ class RegionSink:
                 )
                 continue
             if record.get("region") != self.region:
-                refused.append(
-                    Refused(
-                        m,
-                        "residency_mismatch",
-                        f"{kind} of region {record.get('region')!r}",
-                        source,
-                    )
+                detail = f"{kind} of region {record.get('region')!r}"
+                refused.append(Refused(m, "residency_mismatch", detail, source))
+                continue
+            if not self._registered_for(record):
+                detail = (
+                    f"{kind} of {record.get('vin')!r}: its owner is not registered here at its time"
                 )
+                refused.append(Refused(m, "not_registered_at_that_time", detail, source))
                 continue
             if not keep_aggregate(record, horizons):
                 metrics.SINK_ERASED_DROPPED.labels(self.region, kind).inc()
@@ -343,19 +395,41 @@ class RegionSink:
             raise SinkError(
                 f"aggregate records of {batch.token} do not fit their tables: {exc}"
             ) from None
+        record_pairs(
+            self.warehouse, self.pseudonym_key, {(r["owner_id"], r["vin"]) for r in records}
+        )
         for table, data in sorted(tables.items()):
             self.warehouse.insert_arrow(table, data, batch.token)
         return refused
+
+    def _registered_for(self, record: dict) -> bool:
+        """The sink's own check of an aggregate: its owner held the vehicle here at some
+        moment of the record's span (a day spans its whole local date)."""
+        registration = self.registry.get(record.get("vin") or "")
+        if registration is None or not record.get("owner_id"):
+            return False
+        start = aggregate_start_ms(record)
+        if start is None:  # an empty open slot: any time the owner held it here
+            return any(
+                p.is_in(self.region) and p.owner_id == record["owner_id"]
+                for p in registration.periods
+            )
+        end = record.get("end_ms") or start + _DAY_SPAN_MS
+        return registration.owned_in(self.region, record["owner_id"], start, int(end))
 
     @staticmethod
     def _message_of(batch: PartitionBatch, up: rowlib.StoredUpload) -> Message:
         return batch.items[batch.offsets.index(up.offset)]
 
 
-def run_sink(settings: Settings, region: str) -> None:
+# From the earliest local midnight of a date (UTC+14) to its latest end (UTC-12).
+_DAY_SPAN_MS = (24 + 14 + 12) * 3_600_000
+
+
+def run_sink(settings: Settings) -> None:
     """`vtp sink --region R`, until SIGTERM/SIGINT (which finish the current batch)."""
     metrics.serve_metrics(settings.metrics_port)
-    sink = RegionSink(settings, region)
+    sink = RegionSink(settings)
     signal.signal(signal.SIGTERM, sink.stop)
     signal.signal(signal.SIGINT, sink.stop)
     sink.run()

@@ -43,6 +43,13 @@ class Warehouse(Protocol):
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int: ...
 
+    def analyst_query(
+        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
+    ) -> pa.Table:
+        """A query on a read-only connection of its own whose ``settings`` (limits) no
+        statement can change; it runs beside, not behind, the other statements."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -59,7 +66,12 @@ def _param_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):  # scalars are parsed in the escaped (TSV) form
-        return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+        return (
+            value.replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+        )
     return str(value)
 
 
@@ -87,17 +99,27 @@ class ChdbWarehouse:
             self._session = session.Session(str(path))
         except Exception as exc:
             raise WarehouseError(f"cannot open the embedded warehouse {path}: {exc}") from None
+        self._path = path
         # One engine per process: `vtp serve` shares it between the sink and the API's
         # request threads, one statement at a time.
         self._lock = threading.RLock()
 
     def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> Any:
         bound = {k: _param_text(v) for k, v in (params or {}).items()}
-        try:
-            with self._lock:
+        with self._lock:
+            try:
                 return self._session.query(sql, fmt, params=bound)
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+            except Exception as exc:
+                self._drain()
+                raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
+    def _drain(self) -> None:
+        """chdb 4.4 hands what a failed statement had output to the next statement on the
+        same connection (another caller's answer would begin with it): read it away."""
+        try:
+            self._session.query("SELECT 1", "CSV")
+        except Exception:  # the original error is what the caller needs
+            pass
 
     def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
         self._run(sql, "CSV", params)
@@ -121,18 +143,34 @@ class ChdbWarehouse:
         if dedup_token is not None:
             # Tokens are built by the sink from topic/partition/offsets: [a-z0-9.-] only.
             settings = f" SETTINGS insert_deduplication_token='{_safe_token(dedup_token)}'"
-        try:
-            with (
-                self._lock,
-                self._session.send_insert(
+        with self._lock:
+            try:
+                with self._session.send_insert(
                     f"INSERT INTO {table} ({columns}){settings}", "ArrowStream"
-                ) as inserter,
-            ):
-                inserter.append(buf.getvalue())
-                inserter.finish()
-        except Exception as exc:
-            raise WarehouseError(f"insert into {table} failed: {exc}") from None
+                ) as inserter:
+                    inserter.append(buf.getvalue())
+                    inserter.finish()
+            except Exception as exc:
+                self._drain()
+                raise WarehouseError(f"insert into {table} failed: {exc}") from None
         return data.num_rows
+
+    def analyst_query(
+        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
+    ) -> pa.Table:
+        import chdb
+
+        options = "&".join(f"{k}={v}" for k, v in settings.items())
+        bound = {k: _param_text(v) for k, v in (params or {}).items()}
+        # A fresh connection per query: its settings are fixed from the start, and a
+        # failed query's leftovers die with it.
+        connection = chdb.connect(f"{self._path}?{options}")
+        try:
+            return connection.query(sql, "ArrowTable", params=bound)
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+        finally:
+            connection.close()
 
     def close(self) -> None:
         with self._lock:
@@ -185,6 +223,14 @@ class ServerWarehouse:
         except Exception as exc:
             raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
 
+    def analyst_query(
+        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
+    ) -> pa.Table:
+        try:
+            return self._client.query_arrow(sql, parameters=params or None, settings=settings)
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         if data.num_rows == 0:
             return 0
@@ -218,10 +264,11 @@ def _safe_token(token: str) -> str:
     return token
 
 
-def open_warehouse(settings: Settings, region: str) -> Warehouse:
+def open_warehouse(settings: Settings) -> Warehouse:
     """The region's warehouse: embedded by default, a server when VTP_WAREHOUSE is a URL."""
+    region = settings.need_region()
     if settings.warehouse == "chdb":
-        return ChdbWarehouse(settings.warehouse_path(region))
+        return ChdbWarehouse(settings.warehouse_path)
     if settings.warehouse.startswith(("http://", "https://")):
         return ServerWarehouse(settings.warehouse, region)
     raise WarehouseError(

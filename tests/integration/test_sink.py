@@ -1,21 +1,22 @@
 """The sink in-process against the real broker and the real engine: a crash between
-inserting a batch's samples and its uploads, then a restart, leaves exact rows."""
+inserting a batch's samples and its uploads, then a restart, leaves exact rows; an
+upload that spans a sale is split between the two owners."""
 
 from __future__ import annotations
 
 import time
-import uuid
+from dataclasses import replace
 
 import pytest
 from confluent_kafka import Producer
 
-from producers.publish import DEFAULT_START_MS
+from producers.publish import DEFAULT_START_MS, register_fleet
 from producers.simulator import build_fleet, new_truth, simulate
 from schemas import default_store
-from sinks.sink import RegionSink, SinkError
+from schemas.registry import Period
+from sinks.sink import RegionSink
 from sinks.warehouse import ChdbWarehouse, WarehouseError, rows
 from vtp.pipeline import group_position
-from vtp.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +37,16 @@ class CrashingWarehouse(ChdbWarehouse):
         return super().insert_arrow(table, data, dedup_token)
 
 
+SALE = DEFAULT_START_MS + 300_000
+
+
 @pytest.fixture
-def eu_topic(base_settings, tmp_path):
-    settings = base_settings.with_(
-        data_dir=tmp_path, topic_prefix=f"sink-{uuid.uuid4().hex[:6]}", sink_batch_messages=25,
-        sink_flush_ms=200, regions=("cn", "eu"),
-    )  # fmt: skip
-    create_topics(settings)
+def eu_topic(region_stack):
+    settings = region_stack("eu", "sink", sink_batch_messages=25, sink_flush_ms=200)
     fleet = [v for v in build_fleet(2, owners=6, vehicles=10) if v.region == "eu"]
+    sold = fleet[0]
+    fleet[0] = replace(sold, history=(Period(0, sold.owner_id, "eu"), Period(SALE, "buyer", "eu")))
+    register_fleet(settings, fleet)
     truth = new_truth(fleet)
     store = default_store()
     v1 = store.get("VehicleUpload", 1)
@@ -51,18 +54,18 @@ def eu_topic(base_settings, tmp_path):
         {"bootstrap.servers": settings.bootstrap(), "partitioner": "murmur2_random"}
     )
     count = 0
+    revision = {v.vin: str(v.registration_in("eu").revision).encode() for v in fleet}
     for i, upload in enumerate(
         simulate(fleet, seed=2, start_ms=DEFAULT_START_MS, duration_s=600, truth=truth)
     ):
-        owner = next(v.owner_id for v in fleet if v.vin == upload["vin"])
         producer.produce(
-            settings.topics.validated("eu"), key=upload["vin"].encode(), value=store.encode(upload, v1),
-            headers=[("vtp-region", b"eu"), ("vtp-owner", owner.encode()),
+            settings.topics.validated, key=upload["vin"].encode(), value=store.encode(upload, v1),
+            headers=[("vtp-region", b"eu"), ("vtp-registry-revision", revision[upload["vin"]]),
                      ("vtp-source", f"{settings.topics.uploads}:0:{i}".encode())],
         )  # fmt: skip
         count += 1
     assert producer.flush(30) == 0
-    return settings, truth, count
+    return settings, truth, count, sold
 
 
 def run_until_drained(sink: RegionSink, settings, timeout=120):
@@ -82,33 +85,91 @@ def run_until_drained(sink: RegionSink, settings, timeout=120):
     sink.run(should_stop=drained)
 
 
-def test_crash_between_samples_and_uploads_then_restart_leaves_exact_rows(eu_topic, tmp_path):
-    settings, truth, uploads = eu_topic
-    crashing = CrashingWarehouse(settings.warehouse_path("eu"), crash_on_uploads_insert=3)
+def test_crash_between_samples_and_uploads_then_restart_leaves_exact_rows(eu_topic):
+    settings, truth, uploads, sold = eu_topic
+    crashing = CrashingWarehouse(settings.warehouse_path, crash_on_uploads_insert=3)
     with pytest.raises(WarehouseError, match="simulated crash"):
-        RegionSink(settings, "eu", warehouse=crashing).run()
+        RegionSink(settings, warehouse=crashing).run()
     committed, high = group_position(
-        settings, f"{settings.topic_prefix}-sink-eu", [settings.topics.validated("eu")]
+        settings, settings.topics.sink_group, [settings.topics.validated]
     )
     assert 0 < committed < high  # two batches committed, the third not
 
-    sink = RegionSink(settings, "eu")
+    sink = RegionSink(settings)
     run_until_drained(sink, settings)
-    wh = ChdbWarehouse(settings.warehouse_path("eu"))
+    wh = ChdbWarehouse(settings.warehouse_path)
     try:
         ((samples, distinct),) = rows(wh.query("SELECT count(), uniqExact(vin, seq) FROM samples"))
-        (stored_uploads,) = rows(wh.query("SELECT count() FROM uploads"))[0]
+        (stored_uploads,) = rows(wh.query("SELECT uniqExact(upload_id) FROM uploads"))[0]
         replayed = rows(wh.query(
             "SELECT count() FROM sink_batches GROUP BY partition, first_offset HAVING count() > 1"
+        ))  # fmt: skip
+        by_owner = rows(wh.query(
+            "SELECT owner_id, toUnixTimestamp64Milli(min(event_time)), "
+            "toUnixTimestamp64Milli(max(event_time)), count() FROM samples WHERE vin = {v:String} "
+            "GROUP BY owner_id ORDER BY 2", {"v": sold.vin},
+        ))  # fmt: skip
+        split = rows(wh.query(
+            "SELECT upload_id FROM uploads WHERE vin = {v:String} GROUP BY upload_id "
+            "HAVING uniqExact(owner_id) = 2", {"v": sold.vin},
         ))  # fmt: skip
     finally:
         wh.close()
     assert samples == distinct == truth.totals()["samples"]
     assert stored_uploads == uploads == sink.stored_uploads + 50  # 2 batches of 25 before the crash
     assert replayed == []  # the replayed range was imposed, not recorded again
+    # the sold car: each owner holds exactly the samples of their own time
+    (seller, s_first, s_last, s_n), (buyer, b_first, b_last, b_n) = by_owner
+    assert (seller, buyer) == (sold.owner_id, "buyer")
+    assert s_last < SALE <= b_first and s_n + b_n == truth.vehicles[sold.vin].samples
+    assert len(split) == 1  # the one upload that spans the sale is stored as two pieces
 
 
-def test_unknown_region_is_refused_at_start(base_settings, tmp_path):
-    settings = base_settings.with_(data_dir=tmp_path)
-    with pytest.raises(SinkError, match="not one of VTP_REGIONS"):
-        RegionSink(settings, "us")
+def test_the_sink_reads_its_registry_up_to_what_the_worker_decided_with(region_stack, caplog):
+    import threading
+
+    from producers.sdk import publish_registrations
+    from schemas.registry import Registration
+
+    settings = region_stack("eu", "sinkreg", sink_batch_messages=1, sink_registry_wait_s=3.0)
+    vin, later_vin = "WVWZZZ1KZAW000777", "WVWZZZ1KZAW000778"
+    old = [Registration(vin, (Period(0, "first-owner", "eu"),), revision=1),
+           Registration(later_vin, (Period(0, "kept-owner", "eu"),), revision=1)]  # fmt: skip
+    assert publish_registrations(settings.bootstrap(), settings.topics.vehicles, old).ok
+    store = default_store()
+    producer = Producer({"bootstrap.servers": settings.bootstrap()})
+
+    def routed(v: str, seq: int, revision: int) -> None:
+        upload = {"vin": v, "upload_id": f"u-{v}-{seq}", "sent_at_ms": DEFAULT_START_MS,
+                  "gateway_firmware": "x", "samples": [{"event_time_ms": DEFAULT_START_MS, "seq": seq}]}  # fmt: skip
+        producer.produce(
+            settings.topics.validated, key=v.encode(), value=store.encode(upload, store.get("VehicleUpload", 1)),
+            headers=[("vtp-region", b"eu"), ("vtp-registry-revision", str(revision).encode()),
+                     ("vtp-source", f"raw:0:{v}-{seq}".encode())],
+        )  # fmt: skip
+        assert producer.flush(10) == 0
+
+    # The worker decided with revision 2, which the sink has not read yet: it waits for it.
+    routed(vin, 1, 2)
+    # Revision 9 never comes (say the entry was removed since): it waits once, then decides.
+    routed(later_vin, 1, 9)
+    routed(later_vin, 2, 9)
+    sink = RegionSink(settings)
+    thread = threading.Thread(target=run_until_drained, args=(sink, settings, 60))
+    thread.start()
+    time.sleep(1.0)
+    new = [Registration(vin, (Period(0, "second-owner", "eu"),), revision=2)]
+    assert publish_registrations(settings.bootstrap(), settings.topics.vehicles, new).ok
+    thread.join(90)
+    wh = ChdbWarehouse(settings.warehouse_path)
+    try:
+        owners = rows(wh.query("SELECT vin, seq, owner_id FROM samples ORDER BY vin, seq"))
+    finally:
+        wh.close()
+    assert owners == [
+        (vin, 1, "second-owner"),
+        (later_vin, 1, "kept-owner"),
+        (later_vin, 2, "kept-owner"),
+    ]
+    waits = [r for r in caplog.records if "registry copy still behind" in r.getMessage()]
+    assert len(waits) == 1 and later_vin in waits[0].getMessage()

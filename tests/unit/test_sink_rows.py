@@ -58,3 +58,22 @@ def test_sort_against_stored_within_one_batch():
     b = stored(offset=2, raw_source="vtp.uploads:3:3")
     fresh, resends, skipped = sort_against_stored([a, b], {})
     assert fresh == [a] and resends == [b] and skipped == 0
+
+
+def test_an_upload_spanning_a_sale_is_split_between_the_owners_and_the_rest_refused():
+    from schemas.registry import Period, Registration
+    from sinks.sink import split_by_owner
+
+    up = stored(samples=4)  # samples at 1000, 2000, 3000, 4000 ms
+    reg = Registration(
+        up.record["vin"],
+        (Period(1500, "seller", "cn"), Period(2500, "buyer", "cn"), Period(3500, None, "eu")),
+    )
+    pieces, outside = split_by_owner(up, reg, "cn")
+    assert [(p.owner_id, [s["seq"] for s in p.record["samples"]]) for p in pieces] == [
+        ("seller", [1]),
+        ("buyer", [2]),
+    ]
+    assert [s["seq"] for s in outside] == [0, 3]  # before the first period, and after the move
+    assert all(p.record["upload_id"] == up.record["upload_id"] for p in pieces)
+    assert split_by_owner(up, None, "cn") == ([], up.record["samples"])
