@@ -1,15 +1,29 @@
-"""Analyst queries: only the pseudonymised analyst_* views, read-only.
+"""Analyst queries: one SELECT over the pseudonymised analyst_* views, nothing else.
 
-On a ClickHouse server the role in deploy/clickhouse-analyst-role.sql enforces this.
-The embedded engine has no users, so `vtp sql` checks each query's syntax tree, as
-ClickHouse itself parses it (EXPLAIN AST), before running it: one SELECT, every table
-it reads an analyst_* view, no table functions (file, url, remote, ...), no functions
-that read tables or dictionaries (joinGet, dictGet...). Subqueries are checked the same
-way; a WITH name used as a table is refused (write the subquery in place).
+Everything here is an allow-list, because the embedded engine enforces almost nothing
+by itself (it runs inside this process: its file() reads any file the process can, and
+readonly=1 lets file() and INTO OUTFILE through):
+
+1. ``formatQuerySingleLine`` parses the text without running it and refuses a second
+   statement; the canonical text it returns is what runs.
+2. ``EXPLAIN AST`` of that text is read as a tree whose shape (indentation, children
+   counts) must be exact, so an identifier cannot smuggle in a fake node. Only the node
+   kinds of plain SELECTs are allowed (no SETTINGS, FORMAT or INTO OUTFILE), only the
+   functions in FUNCTIONS (no file, url, dictionaries, settings or system access), no
+   table functions, and every table is an analyst_* view.
+3. The query runs on a connection of its own, opened read-only with its limits in the
+   connection (execution time, memory, rows read, result size), which no statement can
+   change; a runaway query is cancelled there while the sink and owner requests go on
+   over the main connection. On a ClickHouse server the same limits go with the query,
+   and deploy/clickhouse-analyst-role.sql adds a role with SELECT on the views only.
+
+The views name owners and vehicles only by keyed pseudonyms, which the sink computes
+with a key kept in the keys folder (vtp.keys), never in the warehouse.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -17,143 +31,248 @@ import pyarrow as pa
 from sinks.warehouse import Warehouse, WarehouseBusy, WarehouseError, open_warehouse, rows
 from vtp.settings import Settings
 
-ANALYST_PREFIX = "analyst_"
-IN_FUNCTIONS = {"in", "notIn", "globalIn", "globalNotIn", "nullIn", "notNullIn", "globalNullIn"}
-TABLE_READING_PREFIXES = ("dictGet", "dictHas", "dictIsIn", "joinGet", "getSetting")
-MAX_ROWS = 100_000
+ANALYST_VIEWS = ("analyst_samples", "analyst_trips", "analyst_charges", "analyst_daily_summaries")
+
+NODE_KINDS = frozenset(
+    {
+        "SelectWithUnionQuery", "SelectIntersectExceptQuery", "SelectQuery", "ExpressionList",
+        "Identifier", "Literal", "Function", "Asterisk", "QualifiedAsterisk",
+        "ColumnsRegexpMatcher", "ColumnsTransformerList", "ColumnsExceptTransformer",
+        "TablesInSelectQuery", "TablesInSelectQueryElement", "TableExpression",
+        "TableIdentifier", "TableJoin", "ArrayJoin", "Subquery", "WithElement",
+        "OrderByElement", "WindowDefinition", "WindowListElement",
+    }
+)  # fmt: skip
+
+# Functions analysts may call, by lower-case name (as parsed: operators are functions).
+# A function not listed is closed until someone opens it here, on purpose.
+FUNCTIONS = frozenset(
+    """
+    plus minus multiply divide intdiv intdivorzero modulo negate abs
+    equals notequals less greater lessorequals greaterorequals and or not xor
+    in notin like notlike ilike notilike
+    if multiif casewithexpression isnull isnotnull coalesce ifnull nullif assumenotnull
+    round floor ceil ceiling trunc sqrt cbrt exp log ln log2 log10 pow power sign
+    greatest least sin cos tan asin acos atan atan2 pi e
+    count sum avg min max any anylast argmin argmax uniq uniqexact uniqcombined
+    countdistinct median quantile quantiles quantileexact quantiletdigest
+    stddevpop stddevsamp varpop varsamp corr covarpop covarsamp grouparray groupuniqarray
+    topk sumwithoverflow
+    row_number rank dense_rank laginframe leadinframe first_value last_value
+    todate todate32 todatetime todatetime64 tostartofday tostartofhour tostartofminute
+    tostartoffifteenminutes tostartofweek tostartofmonth tostartofquarter tostartofyear
+    tostartofinterval tomonday toyyyymm toyyyymmdd toyear toquarter tomonth todayofmonth
+    todayofweek todayofyear tohour tominute tosecond toisoweek toweek totimezone
+    tounixtimestamp tounixtimestamp64milli fromunixtimestamp64milli datediff date_diff
+    dateadd datesub adddays addhours addminutes addseconds addweeks addmonths
+    subtractdays subtracthours subtractminutes subtractseconds subtractweeks subtractmonths
+    tointervalsecond tointervalminute tointervalhour tointervalday tointervalweek
+    tointervalmonth tointervalyear now today yesterday formatdatetime
+    length lower upper concat substring startswith endswith position trim trimleft
+    trimright replaceall replaceone tostring leftpad rightpad empty notempty
+    tofloat32 tofloat64 toint32 toint64 touint32 touint64 todecimal64 cast _cast
+    tofloat64ornull toint64ornull
+    array tuple tupleelement arrayelement has hasany hasall arraymap arrayfilter
+    arraysum arraycount arrayjoin arraysort arraydistinct arrayuniq range lambda
+    exists greatcircledistance geodistance
+    """.split()
+)
+COMBINATORS = ("if", "distinct", "ornull", "ordefault")
+IN_FUNCTIONS = frozenset({"in", "notin", "globalin", "globalnotin", "nullin", "notnullin"})
+NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_LINE = re.compile(r"^(?P<indent> *)(?P<kind>[A-Za-z]+)(?P<rest>.*?)(?: \(children (?P<n>\d+)\))?$")
+_ALIAS = re.compile(rf" \(alias ({NAME})\)$")
 
 
 class AnalystQueryError(ValueError):
-    """The query is not allowed for analysts, or does not parse."""
+    """The query is refused (``code`` query_refused) or failed or was cancelled in the
+    engine (query_failed, query_cancelled: a limit was reached)."""
+
+    def __init__(self, message: str, code: str = "query_refused"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class AnalystLimits:
+    max_execution_s: float = 10.0
+    max_memory_bytes: int = 1024 * 2**20
+    max_rows_read: int = 200_000_000
+    max_result_rows: int = 100_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AnalystLimits:
+        return cls(
+            settings.analyst_max_execution_s,
+            settings.analyst_max_memory_mb * 2**20,
+            settings.analyst_max_rows_read,
+            settings.analyst_max_result_rows,
+        )
+
+    def engine_settings(self) -> dict[str, str]:
+        """Fixed on the analyst's connection: readonly=1 also forbids changing any of them."""
+        return {
+            "readonly": "1",
+            "max_execution_time": f"{self.max_execution_s:g}",
+            "timeout_overflow_mode": "throw",
+            "max_memory_usage": str(self.max_memory_bytes),
+            "max_rows_to_read": str(self.max_rows_read),
+            "read_overflow_mode": "throw",
+            "max_result_rows": str(self.max_result_rows),
+            "result_overflow_mode": "throw",
+            "allow_introspection_functions": "0",
+        }
 
 
 @dataclass
 class _Node:
-    label: str
+    kind: str
+    name: str  # what follows the kind on its line (a function's or table's name, a literal)
+    declared: int
     children: list[_Node] = field(default_factory=list)
-
-    @property
-    def kind(self) -> str:
-        return self.label.split(" ", 1)[0]
-
-    @property
-    def name(self) -> str:
-        parts = self.label.split(" ")
-        return parts[1] if len(parts) > 1 and not parts[1].startswith("(") else ""
 
 
 def parse_ast(lines: list[str]) -> _Node:
-    """EXPLAIN AST output (one node per line, indented by depth) as a tree."""
-    root = _Node("<root>")
+    """EXPLAIN AST output as a tree; refuses any line or shape that is not exact."""
+    root = _Node("<root>", "", 1)
     stack: list[tuple[int, _Node]] = [(-1, root)]
     for line in lines:
-        depth = len(line) - len(line.lstrip(" "))
-        node = _Node(line.strip())
+        match = _LINE.match(line)
+        if match is None:
+            raise AnalystQueryError(f"unexpected syntax tree line {line[:80]!r}")
+        depth = len(match["indent"])
+        node = _Node(match["kind"], match["rest"].strip(), int(match["n"] or 0))
         while stack[-1][0] >= depth:
             stack.pop()
+        if depth != stack[-1][0] + 1:
+            raise AnalystQueryError("unexpected syntax tree shape")
         stack[-1][1].children.append(node)
         stack.append((depth, node))
+    _check_counts(root)
     return root
 
 
-def _table_name(identifier: str) -> str:
-    return identifier.split(".")[-1].strip("`")
+def _check_counts(node: _Node) -> None:
+    if len(node.children) != node.declared:
+        raise AnalystQueryError("unexpected syntax tree shape")
+    for child in node.children:
+        _check_counts(child)
 
 
-def check_ast(root: _Node) -> None:
-    """Raise AnalystQueryError unless the tree reads only analyst_* views."""
-    if len(root.children) != 1 or root.children[0].kind != "SelectWithUnionQuery":
-        raise AnalystQueryError("only a single SELECT query is allowed")
-
-    def visit(node: _Node) -> None:
-        if node.kind == "TableExpression":
-            source = node.children[0] if node.children else None
-            if source is None or source.kind not in ("TableIdentifier", "Subquery"):
-                what = f"{source.kind} {source.name}".strip() if source else "nothing"
-                raise AnalystQueryError(f"reading from {what} is not allowed; use analyst_* views")
-            if source.kind == "TableIdentifier":
-                _allowed_table(source.name)
-        if node.kind == "Function":
-            if node.name.startswith(TABLE_READING_PREFIXES):
-                raise AnalystQueryError(f"function {node.name} is not allowed for analysts")
-            if node.name in IN_FUNCTIONS:
-                args = node.children[0].children if node.children else []
-                if len(args) == 2 and args[1].kind == "Identifier":
-                    _allowed_table(args[1].name)  # `x IN table` reads that table
-        for child in node.children:
-            visit(child)
-
-    visit(root)
+def _function_allowed(name: str) -> bool:
+    lower = name.lower()
+    if lower in FUNCTIONS:
+        return True
+    return any(lower.endswith(c) and lower[: -len(c)] in FUNCTIONS for c in COMBINATORS)
 
 
-def _allowed_table(identifier: str) -> None:
-    database = identifier.split(".")[0] if "." in identifier else None
-    if database not in (None, "default") or not _table_name(identifier).startswith(ANALYST_PREFIX):
+def _view(name: str) -> None:
+    if name not in ANALYST_VIEWS:
         raise AnalystQueryError(
-            f"table {identifier} is not open to analysts; query the analyst_* views "
-            "(analyst_samples, analyst_trips, analyst_charges, analyst_daily_summaries)"
+            f"table {name!r} is not open to analysts; query {', '.join(ANALYST_VIEWS)}"
         )
 
 
-def run_analyst_query(warehouse: Warehouse, sql: str, max_rows: int = MAX_ROWS) -> pa.Table:
-    text = sql.strip().rstrip(";").strip()
+def check_ast(root: _Node) -> None:
+    """Raise AnalystQueryError unless the tree is one plain SELECT over analyst views."""
+    if len(root.children) != 1 or root.children[0].kind != "SelectWithUnionQuery":
+        raise AnalystQueryError("only a single SELECT query is allowed")
+    if len(root.children[0].children) != 1:
+        raise AnalystQueryError("FORMAT, INTO OUTFILE and SETTINGS are not allowed")
+
+    def visit(node: _Node, parent: _Node) -> None:
+        if node.kind not in NODE_KINDS:
+            raise AnalystQueryError(f"{node.kind} is not allowed in an analyst query")
+        alias = _ALIAS.search(node.name)
+        name = node.name[: alias.start()] if alias else node.name
+        if node.kind == "Function":
+            if parent.kind == "TableExpression":
+                raise AnalystQueryError(f"table function {name} is not allowed")
+            if not re.fullmatch(NAME, name) or not _function_allowed(name):
+                raise AnalystQueryError(f"function {name} is not open to analysts")
+            if name.lower() in IN_FUNCTIONS and node.children and node.children[0].children:
+                table = node.children[0].children[-1]
+                if table.kind == "Identifier":
+                    _view(table.name)  # `x IN table` reads that table
+        elif node.kind == "Identifier" and not re.fullmatch(rf"{NAME}(\.{NAME})*", name):
+            raise AnalystQueryError(f"identifier {name!r} is not allowed")
+        elif node.kind == "TableIdentifier":
+            _view(name)
+        for child in node.children:
+            visit(child, node)
+
+    visit(root.children[0], root)
+
+
+def run_analyst_query(warehouse: Warehouse, sql: str, limits: AnalystLimits) -> pa.Table:
+    text = sql.strip()
     if not text:
         raise AnalystQueryError("the query is empty")
-    if ";" in text:
-        # The embedded engine runs every statement of a multi-statement text, even
-        # after EXPLAIN; nothing with a second statement may reach it.
-        raise AnalystQueryError("one statement only: the query may not contain ';'")
+    settings = limits.engine_settings()
     try:
-        ast = rows(warehouse.query(f"EXPLAIN AST {text}"))
+        # Parsed, never run; a second statement is refused here.
+        canonical = rows(
+            warehouse.analyst_query(
+                "SELECT formatQuerySingleLine({q:String})", {"q": text}, settings
+            )
+        )[0][0]
+        ast = rows(warehouse.analyst_query(f"EXPLAIN AST {canonical}", None, settings))
     except WarehouseError as exc:
-        raise AnalystQueryError(f"the query does not parse: {str(exc).splitlines()[0]}") from None
+        raise AnalystQueryError(f"the query does not parse: {_first_line(exc)}") from None
     check_ast(parse_ast([line for (line,) in ast]))
     try:
-        return warehouse.query(f"SELECT * FROM ({text}) LIMIT {int(max_rows)}")
+        return warehouse.analyst_query(canonical, None, settings)
     except WarehouseError as exc:
-        raise AnalystQueryError(str(exc).split("\n-- while running")[0]) from None
+        message = _first_line(exc)
+        limited = any(f"Code: {c}." in message for c in (158, 159, 160, 241, 307, 396))
+        raise AnalystQueryError(message, "query_cancelled" if limited else "query_failed") from None
 
 
-def query_locally_or_via_service(
-    settings: Settings, region: str, sql: str
-) -> tuple[list[str], list[list]]:
+def _first_line(exc: Exception) -> str:
+    return str(exc).split("\n-- while running")[0].splitlines()[0][:500]
+
+
+def query_locally_or_via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
     """`vtp sql`: open the region's warehouse, or, when `vtp serve` owns it (embedded
     mode), send the query to that service with a short-lived analyst token."""
     try:
-        warehouse = open_warehouse(settings, region)
+        warehouse = open_warehouse(settings)
     except WarehouseBusy:
-        return _via_service(settings, region, sql)
+        return _via_service(settings, sql)
     try:
         from sinks.migrations import migrate
 
         migrate(warehouse)
-        result = run_analyst_query(warehouse, sql)
+        result = run_analyst_query(warehouse, sql, AnalystLimits.from_settings(settings))
         return result.column_names, [list(r.values()) for r in result.to_pylist()]
     finally:
         warehouse.close()
 
 
-def _via_service(settings: Settings, region: str, sql: str) -> tuple[list[str], list[list]]:
+def _via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
     import json
 
     import httpx
 
     from owner_api.serve import address_file
-    from owner_api.tokens import issue_analyst, signing_key
+    from owner_api.tokens import analyst_claims, issue
+    from vtp.keys import load_keyring
 
-    path = address_file(settings, region)
+    path = address_file(settings)
     if not path.exists():
         raise AnalystQueryError(
-            f"the {region} warehouse is open in another process that is not `vtp serve`; "
-            "stop that process (a `vtp sink`?) or run the query through `vtp serve`"
+            f"the {settings.region} warehouse is open in another process that is not "
+            "`vtp serve`; stop that process (a `vtp sink`?) or run the query through `vtp serve`"
         )
     url = json.loads(path.read_text())["url"]
-    token = issue_analyst(signing_key(settings), "vtp-sql", region, 300)
+    token = issue(load_keyring(settings), analyst_claims("vtp-sql", settings.region, 300))
     response = httpx.post(
         f"{url}/v1/analyst/sql", json={"sql": sql},
         headers={"Authorization": f"Bearer {token}"}, timeout=300,
     )  # fmt: skip
     body = response.json()
     if response.status_code != 200:
-        raise AnalystQueryError(body.get("message", response.text))
+        raise AnalystQueryError(
+            body.get("message", response.text), body.get("error", "query_failed")
+        )
     return body["columns"], body["rows"]

@@ -2,7 +2,9 @@
 
 Every data route resolves the caller first (``Caller``): a valid token of this region,
 a live grant for delegated tokens, an owner known here. Each route then reads only that
-owner's slice and records the access in the audit log, with the rows returned.
+owner's slice, only the columns the caller's scopes open (owner_api.scopes), and
+records the access in the audit log with the rows returned. Every 4xx answer, the
+framework's own included, is ``{"error": code, "message": text}``.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the dependency aliases
@@ -21,20 +23,16 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from owner_api import store
-from owner_api.analyst import AnalystQueryError, run_analyst_query
+from owner_api.analyst import AnalystLimits, AnalystQueryError, run_analyst_query
 from owner_api.export import stream_export
-from owner_api.tokens import (
-    SCOPES,
-    SIGNAL_SCOPE,
-    Claims,
-    TokenError,
-    issue,
-    verify,
-    verify_analyst,
-)
+from owner_api.scopes import ROUTE_SCOPE, SCOPES, SIGNAL_SCOPE, visible_columns
+from owner_api.tokens import Claims, TokenError, issue, verify
 from sinks.warehouse import Warehouse
+from vtp.keys import KeyRing
+from vtp.settings import Settings
 
 log = logging.getLogger("vtp.owner_api")
 
@@ -93,12 +91,23 @@ def _time_range(start: datetime | None, end: datetime | None, default_days: int)
     return start_ms, end_ms
 
 
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
+              413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+
+
+def token_error(exc: TokenError) -> "ApiError":
+    if exc.reason == "wrong_region":
+        return ApiError(403, "wrong_region", str(exc))
+    return ApiError(401, f"{exc.reason}_token", str(exc))
+
+
 def create_app(
-    region: str,
+    settings: Settings,
     warehouse: Warehouse,
-    signing_key: str,
+    ring: KeyRing,
     erasure_lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> FastAPI:
+    region = settings.need_region()
     app = FastAPI(
         title="vtp owner API",
         version="1",
@@ -106,17 +115,29 @@ def create_app(
         "erase, and the log of every access.",
     )
     wh = warehouse
+    analyst_limits = AnalystLimits.from_settings(settings)
 
     @app.exception_handler(ApiError)
     def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         who = getattr(request.state, "caller", None)
         if who is not None:  # refused after the caller was known: that attempt is logged too
             resource, detail = request.url.path, f"{exc.code}: {exc.message}"
-            if exc.code == "unknown_vehicle":
-                # Maybe another owner's VIN: it does not go into this owner's log.
-                resource, detail = VIN_IN_PATH.sub("/<not-yours>", resource), exc.code
+            if not getattr(request.state, "vehicle_is_callers", False):
+                # A VIN not (yet) shown to be the caller's may be another owner's: it
+                # goes into nobody's log, whatever the refusal was about.
+                resource = VIN_IN_PATH.sub("/<vin>", resource)
+                detail = exc.code
             audit(who, "denied", resource, 0, detail, exc.status)
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse(
+            {"error": code, "message": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -138,14 +159,12 @@ def create_app(
         if not authorization or not authorization.startswith("Bearer "):
             raise ApiError(401, "missing_token", "send Authorization: Bearer <token>")
         try:
-            claims = verify(signing_key, authorization.removeprefix("Bearer ").strip())
-        except TokenError as exc:
-            raise ApiError(401, f"{exc.reason}_token", str(exc)) from None
-        if claims.region != region:
-            raise ApiError(
-                403, "wrong_region",
-                f"the token is for region {claims.region!r}; this service serves {region!r}",
+            claims = verify(
+                ring, authorization.removeprefix("Bearer ").strip(), region,
+                ("owner", "grant"), settings.owner_token_max_ttl_s,
             )  # fmt: skip
+        except TokenError as exc:
+            raise token_error(exc) from None
         if not claims.is_owner:
             # Looked up every time, so revoking takes effect at once. The token's own
             # expiry is the grant's, checked by verify().
@@ -169,9 +188,10 @@ def create_app(
         if scope not in who.claims.scopes:
             raise ApiError(403, "missing_scope", f"{what} needs the {scope!r} scope")
 
-    def vehicle_of(who: Caller, vin: str) -> str:
+    def vehicle_of(request: Request, who: Caller, vin: str) -> str:
         if not store.owns_vehicle(wh, who.owner, vin):
-            raise ApiError(404, "unknown_vehicle", f"vehicle {vin} is not one of this owner's")
+            raise ApiError(404, "unknown_vehicle", "that vehicle is not one of this owner's")
+        request.state.vehicle_is_callers = True
         return vin
 
     Who = Annotated[Caller, Depends(caller)]
@@ -202,6 +222,7 @@ def create_app(
 
     @app.get("/v1/vehicles/{vin}/samples", responses=ERRORS)
     def samples(
+        request: Request,
         who: Who,
         vin: Annotated[str, VIN],
         start: Start = None,
@@ -224,7 +245,7 @@ def create_app(
         for s in wanted:
             needs(who, SIGNAL_SCOPE[s], f"signal {s!r}")
         after = _parse_cursor(cursor)
-        vehicle_of(who, vin)
+        vehicle_of(request, who, vin)
         page, nxt = store.samples_page(wh, who.owner, vin, start_ms, end_ms, wanted, limit, after)
         audit(who, "read", f"samples/{vin}", len(page), f"signals={','.join(wanted)}")
         return {
@@ -234,6 +255,7 @@ def create_app(
 
     def session_route(table: store.Table, resource: str) -> Callable:
         def read(
+            request: Request,
             who: Who,
             vin: Annotated[str | None, Query(pattern=r"^[A-HJ-NPR-Z0-9]{17}$")] = None,
             start: Start = None,
@@ -241,12 +263,11 @@ def create_app(
             limit: Limit = 100,
         ) -> dict:
             start_ms, end_ms = _time_range(start, end, 30)
-            needs(who, table.scope or "", resource)
+            needs(who, ROUTE_SCOPE[table.name] or "", resource)
             if vin is not None:
-                vehicle_of(who, vin)
-            found = store.sessions(
-                wh, table, who.owner, vin, start_ms, end_ms, "location" in who.claims.scopes, limit
-            )
+                vehicle_of(request, who, vin)
+            columns = visible_columns(table.name, who.claims.scopes)
+            found = store.sessions(wh, table, who.owner, vin, start_ms, end_ms, columns, limit)
             audit(who, "read", resource, len(found))
             return {resource.replace("-", "_"): found}
 
@@ -266,11 +287,12 @@ def create_app(
         scopes = sorted(set(body.scopes))
         grant = store.create_grant(wh, who.owner, body.party, scopes, expires_ms)
         token = issue(
-            signing_key,
+            ring,
             Claims(
-                who.owner, region, expires_ms // 1000, grant["grant_id"], body.party, tuple(scopes)
+                who.owner, region, expires_ms // 1000, grant["grant_id"], body.party,
+                tuple(scopes), kind="grant",
             ),
-        )
+        )  # fmt: skip
         audit(who, "grant", f"grants/{grant['grant_id']}", 1, f"party={body.party} scopes={scopes}")
         return {"grant": grant, "token": token}
 
@@ -346,18 +368,16 @@ def create_app(
         if not authorization or not authorization.startswith("Bearer "):
             raise ApiError(401, "missing_token", "send Authorization: Bearer <analyst token>")
         try:
-            name, token_region = verify_analyst(
-                signing_key, authorization.removeprefix("Bearer ").strip()
+            claims = verify(
+                ring, authorization.removeprefix("Bearer ").strip(), region, ("analyst",)
             )
         except TokenError as exc:
-            raise ApiError(401, f"{exc.reason}_token", str(exc)) from None
-        if token_region != region:
-            raise ApiError(403, "wrong_region", f"this service serves {region!r}")
+            raise token_error(exc) from None
         try:
-            result = run_analyst_query(wh, body.sql)
+            result = run_analyst_query(wh, body.sql, analyst_limits)
         except AnalystQueryError as exc:
-            raise ApiError(400, "query_refused", str(exc)) from None
-        log.info("analyst %s ran a query returning %d rows", name, result.num_rows)
+            raise ApiError(400, exc.code, str(exc)) from None
+        log.info("analyst %s ran a query returning %d rows", claims.owner_id, result.num_rows)
         return {
             "columns": result.column_names,
             "rows": [list(r.values()) for r in store.records(result)],

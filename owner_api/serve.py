@@ -6,7 +6,7 @@ a time. An erasure takes the sink's write lock, so no batch filtered before it l
 after its deletes. With a ClickHouse server (VTP_WAREHOUSE=http...), `--no-sink` runs
 the API alone next to separate `vtp sink` processes.
 
-The listening address goes to <data_dir>/serve-<region>.json once the socket is bound
+The listening address goes to <data_dir>/<region>/serve.json once the socket is bound
 (VTP_API_PORT=0 picks a free port).
 """
 
@@ -23,18 +23,18 @@ import threading
 import uvicorn
 
 from owner_api.app import create_app
-from owner_api.tokens import signing_key
 from sinks.migrations import migrate
 from sinks.sink import RegionSink
 from sinks.warehouse import open_warehouse
 from vtp import metrics
+from vtp.keys import load_keyring
 from vtp.settings import Settings
 
 log = logging.getLogger("vtp.serve")
 
 
-def address_file(settings: Settings, region: str):
-    return settings.data_dir / f"serve-{region}.json"
+def address_file(settings: Settings):
+    return settings.home / "serve.json"
 
 
 class ServeError(RuntimeError):
@@ -56,22 +56,20 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_serve(settings: Settings, region: str, with_sink: bool = True) -> int:
-    if region not in settings.regions:
-        raise ServeError(
-            f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
-        )
+def run_serve(settings: Settings, with_sink: bool = True) -> int:
+    region = settings.need_region()
+    ring = load_keyring(settings)
     sock = _bind(settings.api_host, settings.api_port)
     try:
-        warehouse = open_warehouse(settings, region)
+        warehouse = open_warehouse(settings)
     except BaseException:
         sock.close()
         raise
     metrics.serve_metrics(settings.metrics_port)
     migrate(warehouse)
-    sink = RegionSink(settings, region, warehouse) if with_sink else None
+    sink = RegionSink(settings, warehouse) if with_sink else None
     erasure_lock = (lambda: sink.write_lock) if sink else contextlib.nullcontext
-    app = create_app(region, warehouse, signing_key(settings), erasure_lock)
+    app = create_app(settings, warehouse, ring, erasure_lock)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False))
     failure: list[BaseException] = []
@@ -87,7 +85,7 @@ def run_serve(settings: Settings, region: str, with_sink: bool = True) -> int:
     thread = threading.Thread(target=run_sink, name=f"sink-{region}") if sink else None
     if thread:
         thread.start()
-    where = address_file(settings, region)
+    where = address_file(settings)
     where.parent.mkdir(parents=True, exist_ok=True)
     where.write_text(json.dumps({"url": f"http://{host}:{port}", "pid": os.getpid()}))
     log.info("owner API for %s on http://%s:%s (sink: %s)", region, host, port, bool(sink))
@@ -108,14 +106,15 @@ def run_serve(settings: Settings, region: str, with_sink: bool = True) -> int:
     return 1 if failure else 0
 
 
-def wait_for_service(settings: Settings, region: str, process, timeout: float = 60.0) -> str:
+def wait_for_service(settings: Settings, process, timeout: float = 60.0) -> str:
     """The URL of a `vtp serve` process (vtp.pipeline.Process) once it answers."""
     import time
 
     import httpx
 
+    region = settings.need_region()
     deadline = time.monotonic() + timeout
-    path = address_file(settings, region)
+    path = address_file(settings)
     while time.monotonic() < deadline:
         if process.popen.poll() is not None:
             raise ServeError(f"vtp serve --region {region} exited:\n{process.log_tail()}")

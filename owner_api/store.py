@@ -18,7 +18,7 @@ from datetime import UTC, date, datetime
 
 import pyarrow as pa
 
-from owner_api.tokens import SIGNAL_SCOPE
+from owner_api.scopes import EXPORT_COLUMNS, SIGNAL_SCOPE
 from sinks.warehouse import Warehouse, rows
 
 SIGNALS = tuple(SIGNAL_SCOPE)
@@ -36,24 +36,20 @@ def _as_decimal_text(column: str) -> str:
 
 @dataclass(frozen=True)
 class Table:
-    """An owner table: its key columns (export order) and the columns a grant needs."""
+    """An owner table: its key columns (export order). Its columns: owner_api.scopes."""
 
     name: str
     key: tuple[str, ...]
     final: bool = False  # ReplacingMergeTree: read with FINAL
-    location_columns: tuple[str, ...] = ()
-    scope: str | None = None  # None: owner only
+
+    @property
+    def export_columns(self) -> str:
+        return ", ".join(EXPORT_COLUMNS[self.name])
 
 
-TRIPS = Table(
-    "trips",
-    ("vin", "start_time"),
-    True,
-    ("start_lat", "start_lon", "end_lat", "end_lon"),
-    "driving",
-)
-CHARGES = Table("charges", ("vin", "start_time"), True, ("lat", "lon"), "battery")
-DAYS = Table("daily_summaries", ("vin", "date"), True, (), "driving")
+TRIPS = Table("trips", ("vin", "start_time"), True)
+CHARGES = Table("charges", ("vin", "start_time"), True)
+DAYS = Table("daily_summaries", ("vin", "date"), True)
 # Everything an owner has, in export order (the audit log last: it grows while exporting).
 EXPORT_TABLES = (
     Table("samples", ("vin", "event_time", "seq")),
@@ -65,7 +61,8 @@ EXPORT_TABLES = (
     Table("grants", ("grant_id",), True),
     Table("audit_log", ("at", "request_id")),
 )
-ERASED_TABLES = tuple(t.name for t in EXPORT_TABLES)
+# The owner's rows everywhere, the analysts' pseudonyms of them included.
+ERASED_TABLES = (*(t.name for t in EXPORT_TABLES), "pseudonyms")
 
 
 def now_ms() -> int:
@@ -174,10 +171,11 @@ def sessions(
     vin: str | None,
     start_ms: int,
     end_ms: int,
-    with_location: bool,
+    columns: list[str],
     limit: int,
 ) -> list[dict]:
-    """Trips, charges or daily summaries in [start, end), newest first."""
+    """Trips, charges or daily summaries in [start, end), newest first: ``columns`` only
+    (what the caller's scopes open, from owner_api.scopes)."""
     time_column = "date" if table is DAYS else "start_time"
     when = (
         "date >= toDate(fromUnixTimestamp64Milli({s:Int64}, 'UTC')) "
@@ -186,10 +184,8 @@ def sessions(
         else "start_time >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') "
         "AND start_time < fromUnixTimestamp64Milli({e:Int64}, 'UTC')"
     )
-    hidden = set() if with_location else set(table.location_columns)
-    hidden |= {"owner_id", "region", "version"}
     result = wh.query(
-        f"SELECT * EXCEPT ({', '.join(sorted(hidden))}) FROM {table.name} FINAL "
+        f"SELECT {', '.join(columns)} FROM {table.name} FINAL "
         "WHERE owner_id = {o:String} AND (empty({v:String}) OR vin = {v:String}) "
         f"AND {when} ORDER BY {time_column} DESC, vin LIMIT {{n:UInt32}}",
         {"o": owner, "v": vin or "", "s": start_ms, "e": end_ms, "n": limit},
@@ -373,7 +369,8 @@ def export_pages(
     final = " FINAL" if table.final else ""
     for i, (where, params) in enumerate(_pages(wh, owner, table, page_rows)):
         page = wh.query(
-            f"SELECT * FROM {table.name}{final} WHERE {where} ORDER BY {', '.join(table.key)}",
+            f"SELECT {table.export_columns} FROM {table.name}{final} WHERE {where} "
+            f"ORDER BY {', '.join(table.key)}",
             params,
         )
         if page.num_rows or i == 0:
@@ -388,8 +385,8 @@ def export_text_pages(
     final = " FINAL" if table.final else ""
     for i, (where, params) in enumerate(_pages(wh, owner, table, page_rows)):
         data = wh.query_raw(
-            f"SELECT * FROM {table.name}{final} WHERE {where} ORDER BY {', '.join(table.key)}"
-            + TEXT_SETTINGS,
+            f"SELECT {table.export_columns} FROM {table.name}{final} WHERE {where} "
+            f"ORDER BY {', '.join(table.key)}" + TEXT_SETTINGS,
             params,
             first_format if i == 0 else next_format,
         )

@@ -1,5 +1,5 @@
-"""The owner API over real HTTP, against `vtp serve` processes whose warehouses the real
-pipeline filled (broker, worker, sink threads): reads, grants, export, erasure, audit,
+"""The owner API over real HTTP, against a `vtp serve` process whose warehouse the real
+pipeline filled (broker, worker, sink thread): reads, grants, export, erasure, audit,
 and every way a caller could reach data that is not theirs."""
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
+from owner_api.scopes import SCOPES
 from owner_api.serve import address_file, wait_for_service
-from owner_api.tokens import SCOPES, Claims, issue, issue_analyst, owner_claims
+from owner_api.tokens import Claims, analyst_claims, audience, issue, owner_claims
 from producers.publish import publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet
+from vtp.keys import load_keyring
 from vtp.pipeline import start_serve, start_worker, wait_drained
-from vtp.topics import create_topics
+from vtp.settings import Settings
 
 pytestmark = pytest.mark.integration
+RING = {}  # the served region's key ring, for the tokens the tests make
 
-KEY = "test-signing-key-" + uuid.uuid4().hex
 DATA_TABLES = (
     "samples",
     "uploads",
@@ -42,31 +44,27 @@ DATA_TABLES = (
 
 
 @pytest.fixture(scope="module")
-def served(base_settings, tmp_path_factory):
-    settings = base_settings.with_(
-        data_dir=tmp_path_factory.mktemp("api"), topic_prefix=f"api-{uuid.uuid4().hex[:6]}",
-        api_signing_key=KEY, sink_batch_messages=200, sink_flush_ms=300,
-    )  # fmt: skip
-    create_topics(settings)
-    fleet = build_fleet(5, owners=6, vehicles=10, regions=settings.regions)
+def served(region_stack):
+    settings = region_stack("eu", "api", sink_batch_messages=200, sink_flush_ms=300)
+    ring = RING["eu"] = load_keyring(settings)  # `vtp serve` finds them in the region's folder
+    fleet = [v for v in build_fleet(5, owners=12, vehicles=20) if v.region == "eu"]
     register_fleet(settings, fleet)
     worker = start_worker(settings)
-    serves = {r: start_serve(settings, r) for r in settings.regions}
-    processes = [worker, *serves.values()]
+    serve = start_serve(settings)
+    processes = [worker, serve]
     try:
-        urls = {r: wait_for_service(settings, r, p) for r, p in serves.items()}
+        url = wait_for_service(settings, serve)
         published = publish_fleet(settings, fleet, seed=5, duration_s=3 * 3600)
         assert published.report.ok
         assert wait_drained(settings, processes, timeout=300)
         yield {
-            "settings": settings, "fleet": fleet, "truth": published.truth, "urls": urls,
-            "processes": processes, "published": published,
+            "settings": settings, "fleet": fleet, "truth": published.truth, "urls": {"eu": url},
+            "processes": processes, "published": published, "ring": ring,
         }  # fmt: skip
     finally:
         for p in processes:
             p.stop()
-    for r in settings.regions:
-        assert not address_file(settings, r).exists()  # removed on a clean stop
+    assert not address_file(settings).exists()  # removed on a clean stop
 
 
 def _owner_in(served, region: str, index: int = 0) -> tuple[str, list[str]]:
@@ -83,7 +81,18 @@ def _client(served, region: str, token: str | None) -> httpx.Client:
 
 
 def _owner_token(owner: str, region: str, ttl: int = 600) -> str:
-    return issue(KEY, owner_claims(owner, region, ttl))
+    return issue(RING["eu"], owner_claims(owner, region, ttl))
+
+
+def _closed_trips(served, vin: str) -> list:
+    """The simulator's trips that the aggregation has closed: parked long enough after."""
+    truth = served["truth"].vehicles[vin]
+    return [t for t in truth.trips if truth.last_ms - t.end_ms >= 300_000]
+
+
+def _closed_charges(served, vin: str) -> list:
+    truth = served["truth"].vehicles[vin]
+    return [c for c in truth.charges if truth.last_ms - c.end_ms >= 300_000]
 
 
 def _truth_samples(served, vin: str) -> int:
@@ -125,11 +134,11 @@ def test_an_owner_reads_their_vehicles_samples_trips_charges_and_days(served):
 
         window = {"start": "2026-01-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
         trips = api.get("/v1/trips", params=window).json()["trips"]
-        truth_trips = sum(len(served["truth"].vehicles[v].trips) for v in vins)
+        truth_trips = sum(len(_closed_trips(served, v)) for v in vins)
         assert len(trips) == truth_trips > 0
         assert "start_lat" in trips[0] and "owner_id" not in trips[0]
         charges = api.get("/v1/charges", params=window).json()["charges"]
-        assert len(charges) == sum(len(served["truth"].vehicles[v].charges) for v in vins)
+        assert len(charges) == sum(len(_closed_charges(served, v)) for v in vins)
         days = api.get("/v1/daily-summaries", params={**window, "vin": vin}).json()
         assert days["daily_summaries"] and {d["vin"] for d in days["daily_summaries"]} == {vin}
 
@@ -165,12 +174,16 @@ def test_bad_parameters_get_400_with_the_reason(served):
 def test_no_caller_reaches_another_owners_data(served):
     owner, vins = _owner_in(served, "eu", 0)
     other, other_vins = _owner_in(served, "eu", 1)
-    cn_owner, cn_vins = _owner_in(served, "cn")
+    cn_vins = [v.vin for v in build_fleet(5, owners=12, vehicles=20) if v.region == "cn"]
     mine = _owner_token(owner, "eu")
-    forged = issue("not-the-signing-key-of-this-service-at-all", owner_claims(other, "eu", 600))
-    expired = issue(KEY, Claims(other, "eu", int(time.time()) - 10))
+    elsewhere = load_keyring(
+        Settings(data_dir=served["settings"].data_dir / "elsewhere", region="eu")
+    )
+    forged = issue(elsewhere, owner_claims(other, "eu", 600))
+    expired = issue(RING["eu"], Claims(other, "eu", int(time.time()) - 120), now=time.time() - 200)
     no_such_owner = _owner_token("owner-9999", "eu")
-    cn_token = _owner_token(cn_owner, "cn")
+    cn_ring = load_keyring(Settings(data_dir=served["settings"].data_dir / "cn", region="cn"))
+    cn_token = issue(cn_ring, owner_claims(owner, "cn", 600))
     with _client(served, "eu", mine) as api:
         for vin in other_vins + cn_vins:
             r = api.get(f"/v1/vehicles/{vin}/samples")
@@ -261,8 +274,8 @@ def _rows_in(archive: zipfile.ZipFile, name: str, fmt: str) -> int:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_export_holds_every_row_and_the_manifest_says_how_many(served, fmt):
-    owner, vins = _owner_in(served, "cn")
-    manifest, archive = _export(served, "cn", owner, fmt)
+    owner, vins = _owner_in(served, "eu", 3)
+    manifest, archive = _export(served, "eu", owner, fmt)
     assert manifest["owner_id"] == owner and manifest["format"] == fmt
     counts = manifest["row_counts"]
     assert counts["samples"] == sum(_truth_samples(served, v) for v in vins)
@@ -277,27 +290,27 @@ def test_export_holds_every_row_and_the_manifest_says_how_many(served, fmt):
 
 
 def test_the_access_log_records_every_access_with_its_rows(served):
-    owner, vins = _owner_in(served, "cn", 1)
-    with _client(served, "cn", _owner_token(owner, "cn")) as api:
+    owner, vins = _owner_in(served, "eu", 4)
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
         n = len(api.get(f"/v1/vehicles/{vins[0]}/samples", params={"limit": 7}).json()["samples"])
         api.get("/v1/vehicles/WVWZZZ1JZXW000001/samples")  # not theirs: denied, logged
         grant = api.post(
             "/v1/grants", json={"party": "Garage", "scopes": ["diagnostics"], "expires_in_s": 600}
         ).json()
-    with _client(served, "cn", grant["token"]) as party:
+    with _client(served, "eu", grant["token"]) as party:
         party.get(f"/v1/vehicles/{vins[0]}/samples", params={"signals": "dtcs", "limit": 3})
-    with _client(served, "cn", _owner_token(owner, "cn")) as api:
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
         entries = api.get("/v1/audit").json()["entries"]
     by = {(e["actor"], e["action"], e["resource"]): e for e in entries}
     assert by[("owner", "read", f"samples/{vins[0]}")]["rows"] == n == 7
-    denied = by[("owner", "denied", "/v1/vehicles/<not-yours>/samples")]
+    denied = by[("owner", "denied", "/v1/vehicles/<vin>/samples")]
     assert denied["status"] == 404 and denied["detail"] == "unknown_vehicle"
     assert "WVWZZZ1JZXW000001" not in str(entries)  # maybe another owner's: not kept here
     assert by[("owner", "grant", f"grants/{grant['grant']['grant_id']}")]["rows"] == 1
     party_read = by[("party:Garage", "read", f"samples/{vins[0]}")]
     assert party_read["rows"] == 3 and party_read["grant_id"] == grant["grant"]["grant_id"]
-    other, _ = _owner_in(served, "cn", 0)
-    with _client(served, "cn", _owner_token(other, "cn")) as api:
+    other, _ = _owner_in(served, "eu", 0)
+    with _client(served, "eu", _owner_token(other, "eu")) as api:
         theirs = api.get("/v1/audit").json()["entries"]
     assert not {e["request_id"] for e in theirs} & {e["request_id"] for e in entries}
 
@@ -309,16 +322,16 @@ def test_analysts_query_the_running_service_and_see_no_identities(served):
     settings = served["settings"]
     eu = [v for v in served["fleet"] if v.region == "eu"]
     columns, found = query_locally_or_via_service(
-        settings, "eu",
+        settings,
         "SELECT owner_ref, count() AS n FROM analyst_samples GROUP BY owner_ref ORDER BY owner_ref",
-    )  # fmt: skip
+    )
     assert columns == ["owner_ref", "n"]
     assert sum(n for _, n in found) == sum(_truth_samples(served, v.vin) for v in eu)
     assert len(found) == len({v.owner_id for v in eu})
     assert not any(v.owner_id in str(found) or v.vin in str(found) for v in eu)
     with pytest.raises(AnalystQueryError, match="not open to analysts"):
-        query_locally_or_via_service(settings, "eu", "SELECT owner_id FROM samples")
-    analyst = issue_analyst(KEY, "someone", "eu", 60)
+        query_locally_or_via_service(settings, "SELECT owner_id FROM samples")
+    analyst = issue(RING["eu"], analyst_claims("someone", "eu", 60))
     with _client(served, "eu", analyst) as api:
         r = api.get("/v1/vehicles")
         assert (r.status_code, r.json()["error"]) == (401, "wrong_kind_token")
@@ -434,3 +447,189 @@ def test_fuzzing_the_openapi_document_finds_no_500_and_no_other_owners_data(case
         v.owner_id for v in others if f'"{v.owner_id}"' in text
     ]
     assert not leaked, (case.method, case.formatted_path, leaked)
+
+
+# -- scopes, errors, odd tokens -----------------------------------------------------------
+
+BASE_TRIP = {"vin", "start_time", "end_time", "duration_s"}
+BASE_CHARGE = {"vin", "start_time", "end_time", "duration_s"}
+BASE_DAY = {"vin", "date", "time_zone", "final", "samples"}
+# Written out by hand, not derived from owner_api.scopes: what each grant may see.
+COLUMNS_BY_SCOPES = {
+    ("driving",): {
+        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
+                              "end_odometer"},
+        "charges": None,  # 403 missing_scope
+        "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips"},
+        "samples": {"event_time", "seq", "speed", "odometer", "gear"},
+    },
+    ("driving", "location"): {
+        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
+                              "end_odometer", "start_lat", "start_lon", "end_lat", "end_lon"},
+        "charges": None,
+        "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips"},
+        "samples": {"event_time", "seq", "speed", "odometer", "gear", "latitude", "longitude",
+                    "heading"},
+    },
+    ("battery",): {
+        "trips": None,
+        "charges": BASE_CHARGE | {"start_soc", "end_soc", "energy_added_kwh",
+                                  "energy_metered_kwh", "peak_power_kw", "avg_power_kw", "mode"},
+        "daily_summaries": None,
+        "samples": {"event_time", "seq", "soc", "is_charging", "charge_power", "charge_mode",
+                    "battery_temperature"},
+    },
+    ("battery", "location"): {
+        "trips": None,
+        "charges": BASE_CHARGE | {"start_soc", "end_soc", "energy_added_kwh",
+                                  "energy_metered_kwh", "peak_power_kw", "avg_power_kw", "mode",
+                                  "lat", "lon"},
+        "daily_summaries": None,
+        "samples": {"event_time", "seq", "soc", "is_charging", "charge_power", "charge_mode",
+                    "battery_temperature", "latitude", "longitude", "heading"},
+    },
+    ("battery", "driving"): {
+        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
+                              "end_odometer", "start_soc", "end_soc", "soc_used", "energy_kwh"},
+        "charges": BASE_CHARGE | {"start_soc", "end_soc", "energy_added_kwh",
+                                  "energy_metered_kwh", "peak_power_kw", "avg_power_kw", "mode"},
+        "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips",
+                                       "energy_used_kwh", "energy_charged_kwh", "idle_drain_kwh",
+                                       "efficiency_wh_per_km", "charges"},
+        "samples": {"event_time", "seq", "speed", "odometer", "gear", "soc", "is_charging",
+                    "charge_power", "charge_mode", "battery_temperature"},
+    },
+    ("climate", "driving"): {
+        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
+                              "end_odometer", "outside_temp_avg"},
+        "charges": None,
+        "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips"},
+        "samples": {"event_time", "seq", "speed", "odometer", "gear", "outside_temperature",
+                    "cabin_temperature"},
+    },
+    ("diagnostics",): {
+        "trips": None, "charges": None, "daily_summaries": None,
+        "samples": {"event_time", "seq", "dtcs"},
+    },
+}  # fmt: skip
+
+
+def _columns_seen(api: httpx.Client, vin: str) -> dict[str, set[str] | None]:
+    window = {"start": "2026-01-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
+    seen: dict[str, set[str] | None] = {}
+    for route, key in (("trips", "trips"), ("charges", "charges"),
+                       ("daily-summaries", "daily_summaries")):  # fmt: skip
+        r = api.get(f"/v1/{route}", params=window)
+        if r.status_code == 403:
+            assert r.json()["error"] == "missing_scope"
+            seen[key] = None
+        else:
+            found = r.json()[key]
+            assert found, f"no {route} to look at"
+            seen[key] = set().union(*(set(row) for row in found))
+    samples = api.get(f"/v1/vehicles/{vin}/samples", params={**window, "limit": 5}).json()
+    seen["samples"] = set().union(*(set(s) for s in samples["samples"]))
+    return seen
+
+
+def test_each_scope_opens_exactly_its_columns_on_every_route(served):
+    owner, vins = next(
+        (o, vins)
+        for o, vins in (_owner_in(served, "eu", i) for i in range(6))
+        if sum(len(_closed_charges(served, v)) for v in vins)
+        and sum(len(_closed_trips(served, v)) for v in vins)
+    )
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        everything = _columns_seen(api, vins[0])
+        grants = {
+            scopes: api.post(
+                "/v1/grants",
+                json={
+                    "party": f"p-{'-'.join(scopes)}",
+                    "scopes": list(scopes),
+                    "expires_in_s": 600,
+                },
+            ).json()["token"]  # fmt: skip
+            for scopes in COLUMNS_BY_SCOPES
+        }
+    for scopes, expected in COLUMNS_BY_SCOPES.items():
+        with _client(served, "eu", grants[scopes]) as party:
+            assert _columns_seen(party, vins[0]) == expected, scopes
+    # the owner sees the union of every scope's columns, and nothing beyond
+    for route in ("trips", "charges", "daily_summaries", "samples"):
+        union = set().union(*(e[route] or set() for e in COLUMNS_BY_SCOPES.values()))
+        assert everything[route] == union, route
+
+
+def test_every_error_answer_has_the_documented_shape(served):
+    owner, vins = _owner_in(served, "eu")
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        for method, path, body, status, code in [
+            ("GET", "/v1/nothing-here", None, 404, "not_found"),
+            ("DELETE", "/v1/me", None, 405, "method_not_allowed"),
+            ("PUT", "/v1/export", None, 405, "method_not_allowed"),
+            ("POST", "/v1/grants", b"{not json", 400, "bad_parameter"),
+            ("POST", "/v1/grants", b'{"party": "x"}', 400, "bad_parameter"),
+        ]:
+            r = api.request(
+                method, path, content=body, headers={"content-type": "application/json"}
+            )
+            assert r.status_code == status, (method, path, r.text)
+            assert set(r.json()) == {"error", "message"} and r.json()["error"] == code, r.text
+
+
+def test_a_refused_read_never_names_another_owners_vehicle_in_the_log(served):
+    owner, _ = _owner_in(served, "eu", 1)
+    _, theirs = _owner_in(served, "eu", 2)
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        for params in ({"start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+                       {"cursor": "nonsense"}, {"signals": "warp"}, {}):  # fmt: skip
+            assert api.get(f"/v1/vehicles/{theirs[0]}/samples", params=params).status_code >= 400
+        assert api.get("/v1/trips", params={"vin": theirs[0]}).status_code == 404
+        log = api.get("/v1/audit").json()["entries"]
+    assert theirs[0] not in json.dumps(log)
+    assert sum(e["action"] == "denied" for e in log) >= 5
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": 10**30},
+        {"exp": 4.1e9},  # a float, and longer than any owner token may live
+        {"sub": ["owner-0001"]},
+        {"scopes": [["driving"]], "kind": "grant", "grant": "0" * 32, "party": "p"},
+        {"iat": "yesterday"},
+        {"admin": True},
+    ],
+)
+def test_a_validly_signed_token_with_odd_claims_gets_401_never_500(served, claims):
+    import jwt
+
+    kind = claims.get("kind", "owner")
+    kid, secret = RING["eu"].signing(kind)
+    now = int(time.time())
+    payload = {"iss": "vtp", "aud": audience("eu"), "sub": "owner-0001", "kind": kind, "iat": now,
+               "exp": now + 60, **claims}  # fmt: skip
+    token = jwt.encode(payload, secret, algorithm="HS256", headers={"kid": kid})
+    with _client(served, "eu", token) as api:
+        r = api.get("/v1/me")
+    assert (r.status_code, r.json()["error"]) == (401, "malformed_token"), r.text
+
+
+def test_analysts_over_http_get_the_same_allow_list_and_no_secret_anywhere_they_can_reach(served):
+    from tests.integration.test_analyst import attacks
+
+    settings = served["settings"]
+    token = issue(RING["eu"], analyst_claims("probe", "eu", 60))
+    with _client(served, "eu", token) as api:
+        for sql in attacks(settings):
+            r = api.post("/v1/analyst/sql", json={"sql": sql})
+            assert (r.status_code, r.json()["error"]) == (400, "query_refused"), (sql, r.text)
+        ok = api.post("/v1/analyst/sql", json={"sql": "SELECT count() AS n FROM analyst_trips"})
+        assert ok.status_code == 200 and ok.json()["rows"][0][0] > 0
+    secrets = [s for ring in RING["eu"].keys.values() for s in ring.values()]
+    secrets.append((settings.keys_path / "pseudonym.key").read_text().strip())
+    serve = served["processes"][1]
+    environment = open(f"/proc/{serve.popen.pid}/environ", "rb").read().decode(errors="replace")
+    assert not [s for s in secrets if s in environment]  # nothing for file('/proc/self/environ')
+    assert settings.keys_path.resolve() not in settings.warehouse_path.resolve().parents
