@@ -1,8 +1,9 @@
 """`make bench`: end-to-end and per-stage throughput on this machine.
 
-End to end: a fresh broker, the worker and both sinks as processes, the simulator
-publishing as fast as it can; samples/s = samples / (first publish .. pipeline drained).
-Stages: the pure validate/route function, and sink row building + chdb insert.
+End to end: one region's stack as deployed (a fresh broker of its own, the worker and
+the sink as processes), the simulator publishing that region's fleet as fast as it can;
+samples/s = samples / (first publish .. pipeline drained). Stages: the pure
+validate/route function, sink row building + chdb insert, the pure aggregation.
 Numbers are printed, never asserted.
 """
 
@@ -24,14 +25,14 @@ from sinks.migrations import migrate
 from sinks.rows import StoredUpload, samples_table, uploads_table
 from sinks.warehouse import ChdbWarehouse, open_warehouse
 from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
-from stream_jobs.validate import Limits, RawUpload, Registration, SeenUploads, route_batch
+from stream_jobs.validate import Limits, RawUpload, SeenUploads, route_batch
 from vtp.pipeline import start_sink, start_worker, wait_drained
 from vtp.settings import load_settings
 from vtp.topics import create_topics
 
 
 def uploads_for(vehicles: int, minutes: float, seed: int = 3):
-    fleet = build_fleet(seed, owners=max(1, vehicles // 2), vehicles=vehicles)
+    fleet = build_fleet(seed, owners=max(1, vehicles // 2), vehicles=vehicles, regions=("eu",))
     return fleet, list(
         simulate(fleet, seed=seed, start_ms=DEFAULT_START_MS, duration_s=minutes * 60)
     )
@@ -49,13 +50,13 @@ def bench_stages(vehicles: int, minutes: float) -> None:
         RawUpload(e, u["vin"].encode(), 0, i, u["sent_at_ms"])
         for i, (e, u) in enumerate(zip(encoded, uploads, strict=True))
     ]
-    registry = {v.vin: Registration(v.vin, v.owner_id, v.region) for v in fleet}
-    limits = Limits(300_000, 7 * 86_400_000, ("cn", "eu"))
+    registry = {v.vin: v.registration_in("eu") for v in fleet}
+    limits = Limits(300_000, 7 * 86_400_000, "eu")
     t = time.perf_counter()
     route_batch(raws, store, registry, SeenUploads(), limits)
     route_s = time.perf_counter() - t
     decoded = [
-        StoredUpload(store.decode(e)[0], "owner", "cn", 1, 0, f"raw:0:{i}", "v", 0, i)
+        StoredUpload(store.decode(e)[0], "owner", "eu", 1, 0, f"raw:0:{i}", "v", 0, i)
         for i, e in enumerate(encoded)
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,10 +69,7 @@ def bench_stages(vehicles: int, minutes: float) -> None:
             wh.insert_arrow("uploads", uploads_table(chunk), f"b-0-{i}-{i + len(chunk) - 1}")
         sink_s = time.perf_counter() - t
         wh.close()
-    states = {
-        v.vin: new_state(v.vin, v.owner_id, v.region, v.time_zone, v.battery_capacity_kwh)
-        for v in fleet
-    }
+    states = {v.vin: new_state(v.vin, "eu", v.time_zone, v.battery_capacity_kwh) for v in fleet}
     config = SessionConfig()
     t = time.perf_counter()
     for i in range(
@@ -79,10 +77,10 @@ def bench_stages(vehicles: int, minutes: float) -> None:
     ):  # one worker batch: ingest all, advance each vehicle once
         touched = set()
         for u in uploads[i : i + 1000]:
-            ingest(states[u["vin"]], u, config)
+            ingest(states[u["vin"]], u, config, registry[u["vin"]])
             touched.add(u["vin"])
         for vin in touched:
-            advance(states[vin], config)
+            advance(states[vin], config, registry[vin])
     aggregate_s = time.perf_counter() - t
     print(
         f"stage input: {len(uploads)} uploads, {samples} samples ({samples / len(uploads):.1f} per upload)"
@@ -95,18 +93,16 @@ def bench_stages(vehicles: int, minutes: float) -> None:
 
 def bench_end_to_end(vehicles: int, minutes: float) -> None:
     base = load_settings()
-    settings = base.with_(data_dir=base.data_dir / "bench", kafka_bootstrap="")
+    settings = base.with_(data_dir=base.data_dir / "bench", kafka_bootstrap="", region="eu")
     shutil.rmtree(settings.data_dir, ignore_errors=True)
     fetch_jars(settings)
     state = start_broker(settings)
     settings = settings.with_(kafka_bootstrap=state.bootstrap)
     try:
         create_topics(settings)
-        fleet = build_fleet(
-            3, owners=max(1, vehicles // 2), vehicles=vehicles, regions=settings.regions
-        )
+        fleet = build_fleet(3, owners=max(1, vehicles // 2), vehicles=vehicles, regions=("eu",))
         register_fleet(settings, fleet)
-        processes = [start_worker(settings)] + [start_sink(settings, r) for r in settings.regions]
+        processes = [start_worker(settings), start_sink(settings)]
         try:
             time.sleep(8)  # let the worker join its group before the clock starts
             started = time.perf_counter()
@@ -127,13 +123,11 @@ def bench_end_to_end(vehicles: int, minutes: float) -> None:
             f"  produced -> stored       {published.samples / total_s:>12,.0f} samples/s ({total_s:.1f} s)"
         )
         print("aggregates against the simulator's ground truth:")
-        for region in settings.regions:
-            wh = open_warehouse(settings, region)
-            try:
-                vins = [v.vin for v in fleet if v.region == region]
-                print(f"{region}:\n{compare(wh, published.truth, vins).table()}")
-            finally:
-                wh.close()
+        wh = open_warehouse(settings)
+        try:
+            print(compare(wh, published.truth, [v.vin for v in fleet]).table())
+        finally:
+            wh.close()
     finally:
         stop_broker(settings)
 

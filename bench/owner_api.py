@@ -22,10 +22,10 @@ from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from sinks.migrations import migrate
 from sinks.warehouse import ChdbWarehouse, rows
+from vtp.keys import load_keyring
 from vtp.pipeline import start_process
 from vtp.settings import load_settings
 
-KEY = "bench-signing-key-0123456789-0123456789"
 START_MS = 1_793_491_200_000  # 2026-11-01T00:00Z
 DAYS = 30
 SAMPLE_EVERY_S = 2
@@ -87,14 +87,13 @@ def main() -> None:
     parser.add_argument("--others", type=int, default=20)
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="vtp-bench-api-"))
-    settings = load_settings().with_(data_dir=data_dir, kafka_bootstrap="unused:9092",
-                                     api_signing_key=KEY)  # fmt: skip
-    owner, vins, expected = fill(settings.warehouse_path("eu"), args.vehicles, args.others)
-    serve = start_process(settings, "serve-eu", "serve", "--region", "eu", "--no-sink")
+    settings = load_settings().with_(data_dir=data_dir, kafka_bootstrap="unused:9092", region="eu")
+    owner, vins, expected = fill(settings.warehouse_path, args.vehicles, args.others)
+    serve = start_process(settings, "serve-eu", "serve", "--no-sink")
     server = serve.popen
     try:
-        url = wait_for_service(settings, "eu", serve)
-        token = issue(KEY, owner_claims(owner, "eu", 3600))
+        url = wait_for_service(settings, serve)
+        token = issue(load_keyring(settings), owner_claims(owner, "eu", 3600))
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
         window = {"start": "2026-11-01T00:00:00Z", "end": "2026-12-01T00:00:00Z"}
         print(f"rss after start {peak_rss_mib(server.pid):,.0f} MiB")

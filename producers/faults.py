@@ -7,6 +7,7 @@ check that every one lands where it should, with its reason.
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ class Fault:
     value: bytes
     destination: str  # "deadletter" or "quarantine"
     reason: str
+    # The producer's own timestamp (a gateway's clock); the uploads topic replaces it
+    # with the broker's time of arrival.
+    created_ms: int | None = None
 
 
 def _upload(vin: str, rng: random.Random, sent_at_ms: int, **sample_overrides) -> dict:
@@ -53,6 +57,11 @@ def fault_messages(
     good = store.encode(_upload(registered_vin, rng, sent_at_ms), v1)
     bad_speed = store.encode(_upload(registered_vin, rng, sent_at_ms, speed=999.0), v1)
     future = store.encode(_upload(registered_vin, rng, sent_at_ms + 86_400_000 * 365 * 20), v1)
+    # A gateway whose clock runs a day ahead: its sent_at, samples and message timestamp
+    # all agree with one another, and only the broker's clock tells.
+    ahead_ms = int(time.time() * 1000) + 86_400_000
+    ahead = store.encode(_upload(registered_vin, rng, ahead_ms), v1)
+    unkeyed = store.encode(_upload(registered_vin, rng, sent_at_ms), v1)
     unknown_fp = b"\xc3\x01" + bytes(8) + good[10:]
     return [
         Fault(registered_vin.encode(), rng.randbytes(64), "deadletter", "not_single_object"),
@@ -60,6 +69,8 @@ def fault_messages(
         Fault(registered_vin.encode(), unknown_fp, "deadletter", "unknown_schema"),
         Fault(registered_vin.encode(), bad_speed, "deadletter", "invalid_sample"),
         Fault(registered_vin.encode(), future, "deadletter", "clock_skew"),
+        Fault(registered_vin.encode(), ahead, "deadletter", "clock_skew", created_ms=ahead_ms),
+        Fault(None, unkeyed, "deadletter", "missing_key"),
         Fault(resend[0], resend[1], "deadletter", "duplicate_upload"),
         Fault(
             unregistered_vin.encode(),

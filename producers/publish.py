@@ -1,13 +1,21 @@
 """Publish a simulated fleet: registry entries, then every upload, as fast as the
-producer takes them. Used by `vtp simulate`, the demo, the tests and the benchmark."""
+producer takes them. Used by `vtp simulate`, the demo, the tests and the benchmark.
+
+Each vehicle is provisioned with its region's endpoint: its uploads go to the cluster
+of the region it is registered in (a moved vehicle sends what it holds to the old region
+and switches at the move), and each region's registry receives only that region's view
+of its vehicles.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from producers.sdk import DeliveryReport, TelemetryPublisher, publish_registrations
 from producers.simulator import GroundTruth, Vehicle, build_fleet, new_truth, simulate
+from vtp.regions import REGIONS
 from vtp.settings import Settings
 
 # A fixed start keeps runs identical; vehicles may upload old data (store-and-forward),
@@ -25,6 +33,11 @@ class PublishSummary:
     report: DeliveryReport = field(default_factory=DeliveryReport)
     # The first upload of each vehicle as (key, value): what a resend test sends again.
     first_uploads: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    uploads_by_region: Counter = field(default_factory=Counter)
+    # Uploads of vehicles provisioned with a region that is not running here.
+    unsent: int = 0
+    # With collect_positions: every latitude/longitude sent, by the region it went to.
+    positions: dict[str, set[float]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         rate = self.samples / self.seconds if self.seconds else 0.0
@@ -37,10 +50,12 @@ class PublishSummary:
 
 
 def register_fleet(settings: Settings, vehicles: list[Vehicle]) -> DeliveryReport:
+    """Write the region's view of every vehicle ever registered there to its registry."""
+    region = settings.need_region()
     report = publish_registrations(
         settings.bootstrap(),
         settings.topics.vehicles,
-        [v.registration() for v in vehicles],
+        [v.registration_in(region) for v in vehicles if region in v.regions],
         settings.kafka_extra,
     )
     if not report.ok:
@@ -48,35 +63,64 @@ def register_fleet(settings: Settings, vehicles: list[Vehicle]) -> DeliveryRepor
     return report
 
 
+def publishers_for(stacks: dict[str, Settings]) -> dict[str, TelemetryPublisher]:
+    return {
+        region: TelemetryPublisher(s.bootstrap(), s.topics.uploads, kafka_extra=s.kafka_extra)
+        for region, s in stacks.items()
+    }
+
+
+def flush_all(publishers: dict[str, TelemetryPublisher], timeout: float = 60.0) -> DeliveryReport:
+    total = DeliveryReport()
+    for publisher in publishers.values():
+        report = publisher.flush(timeout)
+        total.delivered += report.delivered
+        total.failed += report.failed
+        total.pending += report.pending
+    return total
+
+
 def publish_fleet(
-    settings: Settings,
+    stacks: Settings | dict[str, Settings],
     vehicles: list[Vehicle],
     *,
     seed: int,
     duration_s: float,
     start_ms: int = DEFAULT_START_MS,
-    publisher: TelemetryPublisher | None = None,
+    publishers: dict[str, TelemetryPublisher] | None = None,
+    collect_positions: bool = False,
     **simulate_options,
 ) -> PublishSummary:
-    own = publisher is None
-    publisher = publisher or TelemetryPublisher(
-        settings.bootstrap(), settings.topics.uploads, kafka_extra=settings.kafka_extra
-    )
+    """Simulate ``vehicles`` and send each upload to the region it is provisioned with;
+    given ``publishers``, the caller flushes them."""
+    if isinstance(stacks, Settings):
+        stacks = {stacks.need_region(): stacks}
+    own = publishers is None
+    publishers = publishers if publishers is not None else publishers_for(stacks)
+    by_vin = {v.vin: v for v in vehicles}
     summary = PublishSummary(vehicles=vehicles, truth=new_truth(vehicles))
-    store = publisher._store
-    schema = publisher._schema
     started = time.perf_counter()
     for upload in simulate(
         vehicles, seed=seed, start_ms=start_ms, duration_s=duration_s, truth=summary.truth,
         **simulate_options,
     ):  # fmt: skip
-        value = store.encode(upload, schema)
+        region = by_vin[upload["vin"]].endpoint_at(upload["samples"][-1]["event_time_ms"])
+        publisher = publishers.get(region or "")
+        if publisher is None:
+            summary.unsent += 1
+            continue
+        if collect_positions:
+            summary.positions.setdefault(region or "", set()).update(
+                x for s in upload["samples"] for x in (s["latitude"], s["longitude"])
+            )
+        value = publisher.encode(upload)
         key = upload["vin"].encode()
         summary.first_uploads.setdefault(upload["vin"], (key, value))
         publisher.publish_raw(key, value, upload["upload_id"])
         summary.uploads += 1
         summary.samples += len(upload["samples"])
-    summary.report = publisher.flush(60) if own else publisher.report
+        summary.uploads_by_region[region] += 1
+    summary.report = flush_all(publishers) if own else DeliveryReport()
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -90,7 +134,9 @@ def publish_simulation(
     duration_s: float,
     register: bool = True,
 ) -> PublishSummary:
-    fleet = build_fleet(seed, owners=owners, vehicles=vehicles, regions=settings.regions)
+    """`vtp simulate`: the whole fleet is simulated (it is deterministic), and the
+    vehicles provisioned with this region are registered and published here."""
+    fleet = build_fleet(seed, owners=owners, vehicles=vehicles, regions=tuple(REGIONS))
     if register:
         register_fleet(settings, fleet)
     return publish_fleet(settings, fleet, seed=seed, duration_s=duration_s)

@@ -16,6 +16,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from schemas import SchemaStore, default_store
+from schemas.registry import Registration, encode_registration
 from schemas.signals import sample_problems, sample_signals
 from stream_jobs.validate import VIN_PATTERN
 
@@ -121,21 +122,27 @@ class TelemetryPublisher:
             )
 
     # -- whole uploads (simulator, store-and-forward replays) ---------------------
-    def publish_upload(self, upload: dict[str, Any]) -> None:
+    def encode(self, upload: dict[str, Any]) -> bytes:
+        """The upload as this publisher's writer schema frames it."""
         try:
-            value = self._store.encode(upload, self._schema)
+            return self._store.encode(upload, self._schema)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidSample(
                 f"upload {upload.get('upload_id')!r} cannot be encoded: {exc}"
             ) from None
-        self.publish_raw(upload["vin"].encode(), value, upload["upload_id"])
 
-    def publish_raw(self, key: bytes | None, value: bytes, label: str = "") -> None:
+    def publish_upload(self, upload: dict[str, Any]) -> None:
+        self.publish_raw(upload["vin"].encode(), self.encode(upload), upload["upload_id"])
+
+    def publish_raw(
+        self, key: bytes | None, value: bytes, label: str = "", created_ms: int | None = None
+    ) -> None:
         """Send bytes as they are (tests use it to inject malformed messages)."""
+        stamp = {"timestamp": created_ms} if created_ms is not None else {}
         while True:
             try:
                 self._producer.produce(
-                    self._topic, key=key, value=value, on_delivery=self._delivered(label)
+                    self._topic, key=key, value=value, on_delivery=self._delivered(label), **stamp
                 )
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
@@ -162,11 +169,9 @@ class TelemetryPublisher:
 
 
 def publish_registrations(
-    bootstrap: str, topic: str, registrations: list[dict[str, Any]], extra: dict | None = None
+    bootstrap: str, topic: str, registrations: list[Registration], extra: dict | None = None
 ) -> DeliveryReport:
-    """Write vehicle registry entries (compacted topic, keyed by VIN)."""
-    from stream_jobs.registry import encode_registration
-
+    """Write a region's vehicle registry entries (its compacted topic, keyed by VIN)."""
     producer = Producer(producer_config(bootstrap, extra))
     report = DeliveryReport()
 
@@ -178,7 +183,7 @@ def publish_registrations(
 
     for reg in registrations:
         producer.produce(
-            topic, key=reg["vin"].encode(), value=encode_registration(reg), on_delivery=callback
+            topic, key=reg.vin.encode(), value=encode_registration(reg), on_delivery=callback
         )
     report.pending = producer.flush(30)
     return report

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from schemas.registry import Period, Registration, view_for_region
 from vtp.days import DayClock
 
 VIN_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
@@ -76,16 +77,34 @@ class Vehicle:
     home_lat: float
     home_lon: float
     consumption_kwh_per_km: float = 0.17
+    # Registration history (sales, moves, deregistration); empty: ``owner_id`` in
+    # ``region`` from the beginning.
+    history: tuple[Period, ...] = ()
 
-    def registration(self) -> dict:
-        return {
-            "vin": self.vin,
-            "owner_id": self.owner_id,
-            "region": self.region,
-            "model": self.model,
-            "battery_capacity_kwh": self.battery_capacity_kwh,
-            "time_zone": self.time_zone,
-        }
+    @property
+    def periods(self) -> tuple[Period, ...]:
+        return self.history or (Period(0, self.owner_id, self.region),)
+
+    def endpoint_at(self, t_ms: int) -> str | None:
+        """The region whose gateway the vehicle is provisioned with at ``t_ms`` (a
+        deregistered vehicle keeps the last one)."""
+        current = None
+        for period in self.periods:
+            if period.from_ms <= t_ms and period.region:
+                current = period.region
+        return current
+
+    @property
+    def regions(self) -> set[str]:
+        return {p.region for p in self.periods if p.region}
+
+    def registration_in(self, region: str) -> Registration:
+        """What ``region``'s registry holds of this vehicle (other regions' owners left out)."""
+        return view_for_region(
+            self.vin, self.periods, region, model=self.model,
+            battery_capacity_kwh=self.battery_capacity_kwh, time_zone=self.time_zone,
+            revision=len(self.periods),
+        )  # fmt: skip
 
 
 def build_fleet(
@@ -347,10 +366,18 @@ def _vehicle_uploads(
     pending = None
     vehicle_key = hash(v.vin)
 
-    def emit(sent_s: float):
+    # A vehicle re-provisioned for another region (a move) sends what it holds to the
+    # old region's gateway first: an upload never spans a change of endpoint.
+    switches = [
+        p.from_ms for p in v.periods[1:] if p.region and p.region != v.endpoint_at(p.from_ms - 1)
+    ]
+
+    def emit(sent_s: float | None):
         nonlocal last_sent, buffer
-        sent = max(last_sent, start_ms + int(sent_s * 1000) + rng.randrange(0, 800))
-        sent = max(sent, buffer[-1]["event_time_ms"])
+        sent = (
+            last_sent if sent_s is None else start_ms + int(sent_s * 1000) + rng.randrange(0, 800)
+        )
+        sent = max(last_sent, sent, buffer[-1]["event_time_ms"])
         last_sent = sent
         upload = {"vin": v.vin, "upload_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
                   "sent_at_ms": sent, "gateway_firmware": firmware, "samples": buffer}  # fmt: skip
@@ -385,6 +412,12 @@ def _vehicle_uploads(
             start_ms + int((t + dt) * 1000), state, dt,
             car.odometer - before[0], (car.soc - before[1]) / 100 * v.battery_capacity_kwh,
         )  # fmt: skip
+        if (
+            switches
+            and buffer
+            and any(buffer[0]["event_time_ms"] < at <= sample["event_time_ms"] for at in switches)
+        ):
+            yield emit(None)
         buffer.append(sample)
         shown_speed = sample["speed"]
         seq += 1

@@ -1,11 +1,14 @@
 """One real broker for the test session: testcontainers' Kafka where a Docker engine
-answers, otherwise the project's own launcher (deploy/broker.py). Never a fake."""
+answers, otherwise the project's own launcher (deploy/broker.py). Never a fake.
+
+Tests that run a region's stack on the session broker give it topics of its own (a
+prefix per test; the region is in every topic name), so tests never share topics."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from uuid import uuid4
 
 import pytest
@@ -40,7 +43,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from deploy.broker import fetch_jars, start_broker, stop_broker
 
-    settings = load_settings().with_(data_dir=tmp_path_factory.mktemp("kafka"))
+    settings = load_settings({}).with_(data_dir=tmp_path_factory.mktemp("kafka"))
     # fetch_jars first, as `vtp stack up` does: on a fresh machine the one-time Maven
     # download is its own step, and a missing mvn fails here with its own message.
     fetch_jars(settings)
@@ -53,7 +56,28 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def base_settings(kafka_bootstrap: str) -> Settings:
-    return load_settings().with_(kafka_bootstrap=kafka_bootstrap)
+    return load_settings({}).with_(kafka_bootstrap=kafka_bootstrap)
+
+
+@pytest.fixture(scope="session")
+def region_stack(
+    base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Settings]:
+    """``region_stack(region, name, **settings)``: a region's settings on the session
+    broker, with a data folder and topics of their own (created)."""
+    from vtp.topics import create_topics
+
+    def make(region: str, name: str, data_dir=None, prefix: str | None = None, **overrides):
+        settings = base_settings.with_(
+            region=region,
+            data_dir=data_dir or tmp_path_factory.mktemp(name),
+            topic_prefix=prefix or f"{name}-{uuid4().hex[:6]}",
+            **overrides,
+        )
+        create_topics(settings)
+        return settings
+
+    return make
 
 
 @pytest.fixture

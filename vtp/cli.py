@@ -1,18 +1,38 @@
-"""`vtp`: one command for every process and tool of the pipeline."""
+"""`vtp`: one command for every process and tool of the pipeline.
+
+Every process serves one region: ``--region R`` or ``VTP_REGION``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
-from vtp.settings import SettingsError, documented_variables, load_settings
+from vtp.regions import REGIONS
+from vtp.settings import Settings, SettingsError, documented_variables, load_settings
+
+
+def _settings(args: argparse.Namespace, region_needed: bool = True) -> Settings:
+    settings = load_settings()
+    if getattr(args, "region", None):
+        settings = settings.for_region(args.region)
+    if region_needed:
+        settings.need_region()
+    return settings
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _stack(args: argparse.Namespace) -> int:
     from deploy import broker
 
-    settings = load_settings()
+    settings = _settings(args, region_needed=args.action != "fetch")
     if args.action == "fetch":
         path = broker.fetch_jars(settings)
         print(f"Kafka {settings.kafka_version} jars in {path}")
@@ -22,9 +42,11 @@ def _stack(args: argparse.Namespace) -> int:
         from vtp.topics import create_topics
 
         created = create_topics(settings.with_(kafka_bootstrap=state.bootstrap))
-        print(f"broker pid {state.pid} at {state.bootstrap} (log {state.log_path})")
+        print(
+            f"{settings.region} broker pid {state.pid} at {state.bootstrap} (log {state.log_path})"
+        )
         print(f"topics created: {', '.join(created) or 'none (all existed)'}")
-        print(f"export VTP_KAFKA_BOOTSTRAP={state.bootstrap}")
+        print(f"export VTP_REGION={settings.region} VTP_KAFKA_BOOTSTRAP={state.bootstrap}")
     elif args.action == "down":
         print("stopped" if broker.stop_broker(settings) else "no broker was running")
     else:
@@ -35,7 +57,7 @@ def _stack(args: argparse.Namespace) -> int:
 def _topics(args: argparse.Namespace) -> int:
     from vtp.topics import create_topics
 
-    created = create_topics(load_settings())
+    created = create_topics(_settings(args))
     print(f"created: {', '.join(created) or 'none (all existed)'}")
     return 0
 
@@ -43,55 +65,57 @@ def _topics(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from stream_jobs.app import run_worker
 
-    run_worker(load_settings(), args.loglevel)
+    run_worker(_settings(args), args.loglevel)
     return 0
 
 
 def _sink(args: argparse.Namespace) -> int:
     from sinks.sink import run_sink
 
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
-    )
-    run_sink(load_settings(), args.region.lower())
+    settings = _settings(args)
+    _logging()
+    run_sink(settings)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from owner_api.serve import run_serve
 
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
-    )
-    return run_serve(load_settings(), args.region.lower(), with_sink=not args.no_sink)
-
-
-def _known_region(settings, name: str) -> str:
-    region = name.lower()
-    if region not in settings.regions:
-        raise SettingsError(
-            f"region {region!r} is not one of VTP_REGIONS={','.join(settings.regions)}"
-        )
-    return region
+    settings = _settings(args)
+    _logging()
+    return run_serve(settings, with_sink=not args.no_sink)
 
 
 def _token(args: argparse.Namespace) -> int:
-    from owner_api.tokens import issue, owner_claims, signing_key
+    from owner_api.tokens import issue, owner_claims
+    from vtp.keys import load_keyring
 
-    settings = load_settings()
-    region = _known_region(settings, args.region)
+    settings = _settings(args)
     ttl = args.ttl or settings.owner_token_ttl_s
-    print(issue(signing_key(settings), owner_claims(args.owner_id, region, ttl)))
+    print(issue(load_keyring(settings), owner_claims(args.owner_id, settings.region, ttl)))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from vtp.keys import add_key, load_keyring, retire_key
+
+    settings = _settings(args)
+    if args.action == "rotate":
+        print(f"new {args.kind} key {add_key(settings, args.kind)} signs from now on")
+    elif args.action == "retire":
+        gone = retire_key(settings, args.kid)
+        print(f"retired {args.kid}" if gone else f"no key {args.kid}")
+        return 0 if gone else 1
+    for kind, kids in load_keyring(settings).kids().items():
+        print(f"{kind}: {', '.join(kids)} (signing: {kids[-1]})")
     return 0
 
 
 def _sql(args: argparse.Namespace) -> int:
     from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
 
-    settings = load_settings()
-    region = _known_region(settings, args.region)
     try:
-        columns, found = query_locally_or_via_service(settings, region, args.query)
+        columns, found = query_locally_or_via_service(_settings(args), args.query)
     except AnalystQueryError as exc:
         print(f"vtp sql: {exc}", file=sys.stderr)
         return 1
@@ -113,16 +137,10 @@ def _owner(args: argparse.Namespace) -> int:
     )
     from sinks.warehouse import open_warehouse
 
-    settings = load_settings()
-    region = args.region.lower()
-    if region not in settings.regions:
-        print(
-            f"unknown region {region!r}; VTP_REGIONS={','.join(settings.regions)}", file=sys.stderr
-        )
-        return 2
-    warehouse = open_warehouse(settings, region)
+    settings = _settings(args)
+    warehouse = open_warehouse(settings)
     try:
-        print(format_report(args.owner_id, region, owner_report(warehouse, args.owner_id)))
+        print(format_report(args.owner_id, settings.region, owner_report(warehouse, args.owner_id)))
         print(
             format_activity(
                 recent_trips(warehouse, args.owner_id),
@@ -142,7 +160,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from producers.publish import publish_simulation
 
     summary = publish_simulation(
-        load_settings(),
+        _settings(args),
         seed=args.seed,
         owners=args.owners,
         vehicles=args.vehicles,
@@ -159,72 +177,72 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(load_settings(), seed=args.seed, minutes=args.minutes)
 
 
+_SECRET_KEY = re.compile(r"password|secret|token|key", re.IGNORECASE)
+
+
+def shown(name: str, value: object) -> str:
+    """A setting as `vtp config` prints it: passwords in URLs and secret-looking
+    passthrough keys masked."""
+    if isinstance(value, dict):
+        return str({k: ("***" if _SECRET_KEY.search(k) else v) for k, v in value.items()})
+    text = str(value)
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", text)
+
+
 def _config(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    for name, default in documented_variables():
+    settings = _settings(args, region_needed=False)
+    for name, default, doc in documented_variables():
         value = getattr(settings, name[4:].lower())
-        shown = ",".join(value) if isinstance(value, tuple) else value
-        print(f"{name}={shown}  (default {default})")
+        print(f"{name}={shown(name, value)}  (default {shown(name, default)}; {doc})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    regional = argparse.ArgumentParser(add_help=False)
+    regional.add_argument(
+        "--region", help=f"the region ({', '.join(REGIONS)}); default $VTP_REGION"
+    )
 
-    p = sub.add_parser("stack", help="the local Kafka broker: fetch jars, up, down, status")
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[regional])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("stack", _stack, "the region's local Kafka broker: fetch jars, up, down, status")
     p.add_argument("action", choices=["fetch", "up", "down", "status"])
-    p.set_defaults(func=_stack)
-
-    p = sub.add_parser("topics", help="create vtp's topics on the broker (idempotent)")
-    p.set_defaults(func=_topics)
-
-    p = sub.add_parser("worker", help="run the Faust validate/route job")
+    command("topics", _topics, "create the region's topics (idempotent; checks existing ones)")
+    p = command("worker", _worker, "run the region's Faust worker (validate, route, aggregate)")
     p.add_argument("--loglevel", default="info")
-    p.set_defaults(func=_worker)
-
-    p = sub.add_parser("sink", help="write a region's validated uploads into its warehouse")
-    p.add_argument("--region", required=True)
-    p.set_defaults(func=_sink)
-
-    p = sub.add_parser("serve", help="the owner API of a region (with its sink, in embedded mode)")
-    p.add_argument("--region", required=True)
+    command("sink", _sink, "write the region's validated uploads into its warehouse")
+    p = command("serve", _serve, "the region's owner API (with its sink, in embedded mode)")
     p.add_argument("--no-sink", action="store_true", help="API only (ClickHouse server mode)")
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("token", help="issue an owner token for local use (signed, expiring)")
+    p = command("token", _token, "issue an owner token for local use (signed, expiring)")
     p.add_argument("owner_id")
-    p.add_argument("--region", required=True)
     p.add_argument("--ttl", type=int, default=0, help="seconds; default VTP_OWNER_TOKEN_TTL_S")
-    p.set_defaults(func=_token)
-
-    p = sub.add_parser("sql", help="an analyst query on a region's pseudonymised views")
+    p = command("keys", _keys, "the region's token signing keys: list, rotate, retire")
+    p.add_argument("action", choices=["list", "rotate", "retire"])
+    p.add_argument("--kind", choices=["owner", "grant", "analyst"], default="owner")
+    p.add_argument("--kid", default="", help="with retire: the key id")
+    p = command("sql", _sql, "an analyst query on the region's pseudonymised views")
     p.add_argument("query")
-    p.add_argument("--region", required=True)
-    p.set_defaults(func=_sql)
-
     p = sub.add_parser("owner", help="owner-facing reads")
     owner_sub = p.add_subparsers(dest="owner_command", required=True)
-    r = owner_sub.add_parser("report", help="an owner's vehicles: samples, span, distance, battery")
+    r = owner_sub.add_parser("report", parents=[regional], help="an owner's vehicles in a region")
     r.add_argument("owner_id")
-    r.add_argument("--region", required=True)
     r.set_defaults(func=_owner)
-
-    p = sub.add_parser("simulate", help="register a simulated fleet and publish its uploads")
+    p = command("simulate", _simulate, "register the region's simulated vehicles, publish uploads")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--owners", type=int, default=30)
     p.add_argument("--vehicles", type=int, default=50)
     p.add_argument("--minutes", type=float, default=15.0, help="simulated minutes")
     p.add_argument("--no-register", action="store_true", help="publish uploads only")
-    p.set_defaults(func=_simulate)
-
-    p = sub.add_parser("demo", help="everything end to end on a fresh local stack")
+    p = sub.add_parser("demo", help="two region stacks end to end, each on its own broker")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes")
     p.set_defaults(func=_demo)
-
-    p = sub.add_parser("config", help="print every VTP_* variable with its value and default")
-    p.set_defaults(func=_config)
+    command("config", _config, "print every VTP_* variable with its value, default and meaning")
     return parser
 
 
@@ -238,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from deploy.broker import BrokerError
         from owner_api.serve import ServeError
+        from sinks.registry_copy import RegistryUnavailable
         from sinks.sink import SinkError
         from sinks.warehouse import WarehouseError
+        from vtp.keys import KeyFileError
+        from vtp.topics import TopicError
 
-        if isinstance(exc, BrokerError | WarehouseError | SinkError | ServeError):
+        known = (BrokerError, WarehouseError, SinkError, ServeError, TopicError, KeyFileError,
+                 RegistryUnavailable)  # fmt: skip
+        if isinstance(exc, known):
             print(f"vtp: {exc}", file=sys.stderr)
             return 1
         raise

@@ -1,5 +1,7 @@
-"""`vtp demo` / `make demo`: a fresh local stack, a simulated fleet in two regions,
-the real worker and sinks as processes, and what owners would see."""
+"""`vtp demo` / `make demo`: two region stacks, each on its own local Kafka broker, a
+simulated fleet whose vehicles publish to their own region, the real workers, sinks and
+owner APIs as processes, counts that add up per region, a scan that finds nothing of
+one region in the other, and what owners see."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import shutil
 import time
 import zipfile
+from dataclasses import replace
 
 import httpx
 
@@ -21,13 +24,29 @@ from owner_api.report import (
     recent_trips,
 )
 from owner_api.serve import wait_for_service
-from owner_api.tokens import issue, owner_claims, signing_key
+from owner_api.tokens import issue, owner_claims
 from producers.faults import fault_messages
-from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
-from producers.sdk import TelemetryPublisher
-from producers.simulator import build_fleet
+from producers.publish import (
+    DEFAULT_START_MS,
+    flush_all,
+    publish_fleet,
+    publishers_for,
+    register_fleet,
+)
+from producers.simulator import Vehicle, build_fleet
+from schemas.registry import Period
 from sinks.warehouse import open_warehouse, rows
-from vtp.pipeline import NotDrained, read_outcomes, start_serve, start_worker, wait_drained
+from vtp.keys import load_keyring
+from vtp.pipeline import (
+    NotDrained,
+    read_outcomes,
+    start_serve,
+    start_worker,
+    topic_message_count,
+    wait_drained,
+)
+from vtp.regions import REGIONS
+from vtp.scan import foreign_to, scan_files, scan_topics, scan_warehouse
 from vtp.settings import Settings
 from vtp.topics import create_topics
 
@@ -37,110 +56,104 @@ def say(text: str) -> None:
 
 
 def run_demo(base: Settings, seed: int = 7, minutes: float = 60.0) -> int:
-    settings = base.with_(data_dir=base.data_dir / "demo", kafka_bootstrap="")
-    shutil.rmtree(settings.data_dir, ignore_errors=True)  # every run starts fresh
-    say(f"== vtp demo: data in {settings.data_dir}")
-    fetch_jars(settings)
-    state = start_broker(settings)
+    root = base.data_dir / "demo"
+    shutil.rmtree(root, ignore_errors=True)  # every run starts fresh
+    stacks = {r: base.with_(data_dir=root, region=r, kafka_bootstrap="") for r in REGIONS}
+    say(f"== vtp demo: one stack per region, each on its own broker; data in {root}/<region>")
+    fetch_jars(base)
     try:
-        return _run_on_broker(settings, state, seed, minutes)
+        for region, settings in stacks.items():
+            state = start_broker(settings)
+            # librdkafka's start-up notices would drown the demo's output; errors print.
+            stacks[region] = settings.with_(
+                kafka_bootstrap=state.bootstrap, kafka_extra={"log_level": 3}
+            )
+            say(
+                f"{region}: Apache Kafka {settings.kafka_version} (KRaft) pid {state.pid} at {state.bootstrap}"
+            )
+        return _run_on_brokers(stacks, seed, minutes)
     finally:
-        stop_broker(settings)  # whatever happened above, by the pid in the state file
-        say("stopped: worker, owner services (with their sinks), broker")
+        for settings in stacks.values():
+            stop_broker(settings)  # whatever happened above, by the pid in its state file
+        say("stopped: workers, owner services (with their sinks), brokers")
 
 
-def _run_on_broker(settings: Settings, state, seed: int, minutes: float) -> int:
-    # librdkafka's start-up notices (e.g. an idempotent producer waiting for a fresh
-    # broker's coordinator) would drown the demo's output; errors still print.
-    settings = settings.with_(kafka_bootstrap=state.bootstrap, kafka_extra={"log_level": 3})
-    say(
-        f"broker: Apache Kafka {settings.kafka_version} (KRaft) pid {state.pid} at {state.bootstrap}"
-    )
+def fleet_with_changes(seed: int, minutes: float) -> tuple[list[Vehicle], dict[str, Vehicle]]:
+    """The demo fleet; halfway through, one EU car is sold and one CN car moves to the EU."""
+    fleet = build_fleet(seed, owners=30, vehicles=52, regions=tuple(REGIONS))
+    halfway = DEFAULT_START_MS + int(minutes * 30_000)
+    sold = next(v for v in fleet if v.region == "eu")
+    moved = next(v for v in fleet if v.region == "cn")
+    changed = {
+        "sold": replace(sold, history=(Period(0, sold.owner_id, "eu"), Period(halfway, "owner-9001", "eu"))),
+        "moved": replace(moved, history=(Period(0, moved.owner_id, "cn"), Period(halfway, moved.owner_id, "eu"))),
+    }  # fmt: skip
+    by_vin = {v.vin: v for v in changed.values()}
+    return [by_vin.get(v.vin, v) for v in fleet], changed
+
+
+def _run_on_brokers(stacks: dict[str, Settings], seed: int, minutes: float) -> int:
     processes = []
+    fleet, changed = fleet_with_changes(seed, minutes)
+    registered, unregistered = fleet[:-2], fleet[-2:]  # two gateways nobody registered
     try:
-        create_topics(settings)
-        fleet = build_fleet(seed, owners=30, vehicles=52, regions=settings.regions)
-        registered, unregistered = fleet[:-2], fleet[-2:]  # two gateways nobody registered
-        register_fleet(settings, registered)
-        say(f"fleet: {len({v.owner_id for v in fleet})} owners, {len(fleet)} vehicles "
-            f"({', '.join(f'{r}: {sum(v.region == r for v in fleet)}' for r in settings.regions)}), "
-            f"{len(unregistered)} of them not in the registry")  # fmt: skip
-        processes.append(start_worker(settings))
-        serves = {r: start_serve(settings, r) for r in settings.regions}
-        processes += serves.values()
-        urls = {r: wait_for_service(settings, r, p) for r, p in serves.items()}
-        say("started: vtp worker, " + ", ".join(
-            f"vtp serve --region {r} (sink + owner API at {urls[r]})" for r in settings.regions
-        ))  # fmt: skip
+        urls = {}
+        for region, settings in stacks.items():
+            create_topics(settings)
+            register_fleet(settings, registered)
+            processes.append(start_worker(settings))
+            serve = start_serve(settings)
+            processes.append(serve)
+            urls[region] = wait_for_service(settings, serve)
+            say(f"{region}: vtp worker, vtp serve (sink + owner API at {urls[region]}), "
+                f"{sum(region in v.regions for v in registered)} vehicles in its registry")  # fmt: skip
+        sold, moved = changed["sold"], changed["moved"]
+        say(f"fleet: {len({v.owner_id for v in fleet})} owners, {len(fleet)} vehicles, each publishing "
+            f"to its own region's broker; {len(unregistered)} not in any registry; halfway "
+            f"{sold.vin} is sold (eu) and {moved.vin} moves from cn to eu")  # fmt: skip
 
-        publisher = TelemetryPublisher(
-            settings.bootstrap(), settings.topics.uploads, kafka_extra=settings.kafka_extra
-        )
+        publishers = publishers_for(stacks)
         published = publish_fleet(
-            settings, fleet, seed=seed, duration_s=minutes * 60, publisher=publisher
-        )
+            stacks, fleet, seed=seed, duration_s=minutes * 60, publishers=publishers,
+            collect_positions=True,
+        )  # fmt: skip
+        eu_vehicle = next(v for v in registered if v.region == "eu" and not v.history)
+        stranger = next(v for v in unregistered if v.region == "eu")
         faults = fault_messages(
-            registered[0].vin,
-            unregistered[0].vin,
-            published.first_uploads[registered[0].vin],
-            DEFAULT_START_MS,
+            eu_vehicle.vin, stranger.vin, published.first_uploads[eu_vehicle.vin], DEFAULT_START_MS
         )
         for fault in faults:
-            publisher.publish_raw(fault.key, fault.value, f"fault:{fault.reason}")
-        report = publisher.flush(60)
-        produced = report.delivered
+            publishers["eu"].publish_raw(
+                fault.key, fault.value, f"fault:{fault.reason}", fault.created_ms
+            )
+        report = flush_all(publishers)
+        produced = dict(published.uploads_by_region)
+        produced["eu"] += len(faults)
         say(f"produced: {published.uploads} uploads with {published.samples} samples "
-            f"({minutes:g} simulated minutes) + {len(faults)} bad messages = {produced} messages "
-            f"delivered, {len(report.failed)} failed")  # fmt: skip
+            f"({minutes:g} simulated minutes) + {len(faults)} bad messages (eu): "
+            + ", ".join(f"{r} {n} messages" for r, n in sorted(produced.items()))
+            + f"; {report.delivered} delivered, {len(report.failed)} failed")  # fmt: skip
 
         started = time.monotonic()
         try:
-            wait_drained(settings, processes, timeout=240)
+            wait_drained(list(stacks.values()), processes, timeout=240)
         except NotDrained as exc:
             say(str(exc))
             return 1
         say(f"drained {time.monotonic() - started:.1f} s after the last upload was acknowledged")
-        for region in settings.regions:
-            owner = _most_active_owner(published.truth, registered, region)
-            _show_owner_api(settings, region, urls[region], owner)
+        owners = {r: _most_active_owner(published.truth, registered, r) for r in stacks}
+        for region, settings in stacks.items():
+            _show_owner_api(settings, urls[region], owners[region])
+        _show_sale(stacks["eu"], urls["eu"], sold)
     finally:
         for p in processes:
             p.stop()
 
-    outcomes = read_outcomes(settings)
-    stored_uploads, stored_samples = 0, 0
-    for region in settings.regions:
-        wh = open_warehouse(settings, region)
-        try:
-            (ups, samples, foreign), = rows(wh.query(
-                "SELECT (SELECT count() FROM uploads), count(), countIf(region != {r:String}) "
-                "FROM samples", {"r": region}))  # fmt: skip
-        finally:
-            wh.close()
-        say(
-            f"warehouse {region}: {ups} uploads, {samples} samples, {foreign} rows of another region"
-        )
-        stored_uploads += ups
-        stored_samples += samples
-    say(f"dead-lettered: {outcomes.deadlettered_total} {dict(outcomes.deadlettered)}")
-    say(f"quarantined:   {outcomes.quarantined_total} {dict(outcomes.quarantined)}")
-    accounted = stored_uploads + outcomes.deadlettered_total + outcomes.quarantined_total
-    balanced = accounted == produced
-    say(f"reconciliation: produced {produced} = stored {stored_uploads} + dead-lettered "
-        f"{outcomes.deadlettered_total} + quarantined {outcomes.quarantined_total} "
-        f"-> {'OK' if balanced else f'MISMATCH ({accounted})'}")  # fmt: skip
-    expected_samples = sum(
-        t.samples
-        for vin, t in published.truth.vehicles.items()
-        if vin not in {v.vin for v in unregistered}
-    )
-    say(
-        f"samples stored {stored_samples}, simulator generated {expected_samples} for registered vehicles"
-    )
-
-    for region in settings.regions:
-        owner = _most_active_owner(published.truth, registered, region)
-        wh = open_warehouse(settings, region)
+    balanced = all([_reconcile(settings) for settings in stacks.values()])
+    clean = all([_scan(stacks, r, fleet, published.positions) for r in stacks])
+    for region, settings in stacks.items():
+        owner = owners[region]
+        wh = open_warehouse(settings)
         try:
             say("")
             say(format_report(owner, region, owner_report(wh, owner)))
@@ -151,16 +164,57 @@ def _run_on_broker(settings: Settings, state, seed: int, minutes: float) -> int:
             )
         finally:
             wh.close()
-        for truth in published.truth.by_owner(owner):
-            say(f"    simulator truth {truth.vin}: {truth.samples} samples, "
-                f"driven {truth.distance_km:.3f} km, last SoC {truth.last_soc}")  # fmt: skip
-    return 0 if balanced and stored_samples == expected_samples else 1
+    return 0 if balanced and clean else 1
 
 
-def _show_owner_api(settings: Settings, region: str, url: str, owner: str) -> None:
+def _reconcile(settings: Settings) -> bool:
+    """Every message the region's broker accepted: stored, dead-lettered or quarantined."""
+    region = settings.region
+    produced = topic_message_count(settings, settings.topics.uploads)
+    outcomes = read_outcomes(settings)
+    wh = open_warehouse(settings)
+    try:
+        (stored, samples), = rows(wh.query(
+            "SELECT uniqExact(upload_id), (SELECT count() FROM samples) FROM uploads"))  # fmt: skip
+    finally:
+        wh.close()
+    accounted = stored + outcomes.deadlettered_total + outcomes.quarantined_total
+    say(f"{region}: stored {stored} uploads ({samples} samples); dead-lettered "
+        f"{outcomes.deadlettered_total} {dict(outcomes.deadlettered)}; quarantined "
+        f"{outcomes.quarantined_total} {dict(outcomes.quarantined)}"
+        + (f", and {sum(outcomes.partial.values())} samples of stored uploads {dict(outcomes.partial)}"
+           if outcomes.partial else ""))  # fmt: skip
+    say(f"{region}: reconciliation: produced {produced} = stored {stored} + dead-lettered "
+        f"{outcomes.deadlettered_total} + quarantined {outcomes.quarantined_total} -> "
+        f"{'OK' if accounted == produced else f'MISMATCH ({accounted})'}")  # fmt: skip
+    return accounted == produced
+
+
+def _scan(stacks: dict[str, Settings], region: str, fleet, positions) -> bool:
+    """Nothing of the other region anywhere in this one: topics, tables, files."""
+    settings = stacks[region]
+    started = time.monotonic()
+    ids = foreign_to(region, fleet, positions)
+    report = scan_topics(settings.bootstrap(), ids)
+    wh = open_warehouse(settings)
+    try:
+        report.merge(scan_warehouse(wh, ids))
+    finally:
+        wh.close()
+    report.merge(scan_files(settings.home, ids))
+    say(f"{region}: separation scan for {len(ids.strings)} VINs/owner ids and "
+        f"{len(ids.positions)} positions of other regions: {report.summary()} "
+        f"({time.monotonic() - started:.1f} s)")  # fmt: skip
+    for hit in report.hits[:5]:
+        say(f"    found {hit.identifier} in {hit.place}")
+    return not report.hits
+
+
+def _show_owner_api(settings: Settings, url: str, owner: str) -> None:
     """What an owner's app does: list vehicles, export everything, share a little."""
-    key = signing_key(settings)
-    token = issue(key, owner_claims(owner, region, 600))
+    region = settings.region
+    ring = load_keyring(settings)
+    token = issue(ring, owner_claims(owner, region, 600))
     with httpx.Client(
         base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120
     ) as api:
@@ -178,9 +232,11 @@ def _show_owner_api(settings: Settings, region: str, url: str, owner: str) -> No
         vin = vehicles[0]["vin"]
         speed = party.get(f"/v1/vehicles/{vin}/samples", params={"signals": "speed", "limit": 5})
         where = party.get(f"/v1/vehicles/{vin}/samples", params={"signals": "latitude"})
+        trips = party.get("/v1/trips", params={"start": "2026-01-01T00:00:00Z", "limit": 1})
+    trip_columns = sorted(trips.json()["trips"][0]) if trips.json()["trips"] else []
     say(f"  grant to 'Insurer' (scope driving): speed -> {speed.status_code} "
         f"({len(speed.json()['samples'])} samples), latitude -> {where.status_code} "
-        f"{where.json()['error']}")  # fmt: skip
+        f"{where.json()['error']}, a trip shows {trip_columns}")  # fmt: skip
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as api:
         log = api.get("/v1/audit").json()["entries"]
     say(f"  access log: {len(log)} entries, e.g. " + "; ".join(
@@ -188,9 +244,33 @@ def _show_owner_api(settings: Settings, region: str, url: str, owner: str) -> No
     ))  # fmt: skip
 
 
+def _show_sale(settings: Settings, url: str, sold: Vehicle) -> None:
+    """The seller sees the car until the sale, the buyer from it: nothing of the other."""
+    ring = load_keyring(settings)
+    seller, buyer = sold.periods[0].owner_id, sold.periods[1].owner_id
+    window = {"start": "2026-01-01T00:00:00Z", "vin": sold.vin}
+    seen = {}
+    for owner in (seller, buyer):
+        token = issue(ring, owner_claims(owner or "", settings.region, 600))
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as api:
+            vehicles = {v["vin"]: v for v in api.get("/v1/vehicles").json()["vehicles"]}
+            trips = api.get("/v1/trips", params=window).json().get("trips", [])
+        mine = vehicles.get(sold.vin, {})
+        seen[owner] = (
+            mine.get("samples", 0),
+            mine.get("first_sample_at"),
+            mine.get("last_sample_at"),
+            len(trips),
+        )
+    sale_at = time.strftime("%H:%M:%S", time.gmtime(sold.periods[1].from_ms / 1000))
+    say(f"  sale of {sold.vin} at {sale_at} UTC: " + "; ".join(
+        f"{o} sees {n} samples from {first} to {last}, {t} trips" for o, (n, first, last, t) in seen.items()
+    ))  # fmt: skip
+
+
 def _most_active_owner(truth, registered, region: str) -> str:
     """The owner with the most vehicles, then the most distance: the richest report."""
-    owners = {v.owner_id for v in registered if v.region == region}
+    owners = {v.owner_id for v in registered if v.region == region and not v.history}
     return max(
         sorted(owners),
         key=lambda o: (len(truth.by_owner(o)), sum(t.distance_km for t in truth.by_owner(o))),

@@ -1,9 +1,9 @@
-"""Run the pipeline's processes as users do, and observe it from outside:
-is it drained, and where did every raw message end up?"""
+"""Run a region's processes as users do, and observe it from outside: is it drained,
+and where did every raw message end up? Functions that take several regions' settings
+look at each region's own cluster."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,36 +13,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
-from vtp.settings import Settings
+from vtp import headers as h
+from vtp.kafka_retry import retry_kafka
+from vtp.settings import Settings, as_environment
 
 
 def settings_env(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
-    """The environment that gives a child process the same settings."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "VTP_KAFKA_BOOTSTRAP": settings.bootstrap(),
-            "VTP_KAFKA_EXTRA": json.dumps(settings.kafka_extra),
-            "VTP_DATA_DIR": str(settings.data_dir),
-            "VTP_TOPIC_PREFIX": settings.topic_prefix,
-            "VTP_TOPIC_PARTITIONS": str(settings.topic_partitions),
-            "VTP_REGIONS": ",".join(settings.regions),
-            "VTP_SINK_BATCH_MESSAGES": str(settings.sink_batch_messages),
-            "VTP_SINK_FLUSH_MS": str(settings.sink_flush_ms),
-            "VTP_SINK_INSTANCE": settings.sink_instance,
-            "VTP_WAREHOUSE": settings.warehouse,
-            "VTP_METRICS_PORT": str(metrics_port),
-            "VTP_API_HOST": settings.api_host,
-            "VTP_API_PORT": str(settings.api_port),
-            "VTP_API_SIGNING_KEY": settings.api_signing_key,
-            "VTP_ALLOWED_LATENESS_S": str(settings.allowed_lateness_s),
-            "VTP_TRIP_GAP_S": str(settings.trip_gap_s),
-            "VTP_CHARGE_GAP_S": str(settings.charge_gap_s),
-            "VTP_WORKER_STALL_S": str(settings.worker_stall_s),
-        }
-    )
+    """The environment that gives a child process the same settings (every one of them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VTP_")}
+    env.update(as_environment(settings.with_(kafka_bootstrap=settings.bootstrap())))
+    env["VTP_METRICS_PORT"] = str(metrics_port)
     return env
 
 
@@ -78,7 +60,7 @@ class Process:
 def start_process(
     settings: Settings, name: str, *args: str, metrics_port: int = 0, module: str = "vtp.cli"
 ) -> Process:
-    log_dir = settings.data_dir / "logs"
+    log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
@@ -94,48 +76,42 @@ def start_process(
 
 
 def start_worker(settings: Settings, metrics_port: int = 0) -> Process:
-    return start_process(settings, "worker", "worker", metrics_port=metrics_port)
-
-
-def start_sink(settings: Settings, region: str, metrics_port: int = 0) -> Process:
     return start_process(
-        settings, f"sink-{region}", "sink", "--region", region, metrics_port=metrics_port
+        settings, f"worker-{settings.need_region()}", "worker", metrics_port=metrics_port
     )
 
 
-def start_serve(settings: Settings, region: str, metrics_port: int = 0) -> Process:
-    """`vtp serve --region R`: the region's sink and its owner API in one process."""
+def start_sink(settings: Settings, metrics_port: int = 0) -> Process:
     return start_process(
-        settings, f"serve-{region}", "serve", "--region", region, metrics_port=metrics_port
+        settings, f"sink-{settings.need_region()}", "sink", metrics_port=metrics_port
+    )
+
+
+def start_serve(settings: Settings, metrics_port: int = 0) -> Process:
+    """`vtp serve`: the region's sink and its owner API in one process."""
+    return start_process(
+        settings, f"serve-{settings.need_region()}", "serve", metrics_port=metrics_port
     )
 
 
 def group_position(settings: Settings, group: str, topics: list[str]) -> tuple[int, int]:
     """(messages committed by ``group``, messages in ``topics``), summed over partitions."""
-    for attempt in range(20):
-        try:
-            return _group_position(settings, group, topics)
-        except KafkaException as exc:  # e.g. the group coordinator is still loading
-            error = exc.args[0]
-            if attempt == 19 or not (
-                error.retriable() or error.code() == KafkaError.NOT_COORDINATOR
-            ):
-                raise
-            time.sleep(0.5)
-    raise AssertionError("unreachable")
-
-
-def _group_position(settings: Settings, group: str, topics: list[str]) -> tuple[int, int]:
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": group})
+    consumer = Consumer(
+        {"bootstrap.servers": settings.bootstrap(), "group.id": group, **settings.kafka_extra}
+    )
     committed_total, high_total = 0, 0
     try:
         for topic in topics:
-            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if meta is None:
+            meta = retry_kafka(lambda t=topic: consumer.list_topics(t, timeout=10), "metadata")
+            found = meta.topics.get(topic)
+            if found is None:
                 continue
-            tps = [TopicPartition(topic, p) for p in meta.partitions]
-            for tp in consumer.committed(tps, timeout=10):
-                low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            tps = [TopicPartition(topic, p) for p in found.partitions]
+            committed = retry_kafka(lambda t=tps: consumer.committed(t, timeout=10), "committed")
+            for tp in committed:
+                low, high = retry_kafka(
+                    lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10), "watermarks"
+                )
                 committed_total += (tp.offset if tp.offset >= 0 else low) - low
                 high_total += high - low
     finally:
@@ -145,34 +121,34 @@ def _group_position(settings: Settings, group: str, topics: list[str]) -> tuple[
 
 def pipeline_groups(settings: Settings) -> dict[str, list[str]]:
     t = settings.topics
-    groups = {
-        f"{settings.topic_prefix}-validate": [t.uploads]
-        + [t.validated(r) for r in settings.regions]
+    return {
+        t.worker_app: [t.vehicles, t.uploads, t.validated],
+        t.sink_group: [t.validated, t.aggregates],
     }
-    for region in settings.regions:
-        groups[f"{settings.topic_prefix}-sink-{region}"] = [
-            t.validated(region),
-            t.aggregates(region),
-        ]
-    return groups
 
 
-def pipeline_positions(settings: Settings) -> dict[str, tuple[int, int]]:
+def _regions(stacks: Settings | list[Settings]) -> list[Settings]:
+    return [stacks] if isinstance(stacks, Settings) else list(stacks)
+
+
+def pipeline_positions(stacks: Settings | list[Settings]) -> dict[str, tuple[int, int]]:
     """'group topic' -> (committed, total): where each consumer of the pipeline stands."""
     return {
         f"{group} {topic}": group_position(settings, group, [topic])
+        for settings in _regions(stacks)
         for group, topics in pipeline_groups(settings).items()
         for topic in topics
     }
 
 
-def pipeline_lag(settings: Settings) -> int:
-    """Messages not yet committed by the worker (uploads, validated: it validates and
-    aggregates) and the sinks (validated, aggregates)."""
+def pipeline_lag(stacks: Settings | list[Settings]) -> int:
+    """Messages not yet committed by the workers (uploads, validated: they validate and
+    aggregate) and the sinks (validated, aggregates)."""
     total = 0
-    for group, topics in pipeline_groups(settings).items():
-        committed, high = group_position(settings, group, topics)
-        total += high - committed
+    for settings in _regions(stacks):
+        for group, topics in pipeline_groups(settings).items():
+            committed, high = group_position(settings, group, topics)
+            total += high - committed
     return total
 
 
@@ -182,7 +158,10 @@ class NotDrained(RuntimeError):
 
 
 def wait_drained(
-    settings: Settings, processes: list[Process], timeout: float = 180.0, progress=None
+    settings: Settings | list[Settings],
+    processes: list[Process],
+    timeout: float = 180.0,
+    progress=None,
 ) -> bool:
     """True once every consumer of the pipeline has committed everything; raises
     NotDrained (with the evidence) after ``timeout`` seconds, or when a process exits."""
@@ -200,7 +179,9 @@ def wait_drained(
     raise NotDrained(_not_drained_report(settings, processes, timeout))
 
 
-def _not_drained_report(settings: Settings, processes: list[Process], timeout: float) -> str:
+def _not_drained_report(
+    settings: Settings | list[Settings], processes: list[Process], timeout: float
+) -> str:
     lines = [f"not drained after {timeout:g} s; committed/total per consumer:"]
     for name, (committed, total) in pipeline_positions(settings).items():
         lines.append(f"  {name}: {committed}/{total}")
@@ -214,11 +195,14 @@ class Outcomes:
     """Distinct raw messages per destination and reason (dead letters may repeat on replay).
 
     ``too_late`` counts uploads whose samples aggregation refused (stage aggregate): the
-    samples are stored all the same, so they are not an outcome of the raw message."""
+    samples are stored all the same, so they are not an outcome of the raw message.
+    ``partial`` counts, per reason, samples quarantined from messages whose other samples
+    were stored (their outcome is "stored")."""
 
     deadlettered: Counter = field(default_factory=Counter)
     quarantined: Counter = field(default_factory=Counter)
     too_late: int = 0
+    partial: Counter = field(default_factory=Counter)
 
     @property
     def deadlettered_total(self) -> int:
@@ -229,8 +213,8 @@ class Outcomes:
         return sum(self.quarantined.values())
 
 
-def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], str]:
-    """(vtp-stage, vtp-source) -> vtp-reason of every message in ``topic``."""
+def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[str, int | None]]:
+    """(vtp-stage, vtp-source) -> (vtp-reason, vtp-partial) of every message in ``topic``."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap(),
@@ -238,7 +222,7 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], str]:
             "enable.auto.commit": False,
         }
     )
-    found: dict[tuple[str, str], str] = {}
+    found: dict[tuple[str, str], tuple[str, int | None]] = {}
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None:
@@ -246,7 +230,10 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], str]:
         ends = {}
         assignment = []
         for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low, high = retry_kafka(
+                lambda p=p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10),
+                "watermarks",
+            )
             if high > low:
                 ends[p] = high
                 assignment.append(TopicPartition(topic, p, low))
@@ -257,8 +244,12 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], str]:
                 if m.error():
                     continue
                 headers = {k: (v or b"").decode() for k, v in (m.headers() or [])}
-                source = headers.get("vtp-source", f"{topic}:{m.partition()}:{m.offset()}")
-                found[(headers.get("vtp-stage", ""), source)] = headers.get("vtp-reason", "unknown")
+                source = headers.get(h.SOURCE, f"{topic}:{m.partition()}:{m.offset()}")
+                partial = headers.get(h.PARTIAL)
+                found[(headers.get(h.STAGE, ""), source)] = (
+                    headers.get(h.REASON, "unknown"),
+                    int(partial) if partial else None,
+                )
                 if m.offset() + 1 >= ends.get(m.partition(), 0):
                     ends.pop(m.partition(), None)
         return found
@@ -267,25 +258,24 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], str]:
 
 
 def read_outcomes(settings: Settings) -> Outcomes:
+    """What the region's dead-letter and quarantine topics hold, per raw message."""
     dead = _read_to_end(settings, settings.topics.deadletter)
     # One raw message, one outcome: a replay after a crash may dead-letter the same
     # message again, even at another stage (refused by the worker, then by the sink).
-    refused = {source: r for (stage, source), r in dead.items() if stage != "aggregate"}
+    refused = {source: r for (stage, source), (r, _) in dead.items() if stage != "aggregate"}
+    quarantine = _read_to_end(settings, settings.topics.quarantine)
+    whole = {source: r for (_, source), (r, partial) in quarantine.items() if partial is None}
+    partial: Counter = Counter()
+    for (_, source), (reason, samples) in quarantine.items():
+        if samples is not None and source not in whole:
+            partial[reason] += samples
     return Outcomes(
         deadlettered=Counter(refused.values()),
-        quarantined=Counter(_read_to_end(settings, settings.topics.quarantine).values()),
+        quarantined=Counter(whole.values()),
         too_late=sum(1 for stage, _ in dead if stage == "aggregate"),
+        partial=partial,
     )
 
 
 def topic_message_count(settings: Settings, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "vtp-observer"})
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        total = 0
-        for p in meta.partitions if meta else []:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total += high - low
-        return total
-    finally:
-        consumer.close()
+    return group_position(settings, "vtp-observer", [topic])[1]

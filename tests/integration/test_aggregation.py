@@ -28,7 +28,6 @@ from vtp.pipeline import (
     start_worker,
     wait_drained,
 )
-from vtp.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -50,13 +49,9 @@ def _straggler(upload: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def aggregated(base_settings, tmp_path_factory):
-    settings = base_settings.with_(
-        data_dir=tmp_path_factory.mktemp("agg"), topic_prefix=f"agg-{uuid.uuid4().hex[:6]}",
-        sink_batch_messages=200, sink_flush_ms=300,
-    )  # fmt: skip
-    create_topics(settings)
-    fleet = build_fleet(31, owners=6, vehicles=10, regions=settings.regions)
+def aggregated(region_stack):
+    settings = region_stack("eu", "agg", sink_batch_messages=200, sink_flush_ms=300)
+    fleet = build_fleet(31, owners=6, vehicles=10, regions=("eu",))
     register_fleet(settings, fleet)
     truth = new_truth(fleet)
     uploads = list(
@@ -67,7 +62,7 @@ def aggregated(base_settings, tmp_path_factory):
     # Out of order by up to 90 s of event time (the allowed lateness is 120 s).
     shuffled = sorted(uploads + resent, key=lambda u: u["sent_at_ms"] + rng.uniform(0, 90_000))
     worker = start_worker(settings)
-    sinks = [start_sink(settings, r) for r in settings.regions]
+    sinks = [start_sink(settings)]
     processes = [worker, *sinks]
     kills = 0
     try:
@@ -79,10 +74,7 @@ def aggregated(base_settings, tmp_path_factory):
             publisher.publish_upload(upload)
         assert publisher.flush(60).ok
         # Kill the worker once it has aggregated part of the first half, then restart it.
-        group, validated = (
-            f"{settings.topic_prefix}-validate",
-            [settings.topics.validated(r) for r in settings.regions],
-        )
+        group, validated = settings.topics.worker_app, [settings.topics.validated]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and group_position(settings, group, validated)[0] < 500:
             time.sleep(0.2)
@@ -101,18 +93,15 @@ def aggregated(base_settings, tmp_path_factory):
         for p in processes:
             p.stop()
     comparisons = {}
-    straggler_region = next(v.region for v in fleet if v.vin == straggler["vin"])
-    for region in settings.regions:
-        wh = open_warehouse(settings, region)
-        try:
-            comparisons[region] = compare(wh, truth, [v.vin for v in fleet if v.region == region])
-            if region == straggler_region:
-                straggler_rows = wh.query(
-                    "SELECT count() FROM samples WHERE vin = {vin:String} AND seq >= {seq:UInt64}",
-                    {"vin": straggler["vin"], "seq": STRAGGLER_SEQ},
-                )
-        finally:
-            wh.close()
+    wh = open_warehouse(settings)
+    try:
+        comparisons["eu"] = compare(wh, truth, [v.vin for v in fleet])
+        straggler_rows = wh.query(
+            "SELECT count() FROM samples WHERE vin = {vin:String} AND seq >= {seq:UInt64}",
+            {"vin": straggler["vin"], "seq": STRAGGLER_SEQ},
+        )
+    finally:
+        wh.close()
     return {
         "comparisons": comparisons,
         "straggler": (len(straggler["samples"]), rows(straggler_rows)[0][0]),

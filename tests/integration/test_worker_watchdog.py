@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from producers.publish import publish_fleet, register_fleet
 from producers.simulator import build_fleet
 from sinks.warehouse import open_warehouse, rows
 from vtp.pipeline import read_outcomes, start_process, start_sink, wait_drained
-from vtp.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
 
-def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(base_settings, tmp_path):
-    settings = base_settings.with_(
-        data_dir=tmp_path, topic_prefix=f"stall-{uuid.uuid4().hex[:6]}", worker_stall_s=12.0,
-        sink_batch_messages=200, sink_flush_ms=300,
-    )  # fmt: skip
-    create_topics(settings)
-    fleet = build_fleet(9, owners=3, vehicles=4, regions=settings.regions)
+def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack):
+    settings = region_stack(
+        "cn", "stall", worker_stall_s=12.0, sink_batch_messages=200, sink_flush_ms=300
+    )
+    fleet = build_fleet(9, owners=3, vehicles=4, regions=("cn",))
     register_fleet(settings, fleet)
     worker = start_process(settings, "worker", module="tests.integration.stalling_worker")
-    sinks = [start_sink(settings, r) for r in settings.regions]
-    processes = [worker, *sinks]
+    processes = [worker, start_sink(settings)]
     try:
         published = publish_fleet(settings, fleet, seed=9, duration_s=20 * 60)
         assert published.report.ok
@@ -39,12 +33,10 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(base_setting
     # before restarting it logged what it was doing: offsets, fetch positions, producer
     for line in ("flow: ", "fetch: ", "producer: in_flight=", "TRACEBACK OF ALL RUNNING AGENT"):
         assert line in log
-    stored = 0
-    for region in settings.regions:
-        wh = open_warehouse(settings, region)
-        try:
-            stored += rows(wh.query("SELECT count() FROM uploads"))[0][0]
-        finally:
-            wh.close()
+    wh = open_warehouse(settings)
+    try:
+        stored = rows(wh.query("SELECT count() FROM uploads"))[0][0]
+    finally:
+        wh.close()
     outcomes = read_outcomes(settings)
     assert stored == published.uploads and outcomes.deadlettered_total == 0

@@ -1,0 +1,213 @@
+"""Look for another region's identifiers wherever a region keeps anything: every message
+of every topic of its broker, every table of its warehouse, every file of its folders.
+
+The identifiers are VINs, owner ids and positions (latitude/longitude values of six
+decimals, as vehicles report them). Strings are searched as bytes in keys, values,
+headers, table rows and files; positions are searched in decoded messages (Avro and
+JSON), as text in rows and files, and as the 8-byte doubles Avro and ClickHouse write.
+A report counts what was read, so "no hit" is never "nothing was looked at".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from schemas import FramingError, default_store
+from sinks.warehouse import Warehouse, rows
+from vtp.kafka_retry import retry_kafka
+
+_NUMBER = re.compile(rb"-?\d{1,3}\.\d{4,6}(?!\d)")
+
+
+@dataclass(frozen=True)
+class Identifiers:
+    strings: frozenset[str]
+    positions: frozenset[float]  # six-decimal latitudes and longitudes
+
+    def __post_init__(self) -> None:
+        # Values with fewer than four decimals could be a speed or a state of charge.
+        precise = frozenset(p for p in self.positions if abs(round(p, 3) - p) > 1e-9)
+        object.__setattr__(self, "positions", precise)
+        pattern = b"|".join(re.escape(s.encode()) for s in sorted(self.strings, key=len)[::-1])
+        object.__setattr__(self, "_pattern", re.compile(pattern) if pattern else None)
+        object.__setattr__(self, "_doubles", np.array(sorted(precise), dtype="<f8"))
+
+    def strings_in(self, data: bytes) -> set[str]:
+        if self._pattern is None:  # type: ignore[attr-defined]
+            return set()
+        return {m.group().decode() for m in self._pattern.finditer(data)}  # type: ignore[attr-defined]
+
+    def position_texts_in(self, data: bytes) -> set[float]:
+        # Exact: a position written as text reads back as the same double; a 32-bit
+        # float of another quantity (a speed, a charge) never does.
+        return {v for m in _NUMBER.finditer(data) if (v := float(m.group())) in self.positions}
+
+    def position_doubles_in(self, data: bytes) -> set[float]:
+        doubles = self._doubles  # type: ignore[attr-defined]
+        if not len(doubles) or len(data) < 8:
+            return set()
+        found: set[float] = set()
+        for shift in range(8):
+            count = (len(data) - shift) // 8
+            values = np.frombuffer(data, dtype="<f8", count=count, offset=shift)
+            at = np.minimum(np.searchsorted(doubles, values), len(doubles) - 1)
+            found.update(float(v) for v in values[doubles[at] == values])
+        return found
+
+    def in_value(self, value: object) -> set[str]:
+        """Identifiers in a decoded record (nested dicts/lists)."""
+        found: set[str] = set()
+        for leaf in _leaves(value):
+            if isinstance(leaf, float) and leaf in self.positions:
+                found.add(f"position {leaf}")
+            elif isinstance(leaf, str) and leaf in self.strings:
+                found.add(leaf)
+        return found
+
+
+def _leaves(value: object) -> Iterator[object]:
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+@dataclass(frozen=True)
+class Hit:
+    place: str
+    identifier: str
+
+
+@dataclass
+class ScanReport:
+    read: Counter = field(default_factory=Counter)  # what was looked at, by kind
+    hits: list[Hit] = field(default_factory=list)
+
+    def add(self, place: str, found: Iterable[str]) -> None:
+        self.hits += [Hit(place, f) for f in sorted(found)]
+
+    def merge(self, other: ScanReport) -> None:
+        self.read.update(other.read)
+        self.hits += other.hits
+
+    def summary(self) -> str:
+        read = ", ".join(f"{n} {kind}" for kind, n in sorted(self.read.items()))
+        return f"read {read}: {len(self.hits)} identifiers of another region"
+
+
+def _decoded(value: bytes) -> object | None:
+    try:
+        return default_store().decode(value)[0]
+    except FramingError:
+        pass
+    try:
+        return json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def scan_bytes(ids: Identifiers, data: bytes) -> set[str]:
+    data = data.rstrip(b"\0")  # preallocated (index) files: trailing zeros hold nothing
+    found = ids.strings_in(data)
+    found |= {f"position {p}" for p in ids.position_texts_in(data)}
+    found |= {f"position {p}" for p in ids.position_doubles_in(data)}
+    return found
+
+
+def scan_topics(bootstrap: str, ids: Identifiers, extra: dict | None = None) -> ScanReport:
+    """Every message of every topic (internal ones included), from the beginning."""
+    report = ScanReport()
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"vtp-scan-{time.monotonic_ns()}",
+         "enable.auto.commit": False, "enable.partition.eof": True, **(extra or {})}
+    )  # fmt: skip
+    try:
+        meta = retry_kafka(lambda: consumer.list_topics(timeout=10), "list topics")
+        ends: dict[tuple[str, int], int] = {}
+        for name, topic in meta.topics.items():
+            report.read["topics"] += 1
+            for p in topic.partitions:
+                low, high = retry_kafka(
+                    lambda n=name, p=p: consumer.get_watermark_offsets(
+                        TopicPartition(n, p), timeout=10
+                    ),
+                    "watermarks",
+                )
+                if high > low:
+                    ends[(name, p)] = high
+        consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends])
+        deadline = time.monotonic() + 300
+        while ends and time.monotonic() < deadline:
+            for m in consumer.consume(2000, timeout=1.0):
+                if m.error():
+                    continue
+                where = (m.topic(), m.partition())
+                report.read["messages"] += 1
+                found = set()
+                for part in (m.key(), m.value(), *(v for _, v in m.headers() or [])):
+                    if part:
+                        found |= scan_bytes(ids, part)
+                decoded = _decoded(m.value()) if m.value() else None
+                if decoded is not None:
+                    found |= ids.in_value(decoded)
+                report.add(f"topic {m.topic()}:{m.partition()}:{m.offset()}", found)
+                if m.offset() + 1 >= ends.get(where, 0):
+                    ends.pop(where, None)
+        if ends:
+            raise RuntimeError(f"the scan did not reach the end of {sorted(ends)[:3]}")
+    finally:
+        consumer.close()
+    return report
+
+
+def scan_warehouse(warehouse: Warehouse, ids: Identifiers) -> ScanReport:
+    """Every row of every table and view of the region's warehouse, as text."""
+    report = ScanReport()
+    for (table,) in rows(warehouse.query("SELECT name FROM system.tables WHERE database = currentDatabase()")):  # fmt: skip
+        report.read["tables"] += 1
+        data = warehouse.query_raw(f"SELECT * FROM `{table}`", None, "TSV")
+        report.read["table rows"] += data.count(b"\n")
+        found = ids.strings_in(data) | {f"position {p}" for p in ids.position_texts_in(data)}
+        report.add(f"table {table}", found)
+    return report
+
+
+def scan_files(root: Path, ids: Identifiers) -> ScanReport:
+    """Every file below ``root``: logs, broker segments, warehouse parts, worker state."""
+    report = ScanReport()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue  # removed while scanning (a merged part, a rolled log)
+        report.read["files"] += 1
+        report.read["file bytes (without preallocated zeros)"] += len(data.rstrip(b"\0"))
+        report.add(f"file {path}", scan_bytes(ids, data))
+    return report
+
+
+def foreign_to(region: str, vehicles: Iterable, positions: dict[str, set[float]]) -> Identifiers:
+    """What must never be found in ``region``: VINs and owners never registered there,
+    and positions of samples that went to another region (``vehicles`` are simulator
+    Vehicles with their registration history)."""
+    vehicles = list(vehicles)
+    periods = [p for v in vehicles for p in v.periods]
+    vins_here = {v.vin for v in vehicles if region in v.regions}
+    owners_here = {p.owner_id for p in periods if p.region == region and p.owner_id}
+    strings = {v.vin for v in vehicles} - vins_here
+    strings |= {p.owner_id for p in periods if p.owner_id} - owners_here
+    elsewhere = set().union(*(ps for r, ps in positions.items() if r != region))
+    return Identifiers(frozenset(strings), frozenset(elsewhere - positions.get(region, set())))
