@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+REGIONS ?= cn eu
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-integration bench lint stack-up stack-down stack-status kafka-jars clean
@@ -41,14 +42,14 @@ lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-stack-up: $(STAMP) kafka-jars ## start the local Kafka broker on a free loopback port
-	$(BIN)/vtp stack up
+stack-up: $(STAMP) kafka-jars ## start each region's own local Kafka broker (REGIONS="cn eu")
+	for r in $(REGIONS); do $(BIN)/vtp stack up --region $$r || exit 1; done
 
-stack-down: $(STAMP) ## stop the local Kafka broker
-	$(BIN)/vtp stack down
+stack-down: $(STAMP) ## stop the regions' local Kafka brokers
+	for r in $(REGIONS); do $(BIN)/vtp stack down --region $$r; done
 
-stack-status: $(STAMP) ## show whether the local broker runs, and where
-	$(BIN)/vtp stack status
+stack-status: $(STAMP) ## show whether each region's broker runs, and where
+	for r in $(REGIONS); do $(BIN)/vtp stack status --region $$r; done
 
 clean: ## remove the virtualenv, caches and all local data
 	rm -rf $(VENV) var .pytest_cache

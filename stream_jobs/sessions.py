@@ -184,16 +184,22 @@ def _end_of_current_period(state: dict, registration: Registration | None) -> in
     return registration.end_of(period)
 
 
+def _close_everything(state: dict, out: list) -> None:
+    """The owner's trip, charge and days final, and both open slots emptied."""
+    if state["owner_id"] is None:
+        return
+    for key in ("trip", "charge"):
+        if state[key] is not None:
+            out.append(_record(state, key, state[key], final=True))
+            state[key] = None
+    _close_days(state, out, everything=True)
+    out.extend(_open_records(state))  # both slots now inactive
+
+
 def _switch_owner(state: dict, period: Period | None, out: list) -> None:
-    """The old owner's sessions and days close final and its open slots empty; the state
-    then aggregates for ``period``'s owner (or nobody), from nothing."""
-    if state["owner_id"] is not None:
-        for key in ("trip", "charge"):
-            if state[key] is not None:
-                out.append(_record(state, key, state[key], final=True))
-                state[key] = None
-        _close_days(state, out, everything=True)
-        out.extend(_open_records(state))  # both slots now inactive
+    """The old owner's sessions and days close; the state then aggregates for
+    ``period``'s owner (or nobody), from nothing."""
+    _close_everything(state, out)
     state["owner_id"] = period.owner_id if period else None
     state["period"] = period.from_ms if period else None
     state["last"] = None
@@ -204,14 +210,7 @@ def flush(state: dict, config: SessionConfig, registration: Registration | None)
     state["version"] += 1
     out: list[dict] = []
     _release(state, config, out, None, registration)
-    if state["owner_id"] is None:
-        return out
-    for key in ("trip", "charge"):
-        if state[key] is not None:
-            out.append(_record(state, key, state[key], final=True))
-            state[key] = None
-    _close_days(state, out, everything=True)
-    out.extend(_open_records(state))  # both slots now empty
+    _close_everything(state, out)
     return out
 
 

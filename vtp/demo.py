@@ -46,7 +46,7 @@ from vtp.pipeline import (
     wait_drained,
 )
 from vtp.regions import REGIONS
-from vtp.scan import foreign_to, scan_files, scan_topics, scan_warehouse
+from vtp.scan import foreign_to, scan_region
 from vtp.settings import Settings
 from vtp.topics import create_topics
 
@@ -195,13 +195,7 @@ def _scan(stacks: dict[str, Settings], region: str, fleet, positions) -> bool:
     settings = stacks[region]
     started = time.monotonic()
     ids = foreign_to(region, fleet, positions)
-    report = scan_topics(settings.bootstrap(), ids)
-    wh = open_warehouse(settings)
-    try:
-        report.merge(scan_warehouse(wh, ids))
-    finally:
-        wh.close()
-    report.merge(scan_files(settings.home, ids))
+    report = scan_region(settings, ids)
     say(f"{region}: separation scan for {len(ids.strings)} VINs/owner ids and "
         f"{len(ids.positions)} positions of other regions: {report.summary()} "
         f"({time.monotonic() - started:.1f} s)")  # fmt: skip

@@ -211,3 +211,18 @@ def foreign_to(region: str, vehicles: Iterable, positions: dict[str, set[float]]
     strings |= {p.owner_id for p in periods if p.owner_id} - owners_here
     elsewhere = set().union(*(ps for r, ps in positions.items() if r != region))
     return Identifiers(frozenset(strings), frozenset(elsewhere - positions.get(region, set())))
+
+
+def scan_region(settings, ids: Identifiers) -> ScanReport:
+    """Everything one region keeps: its broker's topics, its warehouse, its folder.
+    (The warehouse is opened here, so no process of the region may hold it.)"""
+    from sinks.warehouse import open_warehouse
+
+    report = scan_topics(settings.bootstrap(), ids, settings.kafka_extra)
+    warehouse = open_warehouse(settings)
+    try:
+        report.merge(scan_warehouse(warehouse, ids))
+    finally:
+        warehouse.close()
+    report.merge(scan_files(settings.home, ids))
+    return report

@@ -18,6 +18,11 @@ CREATE TABLE IF NOT EXISTS pseudonyms
 ENGINE = ReplacingMergeTree
 ORDER BY (owner_id, vin);
 
+-- One row per pair whatever the merges have done (the table is ReplacingMergeTree).
+CREATE VIEW IF NOT EXISTS pseudonym_refs AS
+SELECT owner_id, vin, any(owner_ref) AS owner_ref, any(vehicle_ref) AS vehicle_ref
+FROM pseudonyms GROUP BY owner_id, vin;
+
 CREATE VIEW IF NOT EXISTS analyst_samples AS
 SELECT
     p.owner_ref AS owner_ref, p.vehicle_ref AS vehicle_ref, s.region AS region,
@@ -27,8 +32,7 @@ SELECT
     s.charge_mode AS charge_mode, s.battery_temperature AS battery_temperature,
     s.outside_temperature AS outside_temperature, s.gear AS gear, length(s.dtcs) AS dtc_count
 FROM samples AS s
-INNER JOIN (SELECT owner_id, vin, any(owner_ref) AS owner_ref, any(vehicle_ref) AS vehicle_ref
-            FROM pseudonyms GROUP BY owner_id, vin) AS p
+INNER JOIN pseudonym_refs AS p
     ON p.owner_id = s.owner_id AND p.vin = s.vin;
 
 CREATE VIEW IF NOT EXISTS analyst_trips AS
@@ -41,8 +45,7 @@ SELECT
     t.max_speed_kmh AS max_speed_kmh, t.soc_used AS soc_used, t.energy_kwh AS energy_kwh,
     t.outside_temp_avg AS outside_temp_avg
 FROM trips AS t FINAL
-INNER JOIN (SELECT owner_id, vin, any(owner_ref) AS owner_ref, any(vehicle_ref) AS vehicle_ref
-            FROM pseudonyms GROUP BY owner_id, vin) AS p
+INNER JOIN pseudonym_refs AS p
     ON p.owner_id = t.owner_id AND p.vin = t.vin;
 
 CREATE VIEW IF NOT EXISTS analyst_charges AS
@@ -54,8 +57,7 @@ SELECT
     c.energy_metered_kwh AS energy_metered_kwh, c.peak_power_kw AS peak_power_kw,
     c.avg_power_kw AS avg_power_kw, c.mode AS mode
 FROM charges AS c FINAL
-INNER JOIN (SELECT owner_id, vin, any(owner_ref) AS owner_ref, any(vehicle_ref) AS vehicle_ref
-            FROM pseudonyms GROUP BY owner_id, vin) AS p
+INNER JOIN pseudonym_refs AS p
     ON p.owner_id = c.owner_id AND p.vin = c.vin;
 
 CREATE VIEW IF NOT EXISTS analyst_daily_summaries AS
@@ -67,6 +69,5 @@ SELECT
     d.idle_drain_kwh AS idle_drain_kwh, d.parked_s AS parked_s, d.trips AS trips,
     d.charges AS charges, d.efficiency_wh_per_km AS efficiency_wh_per_km, d.final AS final
 FROM daily_summaries AS d FINAL
-INNER JOIN (SELECT owner_id, vin, any(owner_ref) AS owner_ref, any(vehicle_ref) AS vehicle_ref
-            FROM pseudonyms GROUP BY owner_id, vin) AS p
+INNER JOIN pseudonym_refs AS p
     ON p.owner_id = d.owner_id AND p.vin = d.vin;

@@ -164,32 +164,33 @@ def test_a_runaway_query_is_cancelled_and_the_writer_is_not_held_up(region):
     done: dict[str, object] = {}
 
     def runaway() -> None:
-        started = time.monotonic()
         try:
             run_analyst_query(
-                wh, "SELECT count() FROM analyst_samples AS a, analyst_samples AS b", LIMITS
+                wh,
+                "SELECT sum(length(a.vehicle_ref) * length(b.owner_ref)) FROM analyst_samples AS a, analyst_samples AS b",
+                LIMITS,
             )
         except AnalystQueryError as exc:
             done["error"] = exc
-        done["seconds"] = time.monotonic() - started
 
     thread = threading.Thread(target=runaway)
     thread.start()
     time.sleep(0.5)
-    writes, waits = 0, []
-    while thread.is_alive() and writes < 50:
-        started = time.monotonic()
+    writes_while_running = 0
+    while thread.is_alive():
+        n = writes_while_running
         wh.execute("INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
-                   "VALUES ('probe', 0, {n:UInt64}, {n:UInt64}, 1)", {"n": writes})  # fmt: skip
-        rows(wh.query("SELECT count() FROM sink_batches WHERE topic = 'probe'"))
-        waits.append(time.monotonic() - started)
-        writes += 1
-        time.sleep(0.02)
+                   "VALUES ('probe', 0, {n:UInt64}, {n:UInt64}, 1)", {"n": n})  # fmt: skip
+        assert rows(wh.query("SELECT count() FROM sink_batches WHERE topic = 'probe'")) == [
+            (n + 1,)
+        ]
+        writes_while_running += thread.is_alive()
+        time.sleep(0.05)
     thread.join(30)
     assert done["error"].code == "query_cancelled", done["error"]
-    assert "TIMEOUT_EXCEEDED" in str(done["error"]) or "limit" in str(done["error"]).lower()
+    assert "TIMEOUT_EXCEEDED" in str(done["error"])
     # the writer went on while the analyst's query ran: it was never in the writer's way
-    assert writes >= 5 and max(waits) < LIMITS.max_execution_s, waits
+    assert writes_while_running >= 3
     # the connection the writer uses answers with its own results afterwards
     assert rows(wh.query("SELECT 42")) == [(42,)]
 
@@ -197,7 +198,7 @@ def test_a_runaway_query_is_cancelled_and_the_writer_is_not_held_up(region):
 @pytest.mark.parametrize(
     ("sql", "what"),
     [
-        ("SELECT count() FROM analyst_samples AS a, analyst_samples AS b", "TIMEOUT"),
+        ("SELECT sum(length(a.vehicle_ref) * length(b.owner_ref)) FROM analyst_samples AS a, analyst_samples AS b", "TIMEOUT"),
         ("SELECT groupArray(toString(event_time)) FROM analyst_samples AS a, analyst_samples AS b "
          "GROUP BY a.owner_ref", "LIMIT"),
         ("SELECT event_time FROM analyst_samples", "LIMIT"),  # more rows than may be returned

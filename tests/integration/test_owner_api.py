@@ -45,7 +45,9 @@ DATA_TABLES = (
 
 @pytest.fixture(scope="module")
 def served(region_stack):
-    settings = region_stack("eu", "api", sink_batch_messages=200, sink_flush_ms=300)
+    settings = region_stack(
+        "eu", "api", sink_batch_messages=200, sink_flush_ms=300, analyst_max_execution_s=3.0
+    )
     ring = RING["eu"] = load_keyring(settings)  # `vtp serve` finds them in the region's folder
     fleet = [v for v in build_fleet(5, owners=12, vehicles=20) if v.region == "eu"]
     register_fleet(settings, fleet)
@@ -633,3 +635,35 @@ def test_analysts_over_http_get_the_same_allow_list_and_no_secret_anywhere_they_
     environment = open(f"/proc/{serve.popen.pid}/environ", "rb").read().decode(errors="replace")
     assert not [s for s in secrets if s in environment]  # nothing for file('/proc/self/environ')
     assert settings.keys_path.resolve() not in settings.warehouse_path.resolve().parents
+
+
+def test_a_runaway_analyst_query_is_cancelled_while_owners_are_served(served):
+    import threading
+
+    owner, vins = _owner_in(served, "eu")
+    analyst = issue(RING["eu"], analyst_claims("heavy", "eu", 60))
+    answer: dict = {}
+
+    def runaway() -> None:
+        with _client(served, "eu", analyst) as api:
+            answer["response"] = api.post(
+                "/v1/analyst/sql",
+                json={
+                    "sql": "SELECT sum(length(a.vehicle_ref) * length(b.owner_ref)) FROM analyst_samples AS a, analyst_samples AS b"
+                },
+            )
+
+    thread = threading.Thread(target=runaway)
+    thread.start()
+    answered = []  # (status, was the analyst's query still running when it was answered)
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        while thread.is_alive():
+            r = api.get(f"/v1/vehicles/{vins[0]}/samples", params={"limit": 10})
+            answered.append((r.status_code, thread.is_alive()))
+            time.sleep(0.1)
+    thread.join()
+    r = answer["response"]
+    assert (r.status_code, r.json()["error"]) == (400, "query_cancelled"), r.text
+    # owners were answered while it ran, not queued behind it
+    assert all(code == 200 for code, _ in answered)
+    assert sum(running for _, running in answered) >= 3, answered

@@ -35,7 +35,14 @@ from sinks.warehouse import open_warehouse, rows
 from vtp.keys import load_keyring
 from vtp.pipeline import read_outcomes, start_serve, start_worker, topic_message_count, wait_drained
 from vtp.regions import REGIONS
-from vtp.scan import Identifiers, foreign_to, scan_files, scan_topics, scan_warehouse
+from vtp.scan import (
+    Identifiers,
+    foreign_to,
+    scan_files,
+    scan_region,
+    scan_topics,
+    scan_warehouse,
+)
 from vtp.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -330,13 +337,7 @@ def test_nothing_of_one_region_is_found_anywhere_in_the_other(regions):
     for region, settings in regions["stacks"].items():
         ids = foreign_to(region, regions["fleet"], regions["positions"])
         assert ids.strings and len(ids.positions) > 1000
-        report = scan_topics(settings.bootstrap(), ids)
-        wh = open_warehouse(settings)
-        try:
-            report.merge(scan_warehouse(wh, ids))
-        finally:
-            wh.close()
-        report.merge(scan_files(settings.home, ids))
+        report = scan_region(settings, ids)
         print(f"\n{region}: {report.summary()}")
         assert report.read["topics"] >= 10 and report.read["messages"] > 1000
         assert report.read["tables"] >= 10 and report.read["files"] > 50
