@@ -364,7 +364,9 @@ def _server_properties(data: Path, port: int, controller_port: int) -> str:
             "share.coordinator.state.topic.min.isr=1",
             # Tests and the demo start consumers right away; no reason to wait 3 s.
             "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=true",
+            # A producer or consumer pointed at the wrong cluster must fail, not create
+            # its region's topics there (vtp creates its topics itself: vtp topics).
+            "auto.create.topics.enable=false",
             "",
         ]
     )

@@ -12,10 +12,12 @@ readonly=1 lets file() and INTO OUTFILE through):
    functions in FUNCTIONS (no file, url, dictionaries, settings or system access), no
    table functions, and every table is an analyst_* view.
 3. The query runs on a connection of its own, opened read-only with its limits in the
-   connection (execution time, memory, rows read, result size), which no statement can
-   change; a runaway query is cancelled there while the sink and owner requests go on
-   over the main connection. On a ClickHouse server the same limits go with the query,
-   and deploy/clickhouse-analyst-role.sql adds a role with SELECT on the views only.
+   connection (execution time, memory, rows read), which no statement can change; a
+   runaway query is cancelled there while the sink and owner requests go on over the
+   main connection. The result is cut at the row limit by the engine (LIMIT around the
+   checked text: chdb's Arrow output ignores max_result_rows) and refused above its size
+   limit before Python turns it into rows. On a ClickHouse server the same limits go with
+   the query, and deploy/clickhouse-analyst-role.sql adds a role with SELECT on the views.
 
 The views name owners and vehicles only by keyed pseudonyms, which the sink computes
 with a key kept in the keys folder (vtp.keys), never in the warehouse.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from owner_api.store import jsonable
 from sinks.warehouse import Warehouse, WarehouseBusy, WarehouseError, open_warehouse, rows
 from vtp.settings import Settings
 
@@ -79,6 +82,7 @@ FUNCTIONS = frozenset(
 )
 COMBINATORS = ("if", "distinct", "ornull", "ordefault")
 IN_FUNCTIONS = frozenset({"in", "notin", "globalin", "globalnotin", "nullin", "notnullin"})
+MAX_DEPTH = 200  # a deeper tree is refused before anything walks it
 NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _LINE = re.compile(r"^(?P<indent> *)(?P<kind>[A-Za-z]+)(?P<rest>.*?)(?: \(children (?P<n>\d+)\))?$")
 _ALIAS = re.compile(rf" \(alias ({NAME})\)$")
@@ -99,6 +103,7 @@ class AnalystLimits:
     max_memory_bytes: int = 1024 * 2**20
     max_rows_read: int = 200_000_000
     max_result_rows: int = 100_000
+    max_result_bytes: int = 64 * 2**20
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnalystLimits:
@@ -107,6 +112,7 @@ class AnalystLimits:
             settings.analyst_max_memory_mb * 2**20,
             settings.analyst_max_rows_read,
             settings.analyst_max_result_rows,
+            settings.analyst_max_result_mb * 2**20,
         )
 
     def engine_settings(self) -> dict[str, str]:
@@ -141,6 +147,8 @@ def parse_ast(lines: list[str]) -> _Node:
         if match is None:
             raise AnalystQueryError(f"unexpected syntax tree line {line[:80]!r}")
         depth = len(match["indent"])
+        if depth > MAX_DEPTH:
+            raise AnalystQueryError(f"the query nests deeper than {MAX_DEPTH} levels")
         node = _Node(match["kind"], match["rest"].strip(), int(match["n"] or 0))
         while stack[-1][0] >= depth:
             stack.pop()
@@ -220,12 +228,60 @@ def run_analyst_query(warehouse: Warehouse, sql: str, limits: AnalystLimits) -> 
     except WarehouseError as exc:
         raise AnalystQueryError(f"the query does not parse: {_first_line(exc)}") from None
     check_ast(parse_ast([line for (line,) in ast]))
+    # The canonical text is one formatted SELECT (no comments, balanced), so it can be
+    # wrapped: the engine stops at the row limit instead of handing over everything.
+    bounded = f"SELECT * FROM ({canonical}) LIMIT {limits.max_result_rows + 1}"
     try:
-        return warehouse.analyst_query(canonical, None, settings)
+        result = warehouse.analyst_query(bounded, None, settings)
     except WarehouseError as exc:
         message = _first_line(exc)
         limited = any(f"Code: {c}." in message for c in (158, 159, 160, 241, 307, 396))
         raise AnalystQueryError(message, "query_cancelled" if limited else "query_failed") from None
+    if result.num_rows > limits.max_result_rows:
+        raise AnalystQueryError(
+            f"the result has more than {limits.max_result_rows} rows (LIMIT): aggregate, or "
+            "add a LIMIT",
+            "query_cancelled",
+        )
+    if result.nbytes > limits.max_result_bytes:
+        raise AnalystQueryError(
+            f"the result is larger than {limits.max_result_bytes // 2**20} MiB (LIMIT): "
+            "select fewer or smaller columns",
+            "query_cancelled",
+        )
+    return result
+
+
+def result_rows(table: pa.Table) -> list[list]:
+    """The rows of a result as JSON-ready lists; text that is not UTF-8 (the engine's
+    strings are bytes) comes out with replacement characters instead of failing."""
+    try:
+        columns = [c.to_pylist() for c in table.columns]
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        columns = [_decoded(c.cast(_as_binary(c.type)).to_pylist()) for c in table.columns]
+    return [[_jsonable(v) for v in row] for row in zip(*columns, strict=True)]
+
+
+def _as_binary(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return pa.binary()
+    if pa.types.is_list(kind):
+        return pa.list_(_as_binary(kind.value_type))
+    return kind
+
+
+def _decoded(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    return value
+
+
+def _jsonable(value):
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return jsonable(value)
 
 
 def _first_line(exc: Exception) -> str:
@@ -244,7 +300,7 @@ def query_locally_or_via_service(settings: Settings, sql: str) -> tuple[list[str
 
         migrate(warehouse)
         result = run_analyst_query(warehouse, sql, AnalystLimits.from_settings(settings))
-        return result.column_names, [list(r.values()) for r in result.to_pylist()]
+        return result.column_names, result_rows(result)
     finally:
         warehouse.close()
 
@@ -270,9 +326,13 @@ def _via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
         f"{url}/v1/analyst/sql", json={"sql": sql},
         headers={"Authorization": f"Bearer {token}"}, timeout=300,
     )  # fmt: skip
-    body = response.json()
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
     if response.status_code != 200:
         raise AnalystQueryError(
-            body.get("message", response.text), body.get("error", "query_failed")
+            body.get("message", f"{response.status_code}: {response.text[:200]}"),
+            body.get("error", "query_failed"),
         )
     return body["columns"], body["rows"]

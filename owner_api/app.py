@@ -10,8 +10,10 @@ framework's own included, is ``{"error": code, "message": text}``.
 # No `from __future__ import annotations` here: FastAPI must see the dependency aliases
 # (Who, Owner, ...) defined inside create_app when it reads the route signatures.
 import contextlib
+import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,12 +28,12 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from owner_api import store
-from owner_api.analyst import AnalystLimits, AnalystQueryError, run_analyst_query
+from owner_api.analyst import AnalystLimits, AnalystQueryError, result_rows, run_analyst_query
 from owner_api.export import stream_export
 from owner_api.scopes import ROUTE_SCOPE, SCOPES, SIGNAL_SCOPE, visible_columns
 from owner_api.tokens import Claims, TokenError, issue, verify
 from sinks.warehouse import Warehouse
-from vtp.keys import KeyRing
+from vtp.keys import KeyFolder
 from vtp.settings import Settings
 
 log = logging.getLogger("vtp.owner_api")
@@ -52,7 +54,9 @@ class ErrorBody(BaseModel):
     message: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 429)
+}
 
 
 class AnalystQuery(BaseModel):
@@ -91,8 +95,49 @@ def _time_range(start: datetime | None, end: datetime | None, default_days: int)
     return start_ms, end_ms
 
 
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
-              413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+HTTP_CODES = {400: "bad_parameter", 404: "not_found", 405: "method_not_allowed",
+              406: "not_acceptable", 413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+MAX_BODY_BYTES = 1 << 20  # no route takes more; bigger bodies are refused before reading
+
+
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413 before the app reads it (a
+    body is read before the route checks its token)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _too_large(send, self.limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = json.dumps({"error": "too_large", "message": f"bodies are at most {limit} bytes"})
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body.encode()})
 
 
 def token_error(exc: TokenError) -> "ApiError":
@@ -104,7 +149,7 @@ def token_error(exc: TokenError) -> "ApiError":
 def create_app(
     settings: Settings,
     warehouse: Warehouse,
-    ring: KeyRing,
+    keys: KeyFolder,
     erasure_lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> FastAPI:
     region = settings.need_region()
@@ -116,6 +161,9 @@ def create_app(
     )
     wh = warehouse
     analyst_limits = AnalystLimits.from_settings(settings)
+    # Each analyst query may use its memory limit; only so many run at once.
+    analyst_slots = threading.BoundedSemaphore(settings.analyst_max_concurrent)
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(ApiError)
     def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -160,7 +208,7 @@ def create_app(
             raise ApiError(401, "missing_token", "send Authorization: Bearer <token>")
         try:
             claims = verify(
-                ring, authorization.removeprefix("Bearer ").strip(), region,
+                keys.ring(), authorization.removeprefix("Bearer ").strip(), region,
                 ("owner", "grant"), settings.owner_token_max_ttl_s,
             )  # fmt: skip
         except TokenError as exc:
@@ -287,7 +335,7 @@ def create_app(
         scopes = sorted(set(body.scopes))
         grant = store.create_grant(wh, who.owner, body.party, scopes, expires_ms)
         token = issue(
-            ring,
+            keys.ring(),
             Claims(
                 who.owner, region, expires_ms // 1000, grant["grant_id"], body.party,
                 tuple(scopes), kind="grant",
@@ -369,19 +417,23 @@ def create_app(
             raise ApiError(401, "missing_token", "send Authorization: Bearer <analyst token>")
         try:
             claims = verify(
-                ring, authorization.removeprefix("Bearer ").strip(), region, ("analyst",)
+                keys.ring(), authorization.removeprefix("Bearer ").strip(), region, ("analyst",)
             )
         except TokenError as exc:
             raise token_error(exc) from None
+        if not analyst_slots.acquire(blocking=False):
+            raise ApiError(
+                429, "too_many_queries",
+                f"{settings.analyst_max_concurrent} analyst queries run already; try again soon",
+            )  # fmt: skip
         try:
             result = run_analyst_query(wh, body.sql, analyst_limits)
         except AnalystQueryError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
+        finally:
+            analyst_slots.release()
         log.info("analyst %s ran a query returning %d rows", claims.owner_id, result.num_rows)
-        return {
-            "columns": result.column_names,
-            "rows": [list(r.values()) for r in store.records(result)],
-        }
+        return {"columns": result.column_names, "rows": result_rows(result)}
 
     return app
 
@@ -391,8 +443,9 @@ def _parse_cursor(cursor: str | None) -> tuple[int, int] | None:
         return None
     try:
         t, seq = cursor.split(".")
-        return int(t), int(seq)
+        after = int(t), int(seq)
     except ValueError:
-        raise ApiError(
-            400, "bad_cursor", "cursor must be the `next` value of a previous page"
-        ) from None
+        after = None
+    if after is None or not (0 <= after[0] < 2**62 and -1 <= after[1] < 2**63):
+        raise ApiError(400, "bad_cursor", "cursor must be the `next` value of a previous page")
+    return after

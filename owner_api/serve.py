@@ -27,7 +27,7 @@ from sinks.migrations import migrate
 from sinks.sink import RegionSink
 from sinks.warehouse import open_warehouse
 from vtp import metrics
-from vtp.keys import load_keyring
+from vtp.keys import KeyFolder
 from vtp.settings import Settings
 
 log = logging.getLogger("vtp.serve")
@@ -58,7 +58,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def run_serve(settings: Settings, with_sink: bool = True) -> int:
     region = settings.need_region()
-    ring = load_keyring(settings)
+    keys = KeyFolder(settings)
     sock = _bind(settings.api_host, settings.api_port)
     try:
         warehouse = open_warehouse(settings)
@@ -69,7 +69,7 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
     migrate(warehouse)
     sink = RegionSink(settings, warehouse) if with_sink else None
     erasure_lock = (lambda: sink.write_lock) if sink else contextlib.nullcontext
-    app = create_app(settings, warehouse, ring, erasure_lock)
+    app = create_app(settings, warehouse, keys, erasure_lock)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False))
     failure: list[BaseException] = []

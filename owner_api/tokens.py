@@ -163,6 +163,8 @@ def _checked_claims(
         raise TokenError("malformed", f"unexpected claims {extra}")
     if payload.get("kind") != kind:
         raise TokenError("malformed", "the token's kind does not match its key")
+    if payload.get("aud") != audience(region):  # one audience, not a list that holds it
+        raise TokenError("malformed", f"the token's audience must be {audience(region)!r}")
     subject = _text(payload, "sub")
     issued, expires = _whole(payload, "iat"), _whole(payload, "exp")
     longest = {"owner": max_owner_ttl_s, "grant": GRANT_MAX_TTL_S}.get(kind, ANALYST_MAX_TTL_S)

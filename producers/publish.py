@@ -17,10 +17,17 @@ from producers.sdk import DeliveryReport, TelemetryPublisher, publish_registrati
 from producers.simulator import GroundTruth, Vehicle, build_fleet, new_truth, simulate
 from vtp.regions import REGIONS
 from vtp.settings import Settings
+from vtp.topics import check_cluster_region
 
-# A fixed start keeps runs identical; vehicles may upload old data (store-and-forward),
-# so a past start is valid input.
+# A fixed start keeps test runs identical; vehicles may upload old data (store-and-
+# forward), so a past start is valid input. `vtp simulate` and the demo end now instead,
+# so what they publish is in the owner API's default window (the last 30 days).
 DEFAULT_START_MS = 1793944800000  # 2026-11-06T06:00:00Z
+
+
+def ending_now(duration_s: float) -> int:
+    """A start (to the minute) from which a simulation of ``duration_s`` ends now."""
+    return (int(time.time() * 1000) - int(duration_s * 1000)) // 60_000 * 60_000
 
 
 @dataclass
@@ -34,6 +41,7 @@ class PublishSummary:
     # The first upload of each vehicle as (key, value): what a resend test sends again.
     first_uploads: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     uploads_by_region: Counter = field(default_factory=Counter)
+    vehicles_sent: set[str] = field(default_factory=set)
     # Uploads of vehicles provisioned with a region that is not running here.
     unsent: int = 0
     # With collect_positions: every latitude/longitude sent, by the region it went to.
@@ -43,7 +51,7 @@ class PublishSummary:
         rate = self.samples / self.seconds if self.seconds else 0.0
         return (
             f"published {self.uploads} uploads / {self.samples} samples of "
-            f"{len(self.vehicles)} vehicles in {self.seconds:.1f} s ({rate:,.0f} samples/s); "
+            f"{len(self.vehicles_sent)} vehicles in {self.seconds:.1f} s ({rate:,.0f} samples/s); "
             f"delivered {self.report.delivered}, failed {len(self.report.failed)}, "
             f"pending {self.report.pending}"
         )
@@ -52,6 +60,7 @@ class PublishSummary:
 def register_fleet(settings: Settings, vehicles: list[Vehicle]) -> DeliveryReport:
     """Write the region's view of every vehicle ever registered there to its registry."""
     region = settings.need_region()
+    check_cluster_region(settings)
     report = publish_registrations(
         settings.bootstrap(),
         settings.topics.vehicles,
@@ -95,6 +104,8 @@ def publish_fleet(
     given ``publishers``, the caller flushes them."""
     if isinstance(stacks, Settings):
         stacks = {stacks.need_region(): stacks}
+    for settings in stacks.values():
+        check_cluster_region(settings)
     own = publishers is None
     publishers = publishers if publishers is not None else publishers_for(stacks)
     by_vin = {v.vin: v for v in vehicles}
@@ -120,6 +131,7 @@ def publish_fleet(
         summary.uploads += 1
         summary.samples += len(upload["samples"])
         summary.uploads_by_region[region] += 1
+        summary.vehicles_sent.add(upload["vin"])
     summary.report = flush_all(publishers) if own else DeliveryReport()
     summary.seconds = time.perf_counter() - started
     return summary
@@ -139,4 +151,6 @@ def publish_simulation(
     fleet = build_fleet(seed, owners=owners, vehicles=vehicles, regions=tuple(REGIONS))
     if register:
         register_fleet(settings, fleet)
-    return publish_fleet(settings, fleet, seed=seed, duration_s=duration_s)
+    return publish_fleet(
+        settings, fleet, seed=seed, duration_s=duration_s, start_ms=ending_now(duration_s)
+    )

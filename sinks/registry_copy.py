@@ -41,7 +41,8 @@ class RegistryCopy(Mapping[str, Registration]):
             }
         )
         self._by_vin: dict[str, Registration] = {}
-        self._gave_up: dict[str, int] = {}  # revisions waited for in vain (a removed entry)
+        self._partitions: list[int] = []
+        self._read_to: dict[int, int] = {}  # next offset to read, per partition
         self.invalid = 0
 
     def start(self, timeout: float = 60.0) -> None:
@@ -52,7 +53,7 @@ class RegistryCopy(Mapping[str, Registration]):
         topic = meta.topics.get(self.topic)
         if topic is None or topic.error is not None:
             raise RegistryUnavailable(f"the registry topic {self.topic} does not exist")
-        partitions = sorted(topic.partitions)
+        partitions = self._partitions = sorted(topic.partitions)
         ends = {}
         for p in partitions:
             low, high = retry_kafka(
@@ -83,9 +84,13 @@ class RegistryCopy(Mapping[str, Registration]):
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     applied[m.partition()] = max(applied.get(m.partition(), -1), m.offset() - 1)
+                    self._read_to[m.partition()] = max(
+                        self._read_to.get(m.partition(), 0), m.offset()
+                    )
                 elif err.fatal():
                     raise RegistryUnavailable(f"registry consumer failed: {err}")
                 continue
+            self._read_to[m.partition()] = m.offset() + 1
             vin = (m.key() or b"").decode(errors="replace")
             if m.value() is None:
                 self._by_vin.pop(vin, None)
@@ -100,21 +105,41 @@ class RegistryCopy(Mapping[str, Registration]):
     def refresh(self) -> None:
         self._poll(0)
 
+    def _at_end(self) -> bool:
+        """Has the copy read everything the registry topic holds right now?"""
+        for p in self._partitions:
+            _, high = retry_kafka(
+                lambda p=p: self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=10
+                ),
+                "registry watermarks",
+            )
+            if self._read_to.get(p, 0) < high:
+                return False
+        return True
+
     def wait_for(self, wanted: dict[str, int], timeout: float) -> list[str]:
-        """Read on until each VIN's registration has at least the wanted revision;
-        returns the VINs still behind when ``timeout`` ran out. A revision waited for in
-        vain once (its entry was removed since) is not waited for again."""
+        """Read on until each VIN's registration has at least the wanted revision, or
+        until the copy holds all the registry holds (the entry was removed or rewritten
+        since the worker read it: the registry as it is now decides). Returns the VINs
+        decided that way; raises RegistryUnavailable when the copy cannot catch up within
+        ``timeout``, so nothing is stored under an owner the copy merely has not read."""
         deadline = time.monotonic() + timeout
         while True:
             behind = [
                 vin
                 for vin, revision in wanted.items()
-                if ((reg := self._by_vin.get(vin)) is None or reg.revision < revision)
-                and self._gave_up.get(vin, -1) < revision
+                if (reg := self._by_vin.get(vin)) is None or reg.revision < revision
             ]
-            if not behind or time.monotonic() >= deadline:
-                self._gave_up.update({vin: wanted[vin] for vin in behind})
+            if not behind:
+                return []
+            if self._at_end():
                 return behind
+            if time.monotonic() >= deadline:
+                raise RegistryUnavailable(
+                    f"the registry copy did not catch up with {self.topic} within "
+                    f"{timeout:.0f} s ({len(behind)} vehicles behind the worker, e.g. {behind[0]})"
+                )
             self._poll(0.2)
 
     def close(self) -> None:

@@ -33,13 +33,14 @@ from sinks.batching import Batcher, PartitionBatch
 from sinks.erased import aggregate_start_ms, drop_erased_samples, keep_aggregate
 from sinks.migrations import migrate
 from sinks.pseudonyms import backfill, record_pairs
-from sinks.registry_copy import RegistryCopy
+from sinks.registry_copy import RegistryCopy, RegistryUnavailable
 from sinks.warehouse import Warehouse, open_warehouse, rows
 from vtp import headers as h
 from vtp import metrics
 from vtp.headers import deadletter_headers
 from vtp.keys import pseudonym_key
 from vtp.settings import Settings
+from vtp.topics import check_cluster_region
 
 log = logging.getLogger("vtp.sink")
 
@@ -65,19 +66,31 @@ def _header(message: Message, name: str) -> str | None:
 def split_by_owner(
     upload: rowlib.StoredUpload, registration: Registration | None, region: str
 ) -> tuple[list[rowlib.StoredUpload], list[dict]]:
-    """(one piece per owner registered here at its samples' times, samples of nobody here)."""
+    """(one piece per owner registered here at its samples' times, samples of nobody here).
+
+    A piece whose owner's period ended before the upload was sent or received (sent after
+    a sale) carries those times clamped to the end of the period: the seller learns
+    nothing about a moment that is the buyer's."""
     by_owner: dict[str, list[dict]] = {}
+    ends: dict[str, set[int | None]] = {}
     outside = []
     for sample in upload.record["samples"]:
         period = registration.here(region, sample["event_time_ms"]) if registration else None
-        if period is None:
+        if period is None or registration is None:
             outside.append(sample)
-        else:
-            by_owner.setdefault(period.owner_id or "", []).append(sample)
-    pieces = [
-        replace(upload, owner_id=owner, record={**upload.record, "samples": samples})
-        for owner, samples in by_owner.items()
-    ]
+            continue
+        owner = period.owner_id or ""
+        by_owner.setdefault(owner, []).append(sample)
+        ends.setdefault(owner, set()).add(registration.end_of(period))
+    pieces = []
+    for owner, samples in by_owner.items():
+        record = {**upload.record, "samples": samples}
+        received = upload.received_ms
+        if None not in ends[owner]:  # the owner's time here has ended
+            last = max(e for e in ends[owner] if e is not None) - 1
+            record["sent_at_ms"] = min(record["sent_at_ms"], last)
+            received = min(received, last)
+        pieces.append(replace(upload, owner_id=owner, record=record, received_ms=received))
     return pieces, outside
 
 
@@ -161,6 +174,7 @@ class RegionSink:
         self.region = settings.need_region()
         self.topic = settings.topics.validated
         self.aggregates_topic = settings.topics.aggregates
+        check_cluster_region(settings)
         self.warehouse = warehouse or open_warehouse(settings)
         migrate(self.warehouse)
         self.pseudonym_key = pseudonym_key(settings)
@@ -330,12 +344,14 @@ class RegionSink:
             if revision and revision.isdigit() and m.key() and _header(m, h.CONTROL) is None:
                 vin = m.key().decode(errors="replace")
                 wanted[vin] = max(wanted.get(vin, 0), int(revision))
-        behind = self.registry.wait_for(wanted, self.settings.sink_registry_wait_s)
-        if behind:
-            log.warning(
-                "registry copy still behind the worker for %d vehicles after %.0f s (e.g. %s); "
-                "deciding with what it has",
-                len(behind), self.settings.sink_registry_wait_s, behind[0],
+        try:
+            changed = self.registry.wait_for(wanted, self.settings.sink_registry_wait_s)
+        except RegistryUnavailable as exc:
+            raise SinkError(f"{exc}; not storing or committing this batch") from None
+        if changed:
+            log.info(
+                "%d vehicles' registrations changed after the worker routed them (e.g. %s); "
+                "deciding with the registry as it is now", len(changed), changed[0],
             )  # fmt: skip
 
     def _insert_uploads(self, batch: PartitionBatch, horizons: dict[str, int]) -> list[Refused]:

@@ -92,8 +92,8 @@ class ChdbWarehouse:
         if _locked_by_another_process(path / "status"):
             raise WarehouseBusy(
                 f"the embedded warehouse {path} is open in another process (a running "
-                "`vtp sink` for this region?); stop it first, or point VTP_WAREHOUSE at a "
-                "ClickHouse server"
+                "`vtp serve` or `vtp sink` for this region?); stop it first, ask the owner API, "
+                "or point VTP_WAREHOUSE at a ClickHouse server"
             )
         try:
             self._session = session.Session(str(path))
@@ -183,6 +183,11 @@ class ServerWarehouse:
 
         parsed = urlparse(url.replace("{region}", region))
         database = parsed.path.strip("/") or f"vtp_{region}"
+        if region not in database:
+            raise WarehouseError(
+                f"the warehouse database {database!r} is not the region's own: name it after "
+                "the region, e.g. VTP_WAREHOUSE=http://user:pass@host:8123/vtp_{region}"
+            )
         self.description = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}/{database}"
         try:
             admin = clickhouse_connect.get_client(

@@ -41,6 +41,7 @@ from vtp import metrics
 from vtp.headers import deadletter_headers
 from vtp.kafka_retry import retry_kafka
 from vtp.settings import Settings
+from vtp.topics import check_cluster_region
 
 log = logging.getLogger("vtp.worker")
 
@@ -291,6 +292,7 @@ def _stored_seen(table: faust.Table, vin: str) -> dict[str, str]:
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """`vtp worker`: run the validate job until SIGTERM/SIGINT."""
+    check_cluster_region(settings)
     metrics.serve_metrics(settings.metrics_port)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel)

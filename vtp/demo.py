@@ -27,7 +27,7 @@ from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from producers.faults import fault_messages
 from producers.publish import (
-    DEFAULT_START_MS,
+    ending_now,
     flush_all,
     publish_fleet,
     publishers_for,
@@ -78,10 +78,12 @@ def run_demo(base: Settings, seed: int = 7, minutes: float = 60.0) -> int:
         say("stopped: workers, owner services (with their sinks), brokers")
 
 
-def fleet_with_changes(seed: int, minutes: float) -> tuple[list[Vehicle], dict[str, Vehicle]]:
+def fleet_with_changes(
+    seed: int, start_ms: int, minutes: float
+) -> tuple[list[Vehicle], dict[str, Vehicle]]:
     """The demo fleet; halfway through, one EU car is sold and one CN car moves to the EU."""
     fleet = build_fleet(seed, owners=30, vehicles=52, regions=tuple(REGIONS))
-    halfway = DEFAULT_START_MS + int(minutes * 30_000)
+    halfway = start_ms + int(minutes * 30_000)
     sold = next(v for v in fleet if v.region == "eu")
     moved = next(v for v in fleet if v.region == "cn")
     changed = {
@@ -94,7 +96,8 @@ def fleet_with_changes(seed: int, minutes: float) -> tuple[list[Vehicle], dict[s
 
 def _run_on_brokers(stacks: dict[str, Settings], seed: int, minutes: float) -> int:
     processes = []
-    fleet, changed = fleet_with_changes(seed, minutes)
+    start_ms = ending_now(minutes * 60)  # the last hour: in the owner API's default window
+    fleet, changed = fleet_with_changes(seed, start_ms, minutes)
     registered, unregistered = fleet[:-2], fleet[-2:]  # two gateways nobody registered
     try:
         urls = {}
@@ -114,13 +117,13 @@ def _run_on_brokers(stacks: dict[str, Settings], seed: int, minutes: float) -> i
 
         publishers = publishers_for(stacks)
         published = publish_fleet(
-            stacks, fleet, seed=seed, duration_s=minutes * 60, publishers=publishers,
-            collect_positions=True,
+            stacks, fleet, seed=seed, duration_s=minutes * 60, start_ms=start_ms,
+            publishers=publishers, collect_positions=True,
         )  # fmt: skip
         eu_vehicle = next(v for v in registered if v.region == "eu" and not v.history)
         stranger = next(v for v in unregistered if v.region == "eu")
         faults = fault_messages(
-            eu_vehicle.vin, stranger.vin, published.first_uploads[eu_vehicle.vin], DEFAULT_START_MS
+            eu_vehicle.vin, stranger.vin, published.first_uploads[eu_vehicle.vin], start_ms
         )
         for fault in faults:
             publishers["eu"].publish_raw(
@@ -226,7 +229,7 @@ def _show_owner_api(settings: Settings, url: str, owner: str) -> None:
         vin = vehicles[0]["vin"]
         speed = party.get(f"/v1/vehicles/{vin}/samples", params={"signals": "speed", "limit": 5})
         where = party.get(f"/v1/vehicles/{vin}/samples", params={"signals": "latitude"})
-        trips = party.get("/v1/trips", params={"start": "2026-01-01T00:00:00Z", "limit": 1})
+        trips = party.get("/v1/trips", params={"limit": 1})
     trip_columns = sorted(trips.json()["trips"][0]) if trips.json()["trips"] else []
     say(f"  grant to 'Insurer' (scope driving): speed -> {speed.status_code} "
         f"({len(speed.json()['samples'])} samples), latitude -> {where.status_code} "
@@ -242,7 +245,7 @@ def _show_sale(settings: Settings, url: str, sold: Vehicle) -> None:
     """The seller sees the car until the sale, the buyer from it: nothing of the other."""
     ring = load_keyring(settings)
     seller, buyer = sold.periods[0].owner_id, sold.periods[1].owner_id
-    window = {"start": "2026-01-01T00:00:00Z", "vin": sold.vin}
+    window = {"vin": sold.vin}
     seen = {}
     for owner in (seller, buyer):
         token = issue(ring, owner_claims(owner or "", settings.region, 600))

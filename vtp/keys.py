@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -76,6 +77,30 @@ class KeyRing:
 
     def kids(self) -> dict[str, list[str]]:
         return {kind: sorted(ring) for kind, ring in self.keys.items()}
+
+
+class KeyFolder:
+    """The region's key ring as it is on disk now. A running service reads it again when
+    a key is added or retired (the folders' modification times change), so a rotation
+    or a retirement takes effect without a restart."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, ...] | None = None
+        self._ring = load_keyring(settings)
+
+    def _folders_stamp(self) -> tuple[int, ...]:
+        root = self._settings.keys_path
+        return tuple(os.stat(root / kind).st_mtime_ns for kind in KINDS)
+
+    def ring(self) -> KeyRing:
+        stamp = self._folders_stamp()
+        if stamp != self._stamp:
+            with self._lock:
+                self._ring = load_keyring(self._settings)
+                self._stamp = stamp
+        return self._ring
 
 
 def load_keyring(settings: Settings, create: bool = True) -> KeyRing:

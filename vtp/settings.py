@@ -72,7 +72,7 @@ class Settings:
     api_host: str = setting("127.0.0.1", "where `vtp serve` listens")
     api_port: int = setting(0, "its port; 0 picks a free one (written to <region dir>/serve.json)")
     keys_dir: str = setting(
-        "", "folder of the region's keys (token signing, pseudonyms); empty: <region dir>/keys"
+        "", "folder of every region's keys, each in <keys dir>/<region>; empty: <region dir>/keys"
     )
     owner_token_ttl_s: int = setting(3600, "lifetime of owner tokens `vtp token` issues")
     owner_token_max_ttl_s: int = setting(
@@ -82,6 +82,10 @@ class Settings:
     analyst_max_memory_mb: int = setting(1024, "memory one analyst query may use")
     analyst_max_rows_read: int = setting(200_000_000, "rows one analyst query may read")
     analyst_max_result_rows: int = setting(100_000, "rows one analyst query may return")
+    analyst_max_result_mb: int = setting(64, "size of the result one analyst query may return")
+    analyst_max_concurrent: int = setting(
+        2, "analyst queries one `vtp serve` runs at once; more are refused (429)"
+    )
 
     def __post_init__(self) -> None:
         if self.region:
@@ -112,7 +116,8 @@ class Settings:
 
     @property
     def keys_path(self) -> Path:
-        return Path(self.keys_dir) if self.keys_dir else self.home / "keys"
+        """The region's own keys: never a folder two regions could share."""
+        return Path(self.keys_dir) / self.need_region() if self.keys_dir else self.home / "keys"
 
     @property
     def topics(self) -> Topics:

@@ -13,11 +13,44 @@ from __future__ import annotations
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from vtp.kafka_retry import retry_kafka
+from vtp.regions import REGIONS
 from vtp.settings import Settings
 
 
 class TopicError(RuntimeError):
-    """A topic exists in a shape vtp cannot work with; the message says how to fix it."""
+    """A topic exists in a shape vtp cannot work with, or the cluster is another region's;
+    the message says how to fix it."""
+
+
+def foreign_topics(names: list[str], settings: Settings) -> list[str]:
+    """Topics of this deployment's prefix that belong to another region."""
+    region, prefix = settings.need_region(), settings.topic_prefix
+    found = []
+    for name in names:
+        for other in REGIONS:
+            if other != region and name.startswith(
+                (f"{prefix}.{other}.", f"{prefix}-{other}-worker")
+            ):
+                found.append(name)
+    return sorted(found)
+
+
+def check_cluster_region(settings: Settings, admin: AdminClient | None = None) -> None:
+    """Refuse to work on a cluster that holds another region's topics: a region's
+    processes talk only to that region's cluster (VTP_KAFKA_BOOTSTRAP pointing at another
+    region's broker would otherwise put this region's data there)."""
+    admin = admin or AdminClient(
+        {"bootstrap.servers": settings.bootstrap(), **settings.kafka_extra}
+    )
+    names = list(retry_kafka(lambda: admin.list_topics(timeout=30).topics, "list topics"))
+    foreign = foreign_topics(names, settings)
+    if foreign:
+        raise TopicError(
+            f"the cluster at {settings.bootstrap()} holds another region's topics "
+            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}); region "
+            f"{settings.region}'s processes work only on region {settings.region}'s cluster: "
+            "check VTP_KAFKA_BOOTSTRAP"
+        )
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
@@ -35,6 +68,7 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
 def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create the region's missing topics and check the others; returns those created."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap(), **settings.kafka_extra})
+    check_cluster_region(settings, admin)
     specs = topic_specs(settings)
     existing = retry_kafka(lambda: admin.list_topics(timeout=timeout).topics, "list topics")
     missing = [

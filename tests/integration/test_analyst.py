@@ -211,3 +211,25 @@ def test_limits_cancel_queries_that_take_too_long_too_much_or_return_too_much(re
         run_analyst_query(wh, sql, tight)
     assert caught.value.code == "query_cancelled"
     assert what in str(caught.value).upper()
+
+
+def test_results_are_bounded_in_size_and_strange_text_and_deep_nesting_are_answered(region):
+    _, wh, _ = region
+    small = AnalystLimits(max_execution_s=5.0, max_result_bytes=2**20)
+    with pytest.raises(AnalystQueryError, match="larger than 1 MiB") as big:
+        run_analyst_query(
+            wh, "SELECT toString(event_time), owner_ref, vehicle_ref FROM analyst_samples LIMIT 50000",
+            small,
+        )  # fmt: skip
+    assert big.value.code == "query_cancelled"
+    deep = "SELECT " + "abs(" * 250 + "1" + ")" * 250
+    with pytest.raises(AnalystQueryError, match="nests deeper") as nested:
+        run_analyst_query(wh, deep, LIMITS)
+    assert nested.value.code == "query_refused"
+    from owner_api.analyst import result_rows
+
+    # half of a two-byte character is not UTF-8: answered with a replacement character
+    odd = run_analyst_query(
+        wh, "SELECT substring('é', 1, 1) AS half, [substring('é', 1, 1)] AS a", LIMITS
+    )
+    assert result_rows(odd) == [["\ufffd", ["\ufffd"]]]

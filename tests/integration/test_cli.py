@@ -135,3 +135,18 @@ def test_vtp_sql_runs_allowed_queries_and_refuses_the_rest_in_one_line(tmp_path)
         refused = vtp("sql", sql, "--region", "eu", data_dir=tmp_path)
         assert refused.returncode == 1 and why in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+def test_a_region_refuses_a_cluster_that_holds_another_regions_topics(base_settings, region_stack):
+    eu = region_stack("eu", "guard")
+    for args in (("simulate", "--minutes", "1"), ("topics",), ("sink",), ("worker",)):
+        refused = vtp(
+            *args, "--region", "cn", data_dir=eu.data_dir, VTP_KAFKA_BOOTSTRAP=eu.bootstrap(),
+            VTP_TOPIC_PREFIX=eu.topic_prefix,
+        )  # fmt: skip
+        assert refused.returncode == 1, (args, refused.stderr)
+        assert "holds another region's topics" in refused.stderr, (args, refused.stderr)
+    from confluent_kafka.admin import AdminClient
+
+    topics = AdminClient({"bootstrap.servers": eu.bootstrap()}).list_topics(timeout=10).topics
+    assert not [t for t in topics if t.startswith(f"{eu.topic_prefix}.cn.")]

@@ -233,7 +233,8 @@ def test_a_grant_opens_only_its_scopes_until_revoked(served):
         assert set(default["signals"]) == {"speed", "odometer", "gear"}  # only what it may see
         r = party.get(f"/v1/vehicles/{vins[0]}/samples", params={"signals": "speed,latitude"})
         assert (r.status_code, r.json()["error"]) == (403, "missing_scope")
-        trips = party.get("/v1/trips", params={"start": "2026-01-01T00:00:00Z"}).json()["trips"]
+        window = {"start": "2026-01-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
+        trips = party.get("/v1/trips", params=window).json()["trips"]
         assert trips and not {"start_lat", "start_lon", "end_lat", "end_lon"} & set(trips[0])
         assert party.get("/v1/charges").json()["error"] == "missing_scope"
         for path in ("/v1/export", "/v1/audit", "/v1/grants"):
@@ -667,3 +668,65 @@ def test_a_runaway_analyst_query_is_cancelled_while_owners_are_served(served):
     # owners were answered while it ran, not queued behind it
     assert all(code == 200 for code, _ in answered)
     assert sum(running for _, running in answered) >= 3, answered
+
+
+def test_analyst_queries_run_two_at_a_time_and_bodies_and_odd_tokens_are_refused_early(served):
+    import threading
+
+    import jwt
+
+    analyst = issue(RING["eu"], analyst_claims("busy", "eu", 60))
+    heavy = "SELECT sum(length(a.vehicle_ref) * length(b.owner_ref)) FROM analyst_samples AS a, analyst_samples AS b"
+    answers: list = []
+
+    def run() -> None:
+        with _client(served, "eu", analyst) as api:
+            answers.append(api.post("/v1/analyst/sql", json={"sql": heavy}))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    with _client(served, "eu", analyst) as api:
+        third = api.post("/v1/analyst/sql", json={"sql": "SELECT 1"})
+    for t in threads:
+        t.join()
+    assert (third.status_code, third.json()["error"]) == (429, "too_many_queries"), third.text
+    assert [a.json()["error"] for a in answers] == ["query_cancelled"] * 2
+    with _client(served, "eu", analyst) as api:
+        assert api.post("/v1/analyst/sql", json={"sql": "SELECT 1 AS one"}).json()["rows"] == [[1]]
+        # a body bigger than any route takes: 413 before it is read, token or not
+        r = api.post("/v1/analyst/sql", content=b"x" * (2 << 20),
+                     headers={"content-type": "application/json"})  # fmt: skip
+        assert (r.status_code, r.json()["error"]) == (413, "too_large")
+    with _client(served, "eu", None) as anonymous:
+        r = anonymous.post("/v1/analyst/sql", content=b"x" * (2 << 20))
+        assert (r.status_code, r.json()["error"]) == (413, "too_large")
+    owner, vins = _owner_in(served, "eu")
+    kid, secret = RING["eu"].signing("owner")
+    now = int(time.time())
+    two_audiences = jwt.encode(
+        {"iss": "vtp", "aud": [audience("eu"), audience("cn")], "sub": owner, "kind": "owner",
+         "iat": now, "exp": now + 60}, secret, algorithm="HS256", headers={"kid": kid},
+    )  # fmt: skip
+    with _client(served, "eu", two_audiences) as api:
+        assert api.get("/v1/me").json()["error"] == "malformed_token"
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        r = api.get(f"/v1/vehicles/{vins[0]}/samples", params={"cursor": f"1.{2**64}"})
+        assert (r.status_code, r.json()["error"]) == (400, "bad_cursor")
+
+
+def test_a_key_rotated_or_retired_takes_effect_in_the_running_service(served):
+    from vtp.keys import add_key, load_keyring, retire_key
+
+    settings = served["settings"]
+    owner, _ = _owner_in(served, "eu")
+    kid = add_key(settings, "owner")  # what `vtp keys rotate` does, next to the service
+    fresh = issue(load_keyring(settings, create=False), owner_claims(owner, "eu", 600))
+    with _client(served, "eu", fresh) as api:
+        assert api.get("/v1/me").status_code == 200  # signed with a key it had not seen
+    assert retire_key(settings, kid)
+    with _client(served, "eu", fresh) as api:
+        assert api.get("/v1/me").json()["error"] == "forged_token"
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        assert api.get("/v1/me").status_code == 200  # the older key still signs and verifies

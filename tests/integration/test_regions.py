@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy.broker import fetch_jars, start_broker, stop_broker
 from owner_api.serve import wait_for_service
@@ -216,7 +217,8 @@ def _everything_about(api: httpx.Client, vin: str) -> dict[str, list]:
 
 def _moments(record: dict) -> list[int]:
     """The instants a record is about (a day: its local date, checked separately)."""
-    keys = ("event_time", "start_time", "end_time", "first_event_time", "last_event_time")
+    keys = ("event_time", "start_time", "end_time", "first_event_time", "last_event_time",
+            "sent_at", "received_at")  # fmt: skip
     return [_ms(record[k]) for k in keys if record.get(k)]
 
 
@@ -350,6 +352,10 @@ def test_nothing_of_one_region_is_found_anywhere_in_the_other(regions):
     )
     ids = foreign_to("eu", regions["fleet"], regions["positions"])
     cn_position = next(iter(regions["positions"]["cn"] - regions["positions"]["eu"]))
+    admin = AdminClient({"bootstrap.servers": eu.bootstrap()})
+    admin.create_topics([NewTopic("planted", num_partitions=1, replication_factor=1)])[
+        "planted"
+    ].result(30)
     producer = Producer({"bootstrap.servers": eu.bootstrap()})
     producer.produce("planted", key=b"k", value=json.dumps({"lat": cn_position}).encode())
     producer.produce("planted", value=f"note about {cn_vehicle.vin}".encode())

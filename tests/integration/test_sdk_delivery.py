@@ -36,6 +36,12 @@ def test_undelivered_uploads_are_reported_by_id():
 
 
 def test_due_buffers_are_sent_by_age(kafka_bootstrap):
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    # brokers do not create topics on first use: vtp creates the ones it writes to
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    made = admin.create_topics([NewTopic("sdk-age-test", num_partitions=1, replication_factor=1)])
+    made["sdk-age-test"].result(30)
     publisher = TelemetryPublisher(kafka_bootstrap, "sdk-age-test", max_samples=100, max_age_s=0.0)
     publisher.add_sample(VIN, {"event_time_ms": 1_000, "seq": 1, "speed": 1.0})
     assert publisher.publish_due() == 1

@@ -38,7 +38,7 @@ def warehouse(request, tmp_path):
             pytest.skip(
                 "no ClickHouse server: set VTP_TEST_CLICKHOUSE_URL=http://host:8123/db to run"
             )
-        wh = ServerWarehouse(SERVER_URL, "test")
+        wh = ServerWarehouse(SERVER_URL.rstrip("/") + "_{region}", "test")  # its own database
     else:
         wh = ChdbWarehouse(tmp_path / "wh")
     yield wh

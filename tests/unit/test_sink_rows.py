@@ -76,4 +76,9 @@ def test_an_upload_spanning_a_sale_is_split_between_the_owners_and_the_rest_refu
     ]
     assert [s["seq"] for s in outside] == [0, 3]  # before the first period, and after the move
     assert all(p.record["upload_id"] == up.record["upload_id"] for p in pieces)
+    # sent (5000) and received (6000) after both owners' time: each sees its own end only
+    assert [(p.record["sent_at_ms"], p.received_ms) for p in pieces] == [(2499, 2499), (3499, 3499)]
+    ongoing = Registration(up.record["vin"], (Period(0, "owner", "cn"),))
+    ((whole,), _) = split_by_owner(up, ongoing, "cn")
+    assert (whole.record["sent_at_ms"], whole.received_ms) == (5_000, 6_000)
     assert split_by_owner(up, None, "cn") == ([], up.record["samples"])
