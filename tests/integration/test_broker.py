@@ -28,10 +28,16 @@ pytestmark = pytest.mark.integration
 
 
 def _round_trip(bootstrap: str, topic: str) -> None:
-    """Produce one message to a new (auto-created) topic and read it back."""
+    """Create a topic (the broker creates none on first use), produce one message to it
+    and read it back."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
+    delivered = []
     producer = Producer({"bootstrap.servers": bootstrap})
-    producer.produce(topic, key=b"k", value=b"hello")
-    assert producer.flush(30) == 0
+    producer.produce(topic, key=b"k", value=b"hello", on_delivery=lambda e, m: delivered.append(e))
+    assert producer.flush(30) == 0 and delivered == [None], delivered
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"}
     )
