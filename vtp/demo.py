@@ -23,7 +23,6 @@ from owner_api.report import (
     recent_charges,
     recent_trips,
 )
-from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from producers.faults import fault_messages
 from producers.publish import (
@@ -40,15 +39,13 @@ from vtp.keys import load_keyring
 from vtp.pipeline import (
     NotDrained,
     read_outcomes,
-    start_serve,
-    start_worker,
+    start_region,
     topic_message_count,
     wait_drained,
 )
 from vtp.regions import REGIONS
 from vtp.scan import foreign_to, scan_region
 from vtp.settings import Settings
-from vtp.topics import create_topics
 
 
 def say(text: str) -> None:
@@ -102,12 +99,9 @@ def _run_on_brokers(stacks: dict[str, Settings], seed: int, minutes: float) -> i
     try:
         urls = {}
         for region, settings in stacks.items():
-            create_topics(settings)
+            started, urls[region] = start_region(settings)
+            processes += started
             register_fleet(settings, registered)
-            processes.append(start_worker(settings))
-            serve = start_serve(settings)
-            processes.append(serve)
-            urls[region] = wait_for_service(settings, serve)
             say(f"{region}: vtp worker, vtp serve (sink + owner API at {urls[region]}), "
                 f"{sum(region in v.regions for v in registered)} vehicles in its registry")  # fmt: skip
         sold, moved = changed["sold"], changed["moved"]

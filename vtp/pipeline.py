@@ -94,6 +94,22 @@ def start_serve(settings: Settings, metrics_port: int = 0) -> Process:
     )
 
 
+def start_region(settings: Settings) -> tuple[list[Process], str]:
+    """A region's stack as operators run it, on its broker: topics, `vtp worker` and
+    `vtp serve` (sink + owner API). Returns the processes and the API's URL."""
+    from owner_api.serve import wait_for_service
+    from vtp.topics import create_topics
+
+    create_topics(settings)
+    worker, serve = start_worker(settings), start_serve(settings)
+    try:
+        return [worker, serve], wait_for_service(settings, serve)
+    except BaseException:
+        for p in (worker, serve):
+            p.stop()
+        raise
+
+
 def group_position(settings: Settings, group: str, topics: list[str]) -> tuple[int, int]:
     """(messages committed by ``group``, messages in ``topics``), summed over partitions."""
     consumer = Consumer(

@@ -27,14 +27,13 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy.broker import fetch_jars, start_broker, stop_broker
-from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from producers.publish import DEFAULT_START_MS, flush_all, publishers_for, register_fleet
 from producers.simulator import Vehicle, build_fleet, new_truth, simulate
 from schemas.registry import Period
 from sinks.warehouse import open_warehouse, rows
 from vtp.keys import load_keyring
-from vtp.pipeline import read_outcomes, start_serve, start_worker, topic_message_count, wait_drained
+from vtp.pipeline import read_outcomes, start_region, topic_message_count, wait_drained
 from vtp.regions import REGIONS
 from vtp.scan import (
     Identifiers,
@@ -113,14 +112,9 @@ def regions(tmp_path_factory):
             settings = base.with_(region=region)
             state = start_broker(settings)
             stacks[region] = settings = settings.with_(kafka_bootstrap=state.bootstrap)
-            from vtp.topics import create_topics
-
-            create_topics(settings)
+            started, urls[region] = start_region(settings)
+            processes += started
             register_fleet(settings, before)
-            processes.append(start_worker(settings))
-            serve = start_serve(settings)
-            processes.append(serve)
-            urls[region] = wait_for_service(settings, serve)
         truth = new_truth(fleet)
         uploads = list(
             simulate(
