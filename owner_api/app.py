@@ -151,6 +151,7 @@ def create_app(
     warehouse: Warehouse,
     keys: KeyFolder,
     erasure_lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    sink_health: Callable[[], dict] = lambda: {"state": "off"},
 ) -> FastAPI:
     region = settings.need_region()
     app = FastAPI(
@@ -250,7 +251,11 @@ def create_app(
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
-        return {"status": "ok", "region": region}
+        """Reads are served whatever the sink does; "degraded" says new data is not
+        being stored right now (the sink is restarting, see ``sink.error``)."""
+        sink = sink_health()
+        status = "ok" if sink["state"] in ("running", "off") else "degraded"
+        return {"status": status, "region": region, "sink": sink}
 
     @app.get("/v1/me", responses=ERRORS)
     def me(who: Who) -> dict:

@@ -24,7 +24,7 @@ import uvicorn
 
 from owner_api.app import create_app
 from sinks.migrations import migrate
-from sinks.sink import RegionSink
+from sinks.supervisor import SinkSupervisor
 from sinks.warehouse import open_warehouse
 from vtp import metrics
 from vtp.keys import KeyFolder
@@ -67,22 +67,16 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
         raise
     metrics.serve_metrics(settings.metrics_port)
     migrate(warehouse)
-    sink = RegionSink(settings, warehouse) if with_sink else None
-    erasure_lock = (lambda: sink.write_lock) if sink else contextlib.nullcontext
-    app = create_app(settings, warehouse, keys, erasure_lock)
+    write_lock = threading.RLock()
+    sink = SinkSupervisor(settings, warehouse, write_lock) if with_sink else None
+    erasure_lock = (lambda: write_lock) if sink else contextlib.nullcontext
+    app = create_app(
+        settings, warehouse, keys, erasure_lock, sink.health if sink else lambda: {"state": "off"}
+    )
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False))
-    failure: list[BaseException] = []
-
-    def run_sink() -> None:
-        try:
-            sink.run()  # type: ignore[union-attr]
-        except BaseException as exc:  # the API must not outlive the data it serves
-            failure.append(exc)
-            log.exception("sink %s failed; stopping the service", region)
-            server.should_exit = True
-
-    thread = threading.Thread(target=run_sink, name=f"sink-{region}") if sink else None
+    # The API keeps serving while the sink restarts after a failure (sinks/supervisor.py).
+    thread = threading.Thread(target=sink.run, name=f"sink-{region}") if sink else None
     if thread:
         thread.start()
     where = address_file(settings)
@@ -101,9 +95,8 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
         if sink and thread:
             sink.stop()
             thread.join(60)
-        else:
-            warehouse.close()
-    return 1 if failure else 0
+        warehouse.close()
+    return 0
 
 
 def wait_for_service(settings: Settings, process, timeout: float = 60.0) -> str:

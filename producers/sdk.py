@@ -15,7 +15,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas import SchemaStore, default_store
+from schemas import MAX_SAMPLES_PER_UPLOAD, MAX_UPLOAD_BYTES, SchemaStore, default_store
 from schemas.registry import Registration, encode_registration
 from schemas.signals import sample_problems, sample_signals
 from stream_jobs.validate import VIN_PATTERN
@@ -63,8 +63,8 @@ class TelemetryPublisher:
         kafka_extra: dict[str, Any] | None = None,
         store: SchemaStore | None = None,
     ):
-        if max_samples < 1:
-            raise ValueError("max_samples must be at least 1")
+        if not 1 <= max_samples <= MAX_SAMPLES_PER_UPLOAD:
+            raise ValueError(f"max_samples must be 1 to {MAX_SAMPLES_PER_UPLOAD}")
         self._store = store or default_store()
         self._schema = self._store.get("VehicleUpload", schema_version)
         self._signals = sample_signals(self._schema)
@@ -125,11 +125,17 @@ class TelemetryPublisher:
     def encode(self, upload: dict[str, Any]) -> bytes:
         """The upload as this publisher's writer schema frames it."""
         try:
-            return self._store.encode(upload, self._schema)
+            value = self._store.encode(upload, self._schema)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidSample(
                 f"upload {upload.get('upload_id')!r} cannot be encoded: {exc}"
             ) from None
+        if len(value) > MAX_UPLOAD_BYTES:
+            raise InvalidSample(
+                f"upload {upload.get('upload_id')!r} is {len(value)} bytes; the pipeline takes "
+                f"at most {MAX_UPLOAD_BYTES}: send fewer samples per upload"
+            )
+        return value
 
     def publish_upload(self, upload: dict[str, Any]) -> None:
         self.publish_raw(upload["vin"].encode(), self.encode(upload), upload["upload_id"])

@@ -19,6 +19,12 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 MARKER = b"\xc3\x01"
 HEADER_LEN = len(MARKER) + 8
+# What one upload may weigh and hold. Gateways upload every few seconds (a minute of 1 Hz
+# samples is ~6 KB); the limits stay far below the broker's message limit so that a
+# routed copy with its headers always fits where the original did.
+MAX_UPLOAD_BYTES = 512 * 1024
+MAX_SAMPLES_PER_UPLOAD = 3600
+MAX_ID_CHARS = 128
 SCHEMA_DIR = Path(__file__).resolve().parent
 
 

@@ -34,10 +34,11 @@ from sinks.erased import aggregate_start_ms, drop_erased_samples, keep_aggregate
 from sinks.migrations import migrate
 from sinks.pseudonyms import backfill, record_pairs
 from sinks.registry_copy import RegistryCopy, RegistryUnavailable
-from sinks.warehouse import Warehouse, open_warehouse, rows
+from sinks.warehouse import Warehouse, WarehouseError, open_warehouse, rows
 from vtp import headers as h
 from vtp import metrics
 from vtp.headers import deadletter_headers
+from vtp.kafka_retry import retry_kafka
 from vtp.keys import pseudonym_key
 from vtp.settings import Settings
 from vtp.topics import check_cluster_region
@@ -168,13 +169,24 @@ def sort_against_stored(
     return fresh, resends, skipped
 
 
+# A batch whose insert fails is tried again this many times, with these pauses: a
+# warehouse that is busy, merging or restarting is not a reason to stop.
+WRITE_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 class RegionSink:
-    def __init__(self, settings: Settings, warehouse: Warehouse | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        warehouse: Warehouse | None = None,
+        write_lock: threading.RLock | None = None,
+    ):
         self.settings = settings
         self.region = settings.need_region()
         self.topic = settings.topics.validated
         self.aggregates_topic = settings.topics.aggregates
         check_cluster_region(settings)
+        self._owns_warehouse = warehouse is None  # one handed in stays open for its owner
         self.warehouse = warehouse or open_warehouse(settings)
         migrate(self.warehouse)
         self.pseudonym_key = pseudonym_key(settings)
@@ -205,7 +217,7 @@ class RegionSink:
         self.stored_uploads = 0
         # Held while a batch is written; an erasure in the same process takes it so no
         # batch that was filtered before the erasure lands after its deletes.
-        self.write_lock = threading.RLock()
+        self.write_lock = write_lock or threading.RLock()
 
     # -- Kafka side -------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -238,7 +250,8 @@ class RegionSink:
             self.consumer.close()
             self.registry.close()
             self.producer.flush(10)
-            self.warehouse.close()
+            if self._owns_warehouse:
+                self.warehouse.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for topic in (self.topic, self.aggregates_topic):
@@ -289,8 +302,22 @@ class RegionSink:
         return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows(result)}
 
     def _write(self, batch: PartitionBatch) -> None:
-        with self.write_lock:
-            self._write_locked(batch)
+        """Write a batch, trying again through warehouse errors: every step is idempotent
+        (deduplication tokens, replayed dead letters are known by their source)."""
+        for attempt, pause in enumerate((*WRITE_RETRIES, None), start=1):
+            try:
+                with self.write_lock:
+                    self._write_locked(batch)
+                return
+            except WarehouseError as exc:
+                metrics.SINK_WRITE_FAILURES.labels(self.region).inc()
+                if pause is None:
+                    raise
+                log.warning(
+                    "batch %s: %s; trying again in %.1f s (attempt %d)",
+                    batch.token, str(exc).splitlines()[0][:200], pause, attempt,
+                )  # fmt: skip
+                time.sleep(pause)
 
     def _erasure_horizons(self) -> dict[str, int]:
         found = self.warehouse.query(
@@ -329,10 +356,8 @@ class RegionSink:
             raise SinkError(
                 "the dead-letter/quarantine topics did not acknowledge within 30 s; not committing"
             )
-        self.consumer.commit(
-            offsets=[TopicPartition(batch.topic, batch.partition, batch.last_offset + 1)],
-            asynchronous=False,
-        )
+        done = [TopicPartition(batch.topic, batch.partition, batch.last_offset + 1)]
+        retry_kafka(lambda: self.consumer.commit(offsets=done, asynchronous=False), "commit")
         metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
         metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
 
@@ -380,37 +405,29 @@ class RegionSink:
         return refused
 
     def _insert_aggregates(self, batch: PartitionBatch, horizons: dict[str, int]) -> list[Refused]:
-        records, refused = [], []
+        records: list[dict] = []
+        messages: list[Message] = []
+        refused: list[Refused] = []
         for m in batch.items:
             source = f"{m.topic()}:{m.partition()}:{m.offset()}"
             try:
                 record = json.loads(m.value() or b"")
-                kind = record["kind"]
-            except (ValueError, TypeError, KeyError) as exc:
-                refused.append(
-                    Refused(m, "malformed_aggregate", f"{type(exc).__name__}: {exc}", source)
-                )
-                continue
-            if record.get("region") != self.region:
-                detail = f"{kind} of region {record.get('region')!r}"
-                refused.append(Refused(m, "residency_mismatch", detail, source))
-                continue
-            if not self._registered_for(record):
-                detail = (
-                    f"{kind} of {record.get('vin')!r}: its owner is not registered here at its time"
-                )
-                refused.append(Refused(m, "not_registered_at_that_time", detail, source))
-                continue
-            if not keep_aggregate(record, horizons):
-                metrics.SINK_ERASED_DROPPED.labels(self.region, kind).inc()
-                continue
-            records.append(record)
-        try:
-            tables = aggregate_tables(records)
-        except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
-            raise SinkError(
-                f"aggregate records of {batch.token} do not fit their tables: {exc}"
-            ) from None
+                verdict = self._aggregate_verdict(record, horizons)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                verdict = ("malformed_aggregate", f"{type(exc).__name__}: {exc}"[:500])
+            if verdict == "keep":
+                records.append(record)
+                messages.append(m)
+            elif verdict is not None:
+                refused.append(Refused(m, *verdict, source))
+        tables, misfits = _fitting_tables(records)
+        for i, why in misfits:
+            m = messages[i]
+            refused.append(
+                Refused(m, "malformed_aggregate", why, f"{m.topic()}:{m.partition()}:{m.offset()}")
+            )
+        bad = {i for i, _ in misfits}
+        records = [r for i, r in enumerate(records) if i not in bad]
         record_pairs(
             self.warehouse, self.pseudonym_key, {(r["owner_id"], r["vin"]) for r in records}
         )
@@ -418,11 +435,33 @@ class RegionSink:
             self.warehouse.insert_arrow(table, data, batch.token)
         return refused
 
+    def _aggregate_verdict(
+        self, record: dict, horizons: dict[str, int]
+    ) -> str | tuple[str, str] | None:
+        """ "keep", a (reason, detail) refusal, or None (dropped: erased)."""
+        if not all(isinstance(record.get(k), str) for k in ("kind", "vin", "owner_id", "region")):
+            return "malformed_aggregate", "kind, vin, owner_id and region must be text"
+        kind = record["kind"]
+        if record.get("region") != self.region:
+            return "residency_mismatch", f"{kind} of region {record.get('region')!r}"
+        if not self._registered_for(record):
+            return (
+                "not_registered_at_that_time",
+                f"{kind} of {record.get('vin')!r}: its owner is not registered here at its time",
+            )
+        if not keep_aggregate(record, horizons):
+            metrics.SINK_ERASED_DROPPED.labels(self.region, kind).inc()
+            return None
+        return "keep"
+
     def _registered_for(self, record: dict) -> bool:
         """The sink's own check of an aggregate: its owner held the vehicle here at some
         moment of the record's span (a day spans its whole local date)."""
-        registration = self.registry.get(record.get("vin") or "")
-        if registration is None or not record.get("owner_id"):
+        vin, owner = record.get("vin"), record.get("owner_id")
+        if not isinstance(vin, str) or not isinstance(owner, str) or not owner:
+            return False
+        registration = self.registry.get(vin)
+        if registration is None:
             return False
         start = aggregate_start_ms(record)
         if start is None:  # an empty open slot: any time the owner held it here
@@ -436,6 +475,25 @@ class RegionSink:
     @staticmethod
     def _message_of(batch: PartitionBatch, up: rowlib.StoredUpload) -> Message:
         return batch.items[batch.offsets.index(up.offset)]
+
+
+def _fitting_tables(records: list[dict]) -> tuple[dict[str, pa.Table], list[tuple[int, str]]]:
+    """The records as tables, and (index, why) of those that fit none: one odd record is
+    dead-lettered, not a reason to stop. The whole batch is tried first; only when it
+    fails is each record tried alone."""
+    failures = (KeyError, ValueError, TypeError, pa.ArrowException)
+    try:
+        return aggregate_tables(records), []
+    except failures:
+        pass
+    misfits = []
+    for i, record in enumerate(records):
+        try:
+            aggregate_tables([record])
+        except failures as exc:
+            misfits.append((i, f"{type(exc).__name__}: {exc}"[:500]))
+    bad = {i for i, _ in misfits}
+    return aggregate_tables([r for i, r in enumerate(records) if i not in bad]), misfits
 
 
 # From the earliest local midnight of a date (UTC+14) to its latest end (UTC-12).

@@ -189,26 +189,37 @@ class ServerWarehouse:
                 "the region, e.g. VTP_WAREHOUSE=http://user:pass@host:8123/vtp_{region}"
             )
         self.description = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}/{database}"
+        self._connect = {
+            "host": parsed.hostname,
+            "port": parsed.port or (8443 if parsed.scheme == "https" else 8123),
+            "username": unquote(parsed.username or "default"),
+            "password": unquote(parsed.password or ""),
+            "secure": parsed.scheme == "https",
+        }
+        # A client (a session) per thread: one session used by two requests at once
+        # answers SESSION_IS_LOCKED.
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._clients_lock = threading.Lock()
         try:
-            admin = clickhouse_connect.get_client(
-                host=parsed.hostname,
-                port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
-                username=unquote(parsed.username or "default"),
-                password=unquote(parsed.password or ""),
-                secure=parsed.scheme == "https",
-            )
+            admin = clickhouse_connect.get_client(**self._connect)
             admin.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
             admin.close()
-            self._client = clickhouse_connect.get_client(
-                host=parsed.hostname,
-                port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
-                username=unquote(parsed.username or "default"),
-                password=unquote(parsed.password or ""),
-                secure=parsed.scheme == "https",
-                database=database,
-            )
+            self._connect["database"] = database
+            self._client  # noqa: B018 - connect now, so a wrong URL fails at start
         except Exception as exc:
             raise WarehouseError(f"cannot reach ClickHouse at {self.description}: {exc}") from None
+
+    @property
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import clickhouse_connect
+
+            client = self._local.client = clickhouse_connect.get_client(**self._connect)
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
 
     def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
         try:
@@ -247,7 +258,10 @@ class ServerWarehouse:
         return data.num_rows
 
     def close(self) -> None:
-        self._client.close()
+        with self._clients_lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
 
 
 def _locked_by_another_process(status_file: Path) -> bool:

@@ -82,6 +82,11 @@ class RegistryGate:
         self._group = group_id
         self._targets: dict[int, int] | None = None
         self.applied: dict[int, int] = {}
+        self.waiting = False  # the validate agent is held here right now
+
+    def reset(self) -> None:
+        """A new assignment: the next wait measures the registry again."""
+        self._targets = None
 
     def _snapshot(self) -> dict[int, int]:
         topic = self._settings.topics.vehicles
@@ -121,11 +126,15 @@ class RegistryGate:
             self._targets = await asyncio.to_thread(self._snapshot)
             log.info("registry catch-up targets: %s", self._targets or "none")
         waited = 0.0
-        while not all(self.is_ready(p) for p in partitions):
-            await asyncio.sleep(0.05)
-            waited += 0.05
-            if waited % 10 < 0.05:
-                log.info("waiting for the vehicle registry to catch up (%.0f s)", waited)
+        self.waiting = True
+        try:
+            while not all(self.is_ready(p) for p in partitions):
+                await asyncio.sleep(0.05)
+                waited += 0.05
+                if waited % 10 < 0.05:
+                    log.info("waiting for the vehicle registry to catch up (%.0f s)", waited)
+        finally:
+            self.waiting = False
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -162,39 +171,58 @@ def create_app(settings: Settings) -> faust.App:
         "seen_uploads", default=None, key_type=bytes, value_type=bytes, use_partitioner=True
     )
     registry = RegistryView(vehicles)
-    gate = RegistryGate(settings, app_id)
+    gate = app.registry_gate = RegistryGate(settings, app_id)  # the watchdog asks it
     store = default_store()
     limits = Limits(
         max_clock_skew_ms=int(settings.max_clock_skew_s * 1000),
         max_backlog_ms=int(settings.max_backlog_s * 1000),
         region=region,
         dedup_per_vehicle=settings.dedup_uploads_per_vehicle,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_samples=settings.max_samples_per_upload,
     )
     registration_changed = add_aggregation(app, settings, registry.get)
 
+    @app.on_partitions_assigned.connect
+    async def measure_the_registry_again(app: faust.App, assigned: set, **_: object) -> None:
+        gate.reset()  # partitions it had no target for may be assigned now
+
     @app.agent(registry_topic)
+    @exit_on_error
     async def apply_registrations(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            message = event.message
-            if message.value is None:  # tombstone: the vehicle left the registry
-                vehicles.pop(message.key, None)
-                await registration_changed(message.key, 0)
-            else:
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            writes, changed, letters = [], [], []
+            for event in events:
+                message = event.message
+                if message.value is None:  # tombstone: the vehicle left the registry
+                    writes.append(put_durably(vehicles, message.key, None, message.partition))
+                    changed.append((message.key, 0))
+                    continue
                 try:
                     registration = decode_registration(message.value, store)
                 except FramingError as exc:
                     source = f"{message.topic}:{message.partition}:{message.offset}"
-                    await deadletter.send(
-                        key=message.key,
-                        value=message.value,
-                        headers=deadletter_headers("registry", exc.reason, exc.detail, source),
-                    )
+                    value, more = h.kept(message.value, settings.max_upload_bytes)
+                    headers = deadletter_headers("registry", exc.reason, exc.detail, source)
+                    letters.append(
+                        await app.producer.send(
+                            deadletter.get_topic_name(), (message.key or b"")[: h.KEEP_BYTES],
+                            value, None, None, headers + more,
+                        )
+                    )  # fmt: skip
                     metrics.DEADLETTERED.labels("registry", exc.reason).inc()
-                else:
-                    vehicles[message.key] = message.value
-                    metrics.REGISTRY_UPDATES.inc()
-                    await registration_changed(message.key, registration.revision)
-            gate.applied[message.partition] = message.offset
+                    continue
+                writes.append(put_durably(vehicles, message.key, message.value, message.partition))
+                changed.append((message.key, registration.revision))
+                metrics.REGISTRY_UPDATES.inc()
+            # Durable before the batch is acked, as every other table write: a registration
+            # whose offset is committed is never missing after a crash.
+            await asyncio.gather(*writes, *letters)
+            await asyncio.gather(*(registration_changed(v, r) for v, r in changed))
+            for event in events:
+                gate.applied[event.message.partition] = max(
+                    gate.applied.get(event.message.partition, -1), event.message.offset
+                )
 
     @app.agent(uploads_topic)
     @exit_on_error
@@ -258,7 +286,11 @@ def create_app(settings: Settings) -> faust.App:
             topic = topics.deadletter
             headers = deadletter_headers("validate", outcome.reason, outcome.detail, source)
             metrics.DEADLETTERED.labels("validate", outcome.reason).inc()
-        return await app.producer.send(topic, raw_upload.key, raw_upload.value, None, None, headers)
+        # A message the broker took may be larger than this producer sends (aiokafka's
+        # limit counts headers too): its dead letter keeps the start and says so.
+        value, more = h.kept(raw_upload.value, settings.max_upload_bytes)
+        key = raw_upload.key[: h.KEEP_BYTES] if raw_upload.key else raw_upload.key
+        return await app.producer.send(topic, key, value, None, None, headers + more)
 
     def _report_batch_lag(events: list) -> None:
         last: dict[int, int] = {}
@@ -302,6 +334,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, flow_log.log_flow_state, app)
 
     watch = faust_fixes.StallWatch(settings.worker_stall_s)
+    gate = app.registry_gate
+    registry_progress = {"applied": -1}
 
     @app.timer(interval=10.0)
     async def restart_if_stalled() -> None:
@@ -309,6 +343,13 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         if not consumer.flow_active or settings.worker_stall_s <= 0:
             watch.since.clear()
             return
+        applied = sum(gate.applied.values())
+        if gate.waiting and applied != registry_progress["applied"]:
+            # Uploads wait for a registry that is still catching up: that is progress.
+            registry_progress["applied"] = applied
+            watch.since.clear()
+            return
+        registry_progress["applied"] = applied
         progress = {
             tp: (
                 consumer._read_offset[tp],

@@ -234,9 +234,10 @@ def _new_offset_from_committed(self, tp) -> int | None:
 
 
 async def put_durably(
-    table: faust.Table, key: bytes, value: bytes, partition: int | None = None
+    table: faust.Table, key: bytes, value: bytes | None, partition: int | None = None
 ) -> None:
-    """table[key] = value, returning once its changelog write is acknowledged (fix 2).
+    """table[key] = value (None: delete the key), returning once its changelog write is
+    acknowledged (fix 2).
 
     ``partition``: the changelog partition, i.e. the source partition the key's
     messages arrive on; None lets the producer's partitioner choose, for which Faust
@@ -244,8 +245,12 @@ async def put_durably(
     if partition is None:
         producer = cast(Any, table.app.producer)._ensure_producer()
         await producer.partitions_for(table.changelog_topic.get_topic_name())
-    table.data[key] = value
-    await table.send_changelog(partition, key, value)
+    if value is None:
+        table.data.pop(key, None)
+        await table.send_changelog(partition, key, None, value_serializer="raw")
+    else:
+        table.data[key] = value
+        await table.send_changelog(partition, key, value)
 
 
 def exit_on_error(agent: Callable[[faust.StreamT], Awaitable[None]]):

@@ -12,7 +12,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from schemas import FramingError, SchemaStore
+from schemas import (
+    MAX_ID_CHARS,
+    MAX_SAMPLES_PER_UPLOAD,
+    MAX_UPLOAD_BYTES,
+    FramingError,
+    SchemaStore,
+)
 from schemas.registry import Registration, refusal
 from schemas.signals import Signal, sample_problems, sample_signals
 
@@ -40,6 +46,8 @@ class Limits:
     max_backlog_ms: int
     region: str  # the one region this worker serves
     dedup_per_vehicle: int = 64
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_samples: int = MAX_SAMPLES_PER_UPLOAD
 
 
 @dataclass(frozen=True)
@@ -104,10 +112,20 @@ def check_record(
     """Content rules of one decoded upload; None when it is valid."""
     vin = record["vin"]
     if not VIN_PATTERN.match(vin):
-        return DeadLettered("invalid_vin", f"{vin!r} is not a 17-character VIN")
+        return DeadLettered("invalid_vin", f"{vin[:40]!r} is not a 17-character VIN")
+    for name in ("upload_id", "gateway_firmware"):
+        if not 0 < len(record[name]) <= MAX_ID_CHARS:
+            return DeadLettered(
+                "invalid_field", f"{name} has {len(record[name])} characters (1 to {MAX_ID_CHARS})"
+            )
     samples = record["samples"]
     if not samples:
         return DeadLettered("empty_upload", f"upload {record['upload_id']} has no samples")
+    if len(samples) > limits.max_samples:
+        return DeadLettered(
+            "too_many_samples",
+            f"{len(samples)} samples; an upload holds at most {limits.max_samples}",
+        )
     sent = record["sent_at_ms"]
     if sent > received_ms + limits.max_clock_skew_ms:
         return DeadLettered(
@@ -149,6 +167,11 @@ def route_upload(
     limits: Limits,
 ) -> Outcome:
     """Decide where one raw message goes. Updates ``seen`` for routed uploads."""
+    if len(raw.value) > limits.max_upload_bytes:
+        # Judged before decoding: its weight is the problem, whatever it holds.
+        return DeadLettered(
+            "too_large", f"{len(raw.value)} bytes; an upload is at most {limits.max_upload_bytes}"
+        )
     try:
         record, writer = store.decode(raw.value)
     except FramingError as exc:

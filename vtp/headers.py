@@ -11,8 +11,20 @@ STAGE, REASON, DETAIL = "vtp-stage", "vtp-reason", "vtp-detail"
 # On a quarantine record that holds only some samples of a message whose other samples
 # were stored: the message's outcome is "stored", this record keeps the rest.
 PARTIAL = "vtp-partial"
+# On a dead letter whose value is only the start of the original (which was too large to
+# copy): the original's size; the original stays at vtp-source until retention.
+TRUNCATED = "vtp-truncated"
 
 DETAIL_MAX = 2000
+KEEP_BYTES = 64 * 1024  # of an original too large to copy whole
+
+
+def kept(value: bytes, limit: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value a dead letter carries: the original when it is at most ``limit`` bytes,
+    else its first KEEP_BYTES and a header with the original's size."""
+    if len(value) <= limit:
+        return value, []
+    return value[:KEEP_BYTES], [(TRUNCATED, str(len(value)).encode())]
 
 
 def deadletter_headers(

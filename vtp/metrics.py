@@ -40,6 +40,11 @@ SINK_BATCH_MESSAGES = Histogram(
     ["region"],
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
 )
+SINK_WRITE_FAILURES = Counter(
+    "vtp_sink_write_failures_total", "Batch writes that failed and were tried again", ["region"]
+)
+SINK_UP = Gauge("vtp_sink_up", "1 while the region's sink runs, 0 while it restarts", ["region"])
+SINK_RESTARTS = Counter("vtp_sink_restarts_total", "Times the sink was started again", ["region"])
 SINK_INSERT_SECONDS = Histogram(
     "vtp_sink_insert_seconds", "Latency of one batch insert (samples + uploads)", ["region"]
 )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from schemas.codec import MAX_SAMPLES_PER_UPLOAD, MAX_UPLOAD_BYTES
 from vtp.regions import REGIONS, UnknownRegion, known_region
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,12 @@ class Settings:
     )
     max_backlog_s: float = setting(7 * 86400.0, "how old a sample may be relative to its upload")
     dedup_uploads_per_vehicle: int = setting(64, "upload ids the worker remembers per vehicle")
+    max_upload_bytes: int = setting(
+        MAX_UPLOAD_BYTES, "an upload larger than this is dead-lettered (too_large)"
+    )
+    max_samples_per_upload: int = setting(
+        MAX_SAMPLES_PER_UPLOAD, "an upload with more samples is dead-lettered (too_many_samples)"
+    )
     trip_gap_s: float = setting(300.0, "parked this long ends a trip")
     charge_gap_s: float = setting(300.0, "not charging this long ends a charging session")
     allowed_lateness_s: float = setting(120.0, "how far out of event-time order samples may arrive")

@@ -139,6 +139,11 @@ def run(region_stack):
         producer = Producer({"bootstrap.servers": settings.bootstrap()})
         producer.produce(settings.topics.aggregates, key=registered[3].vin.encode(),
                          value=json.dumps(forged_trip).encode())  # fmt: skip
+        # and aggregates that fit no table: dead-lettered one by one, the sink goes on
+        for odd in ({**forged_trip, "owner_id": registered[3].owner_id, "distance_km": "far"},
+                    {**forged_trip, "vin": {"not": "a vin"}}, {"kind": "teleport"}):  # fmt: skip
+            producer.produce(settings.topics.aggregates, key=registered[3].vin.encode(),
+                             value=json.dumps(odd).encode())  # fmt: skip
         assert producer.flush(10) == 0
         report = flush_all({"eu": publisher})
         assert report.ok, report
@@ -164,7 +169,8 @@ def test_counts_reconcile_exactly(run):
     assert outcomes.deadlettered["residency_mismatch"] == 1
     assert outcomes.deadlettered["untagged"] == 1
     assert outcomes.deadlettered["not_registered_at_that_time"] == 1
-    from_uploads = outcomes.deadlettered_total - 3 + outcomes.quarantined_total - 1
+    assert outcomes.deadlettered["malformed_aggregate"] == 3
+    from_uploads = outcomes.deadlettered_total - 6 + outcomes.quarantined_total - 1
     assert run["produced"] == stored + from_uploads
 
 
@@ -181,6 +187,7 @@ def test_every_bad_message_lands_with_its_reason(run):
         "residency_mismatch",
         "untagged",
         "not_registered_at_that_time",
+        "malformed_aggregate",
     }
     # the unregistered vehicle's traffic and every CN vehicle's are quarantined here
     strangers = [run["unregistered"][0], *run["cn"]]

@@ -21,8 +21,12 @@ from vtp.pipeline import group_position
 pytestmark = pytest.mark.integration
 
 
+class SimulatedCrash(Exception):
+    """The process dying between two inserts (not a warehouse error: nothing retries it)."""
+
+
 class CrashingWarehouse(ChdbWarehouse):
-    """The real embedded engine, failing the Nth uploads insert as a crash would."""
+    """The real embedded engine, with the process dying at the Nth uploads insert."""
 
     def __init__(self, path, crash_on_uploads_insert: int):
         super().__init__(path)
@@ -33,7 +37,7 @@ class CrashingWarehouse(ChdbWarehouse):
         if table == "uploads":
             self._uploads_inserts += 1
             if self._uploads_inserts == self._crash_on:
-                raise WarehouseError("simulated crash after the samples insert")
+                raise SimulatedCrash("simulated crash after the samples insert")
         return super().insert_arrow(table, data, dedup_token)
 
 
@@ -88,8 +92,9 @@ def run_until_drained(sink: RegionSink, settings, timeout=120):
 def test_crash_between_samples_and_uploads_then_restart_leaves_exact_rows(eu_topic):
     settings, truth, uploads, sold = eu_topic
     crashing = CrashingWarehouse(settings.warehouse_path, crash_on_uploads_insert=3)
-    with pytest.raises(WarehouseError, match="simulated crash"):
+    with pytest.raises(SimulatedCrash):
         RegionSink(settings, warehouse=crashing).run()
+    crashing.close()  # the test handed it in, so the test closes it
     committed, high = group_position(
         settings, settings.topics.sink_group, [settings.topics.validated]
     )
@@ -203,3 +208,32 @@ def test_a_registry_copy_that_cannot_catch_up_stops_the_sink_instead_of_guessing
         assert copy[vin].revision == 2
     finally:
         copy.close()
+
+
+class FlakyWarehouse(ChdbWarehouse):
+    """The real embedded engine, failing its first inserts as a busy server would."""
+
+    def __init__(self, path, failures: int):
+        super().__init__(path)
+        self.failures = failures
+
+    def insert_arrow(self, table, data, dedup_token=None):
+        if table == "samples" and self.failures > 0:
+            self.failures -= 1
+            raise WarehouseError("Code: 252. DB::Exception: Too many parts (simulated)")
+        return super().insert_arrow(table, data, dedup_token)
+
+
+def test_a_warehouse_that_fails_for_a_while_is_tried_again_and_nothing_is_lost(eu_topic):
+    settings, truth, uploads, _ = eu_topic
+    flaky = FlakyWarehouse(settings.warehouse_path, failures=3)
+    try:
+        run_until_drained(RegionSink(settings, warehouse=flaky), settings)
+        ((samples, distinct),) = rows(
+            flaky.query("SELECT count(), uniqExact(vin, seq) FROM samples")
+        )
+        (stored,) = rows(flaky.query("SELECT uniqExact(upload_id) FROM uploads"))[0]
+    finally:
+        flaky.close()  # it was handed in: the sink left it open for its owner
+    assert flaky.failures == 0
+    assert samples == distinct == truth.totals()["samples"] and stored == uploads

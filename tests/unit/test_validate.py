@@ -163,3 +163,27 @@ def test_seen_history_is_bounded_per_vehicle():
         seen.remember(VIN, f"u-{i}", f"0:{i}", keep=64)
     assert len(seen.by_vin[VIN]) == 64
     assert "u-0" not in seen.by_vin[VIN] and "u-99" in seen.by_vin[VIN]
+
+
+def test_weight_and_size_limits_are_dead_letter_reasons():
+    small = Limits(300_000, 7 * 86_400_000, "cn", max_upload_bytes=4096, max_samples=10)
+    heavy = upload(samples=[{"event_time_ms": NOW - 100_000 + i, "seq": i} for i in range(11)])
+    out = route_upload(raw(heavy), STORE, REGISTRY, SeenUploads(), small)
+    assert (out.reason, out.detail) == (
+        "too_many_samples",
+        "11 samples; an upload holds at most 10",
+    )
+    big = RawUpload(b"\xc3\x01" + bytes(5000), VIN.encode(), 0, 0, NOW)
+    assert route_upload(big, STORE, REGISTRY, SeenUploads(), small).reason == "too_large"
+    assert reason(raw(upload(upload_id="u" * 200))) == "invalid_field"
+    assert reason(raw(upload(upload_id=""))) == "invalid_field"
+    for odd in (float("nan"), float("inf"), -float("inf"), 1e308):
+        assert reason(raw(upload(speed=odd))) == "invalid_sample", odd
+
+
+def test_a_dead_letter_keeps_what_fits_and_says_how_much_there_was():
+    from vtp.headers import KEEP_BYTES, TRUNCATED, kept
+
+    assert kept(b"abc", 10) == (b"abc", [])
+    value, more = kept(b"x" * (KEEP_BYTES * 3), KEEP_BYTES * 2)
+    assert len(value) == KEEP_BYTES and more == [(TRUNCATED, str(KEEP_BYTES * 3).encode())]
