@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
@@ -93,6 +93,21 @@ def _time_range(start: datetime | None, end: datetime | None, default_days: int)
     if end_ms - start_ms > MAX_RANGE_DAYS * 86_400_000:
         raise ApiError(400, "bad_time_range", f"a time range spans at most {MAX_RANGE_DAYS} days")
     return start_ms, end_ms
+
+
+def _local_dates(
+    start: datetime | None, end: datetime | None, default_days: int
+) -> tuple[str, str]:
+    """[first, after) local dates of a window, each in the offset the caller wrote it in
+    (UTC when none): the days a summary is about are local days, not UTC ones."""
+    end = end or datetime.now(UTC)
+    start = start or end - timedelta(days=default_days)
+
+    def local(value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    last = (local(end) - timedelta(microseconds=1)).date()  # the end itself is excluded
+    return local(start).date().isoformat(), (last + timedelta(days=1)).isoformat()
 
 
 HTTP_CODES = {400: "bad_parameter", 404: "not_found", 405: "method_not_allowed",
@@ -320,7 +335,10 @@ def create_app(
             if vin is not None:
                 vehicle_of(request, who, vin)
             columns = visible_columns(table.name, who.claims.scopes)
-            found = store.sessions(wh, table, who.owner, vin, start_ms, end_ms, columns, limit)
+            dates = _local_dates(start, end, 30) if table is store.DAYS else None
+            found = store.sessions(
+                wh, table, who.owner, vin, start_ms, end_ms, columns, limit, dates
+            )
             audit(who, "read", resource, len(found))
             return {resource.replace("-", "_"): found}
 

@@ -173,22 +173,33 @@ def sessions(
     end_ms: int,
     columns: list[str],
     limit: int,
+    dates: tuple[str, str] | None = None,
 ) -> list[dict]:
     """Trips, charges or daily summaries in [start, end), newest first: ``columns`` only
-    (what the caller's scopes open, from owner_api.scopes)."""
+    (what the caller's scopes open, from owner_api.scopes). Daily summaries are about
+    local days, so they are chosen by ``dates`` [first, after) as the caller's own
+    offsets give them."""
     time_column = "date" if table is DAYS else "start_time"
     when = (
-        "date >= toDate(fromUnixTimestamp64Milli({s:Int64}, 'UTC')) "
-        "AND date < toDate(fromUnixTimestamp64Milli({e:Int64}, 'UTC'))"
+        "date >= {df:Date} AND date < {dt:Date}"
         if table is DAYS
         else "start_time >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') "
         "AND start_time < fromUnixTimestamp64Milli({e:Int64}, 'UTC')"
     )
+    first, after = dates or ("1970-01-01", "1970-01-01")
     result = wh.query(
         f"SELECT {', '.join(columns)} FROM {table.name} FINAL "
         "WHERE owner_id = {o:String} AND (empty({v:String}) OR vin = {v:String}) "
         f"AND {when} ORDER BY {time_column} DESC, vin LIMIT {{n:UInt32}}",
-        {"o": owner, "v": vin or "", "s": start_ms, "e": end_ms, "n": limit},
+        {
+            "o": owner,
+            "v": vin or "",
+            "s": start_ms,
+            "e": end_ms,
+            "n": limit,
+            "df": first,
+            "dt": after,
+        },  # fmt: skip
     )
     return records(result)
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from schemas.registry import Period, Registration, view_for_region
-from vtp.days import DayClock
+from vtp.days import DayClock, day_shares
 
 VIN_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 _VIN_VALUES = (
@@ -201,22 +201,25 @@ class VehicleTruth:
     _open_charge: list | None = field(default=None, repr=False)  # [first, last, peak]
 
     def add_physics(
-        self, at_ms: int, state: str, dt: float, km: float, kwh: float, still_moving: bool
+        self, start_ms: int, end_ms: int, state: str, km: float, kwh: float, still_moving: bool
     ) -> None:
-        day = self.physics.setdefault(
-            _truth_clock(self.time_zone).day(at_ms),
-            {"distance_km": 0.0, "driving_s": 0.0, "energy_used_kwh": 0.0,
-             "energy_charged_kwh": 0.0, "idle_drain_kwh": 0.0},
-        )  # fmt: skip
-        day["distance_km"] += km
-        if state == DRIVING:
-            day["energy_used_kwh"] -= kwh
-            if still_moving:
-                day["driving_s"] += dt
-        elif state == CHARGING:
-            day["energy_charged_kwh"] += kwh
-        else:
-            day["idle_drain_kwh"] -= kwh
+        """What one step of physics did, shared out over the local days it spans."""
+        for date, ms in day_shares(_truth_clock(self.time_zone), start_ms, end_ms):
+            share = ms / (end_ms - start_ms)
+            day = self.physics.setdefault(
+                date,
+                {"distance_km": 0.0, "driving_s": 0.0, "energy_used_kwh": 0.0,
+                 "energy_charged_kwh": 0.0, "idle_drain_kwh": 0.0},
+            )  # fmt: skip
+            day["distance_km"] += km * share
+            if state == DRIVING:
+                day["energy_used_kwh"] -= kwh * share
+                if still_moving:
+                    day["driving_s"] += ms / 1000
+            elif state == CHARGING:
+                day["energy_charged_kwh"] += kwh * share
+            else:
+                day["idle_drain_kwh"] -= kwh * share
 
     def daily(self) -> dict[str, dict[str, float]]:
         """Day totals as the owner should see them: physics plus trips and charges begun."""
@@ -407,9 +410,9 @@ def _vehicle_uploads(
         else:
             car.soc = max(0.0, car.soc - 0.02 * dt / 3600)  # standby drain, about 0.5 %/day
             car.battery_c += (car.outside_c - car.battery_c) * min(1.0, dt / 3600)
-        # What the physics did in this step, credited to the day of the next sample.
+        # What the physics did in this step, from this sample to the next.
         pending = (
-            start_ms + int((t + dt) * 1000), state, dt,
+            start_ms + int(t * 1000), start_ms + int((t + dt) * 1000), state,
             car.odometer - before[0], (car.soc - before[1]) / 100 * v.battery_capacity_kwh,
         )  # fmt: skip
         if (

@@ -13,8 +13,15 @@ record's ``version`` grows with every call, so the newest row of a key wins.
 A trip starts when the vehicle leaves PARK and ends once it has stayed parked for
 ``trip_gap_ms``; a gap in the data while moving stays one trip if the odometer moved
 plausibly in it. A charge ends once charging has stopped for ``charge_gap_ms``, so an
-interrupted and resumed charge is one session. Day totals are attributed to the local
-day (the vehicle's time zone) of the later sample of each consecutive pair.
+interrupted and resumed charge is one session. Day totals: the interval between two
+consecutive samples is split at every local midnight (the vehicle's time zone) and each
+local day gets its share pro rata by time, days without a sample of their own included,
+so no day holds more time than it has.
+
+Lateness is a function of the data in arrival order, not of batch boundaries: a sample is
+too late when a sample at or after its time was (or, had the buffer been released at that
+moment, would have been) released before it arrived. Released is everything up to the
+watermark, the newest event time accepted so far minus the allowed lateness.
 
 Ownership is over time: each released sample belongs to the registration period in
 force at its event time (``schemas.registry``). When the period changes (a sale, a move,
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.registry import Period, Registration
-from vtp.days import DayClock
+from vtp.days import DayClock, day_shares
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,9 @@ def ingest(
     for sample in upload["samples"]:
         if registration is None or not registration.here(state["region"], sample["event_time_ms"]):
             continue
-        if released_t is not None and sample["event_time_ms"] <= released_t:
+        t = sample["event_time_ms"]
+        frontier = _released_frontier(state, config, released_t)
+        if frontier is not None and t <= frontier:
             late.append(sample["seq"])
         elif sample["seq"] not in buffered:
             bisect.insort(state["buffer"], compact(sample), key=_order)
@@ -122,6 +131,18 @@ def ingest(
             if state["max_t"] is None or sample["event_time_ms"] > state["max_t"]:
                 state["max_t"] = sample["event_time_ms"]
     return Ingested(accepted, late)
+
+
+def _released_frontier(state: dict, config: SessionConfig, released_t: int | None) -> int | None:
+    """The newest event time that is released, or would be if the buffer were released now."""
+    if state["max_t"] is None:
+        return released_t
+    watermark = state["max_t"] - config.allowed_lateness_ms
+    i = bisect.bisect_right(state["buffer"], watermark, key=lambda sample: sample["t"])
+    if i == 0:
+        return released_t
+    newest = state["buffer"][i - 1]["t"]
+    return newest if released_t is None else max(released_t, newest)
 
 
 def advance(
@@ -247,10 +268,9 @@ def _release(
 
 def _step(state: dict, s: dict, config: SessionConfig, out: list, provisional: bool) -> None:
     prev = state["last"]
-    day = _day(state, _clock(state["tz"]).day(s["t"]))
-    day["samples"] += 1
+    _day(state, _clock(state["tz"]).day(s["t"]))["samples"] += 1
     if prev is not None:
-        _accumulate_day(state, day, prev, s, config)
+        _accumulate_days(state, prev, s, config)
     _track_trip(state, prev, s, config, out, provisional)
     _track_charge(state, prev, s, config, out, provisional)
     state["last"] = s
@@ -266,20 +286,27 @@ def _day(state: dict, date: str) -> dict:
     return day
 
 
-def _accumulate_day(state: dict, day: dict, prev: dict, s: dict, config: SessionConfig) -> None:
+def _accumulate_days(state: dict, prev: dict, s: dict, config: SessionConfig) -> None:
+    """What happened between two samples, shared out over the local days it spans."""
     dt = s["t"] - prev["t"]
+    if dt <= 0:
+        return
+    moved = 0.0
     if prev["odo"] is not None and s["odo"] is not None and s["odo"] > prev["odo"]:
-        day["distance_km"] += s["odo"] - prev["odo"]
+        moved = s["odo"] - prev["odo"]
     d_soc = s["soc"] - prev["soc"] if s["soc"] is not None and prev["soc"] is not None else 0.0
-    if prev["mv"]:
-        if s["mv"] and dt <= config.trip_gap_ms:
-            day["driving_ms"] += dt
-        day["soc_used"] += max(0.0, -d_soc)
-    elif prev["chg"]:
-        day["soc_charged"] += max(0.0, d_soc)
-    else:
-        day["soc_idle_drain"] += max(0.0, -d_soc)
-        day["parked_ms"] += dt
+    for date, ms in day_shares(_clock(state["tz"]), prev["t"], s["t"]):
+        day, share = _day(state, date), ms / dt
+        day["distance_km"] += moved * share
+        if prev["mv"]:
+            if s["mv"] and dt <= config.trip_gap_ms:
+                day["driving_ms"] += ms
+            day["soc_used"] += max(0.0, -d_soc) * share
+        elif prev["chg"]:
+            day["soc_charged"] += max(0.0, d_soc) * share
+        else:
+            day["soc_idle_drain"] += max(0.0, -d_soc) * share
+            day["parked_ms"] += ms
 
 
 def _track_trip(

@@ -30,3 +30,14 @@ class DayClock:
         """The first millisecond of the local day after the one containing ``t_ms``."""
         self.day(t_ms)
         return self._end
+
+
+def day_shares(clock: DayClock, start_ms: int, end_ms: int) -> list[tuple[str, int]]:
+    """(local date, milliseconds) of the interval [start, end) in each local day it
+    touches, in order: what an interval contributes to each day is its share of time."""
+    shares, at = [], start_ms
+    while at < end_ms:
+        upto = min(clock.end_of(at), end_ms)
+        shares.append((clock.day(at), upto - at))
+        at = upto
+    return shares

@@ -730,3 +730,21 @@ def test_a_key_rotated_or_retired_takes_effect_in_the_running_service(served):
         assert api.get("/v1/me").json()["error"] == "forged_token"
     with _client(served, "eu", _owner_token(owner, "eu")) as api:
         assert api.get("/v1/me").status_code == 200  # the older key still signs and verifies
+
+
+def test_daily_summaries_are_chosen_by_the_local_days_the_caller_names(served):
+    owner, vins = _owner_in(served, "eu")
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        everything = api.get("/v1/daily-summaries", params={
+            "start": "2026-11-01T00:00:00Z", "end": "2026-11-30T00:00:00Z"}).json()["daily_summaries"]  # fmt: skip
+        dates = sorted({d["date"] for d in everything})
+        assert dates, "no days to look at"
+        first = dates[0]
+        # the first local day, named with the vehicles' own offset (CET): in UTC its
+        # midnight falls on the day before, and a window cut on UTC dates would miss it
+        one_day = api.get("/v1/daily-summaries", params={
+            "start": f"{first}T00:00:00+01:00", "end": f"{first}T23:59:59+01:00"}).json()  # fmt: skip
+        assert {d["date"] for d in one_day["daily_summaries"]} == {first}
+        before = api.get("/v1/daily-summaries", params={
+            "start": "2026-10-01T00:00:00+01:00", "end": f"{first}T00:00:00+01:00"}).json()  # fmt: skip
+        assert before["daily_summaries"] == []  # the end is excluded
