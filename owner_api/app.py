@@ -392,14 +392,19 @@ def create_app(
         generated = store.jsonable(datetime.now(UTC))
 
         def pages(table: store.Table):
+            rows = settings.export_page_rows
             if format == "parquet":
-                return store.export_pages(wh, who.owner, table)
-            return store.export_text_pages(wh, who.owner, table, format)
+                return store.export_pages(wh, who.owner, table, rows)
+            return store.export_text_pages(wh, who.owner, table, format, rows)
 
         tables = [(t.name, lambda t=t: pages(t)) for t in store.EXPORT_TABLES]
 
-        def done(counts: dict[str, int]) -> None:
-            audit(who, "export", "export", sum(counts.values()), f"format={format} {counts}")
+        def done(counts: dict[str, int], ended: str | None) -> None:
+            if ended is None:
+                audit(who, "export", "export", sum(counts.values()), f"format={format} {counts}")
+            else:  # what was handed out before it stopped, and why it stopped
+                detail = f"format={format} incomplete ({ended}): {counts}"
+                audit(who, "export", "export", sum(counts.values()), detail, 499)
 
         body = stream_export(who.owner, region, format, tables, str(generated), done)
         name = f"vtp-export-{who.owner}-{region}.zip"

@@ -54,12 +54,15 @@ class _Counted(io.RawIOBase):
         return self._pos
 
 
-def _write_pages(member, fmt: str, pages: Iterator, pipe: _Pipe) -> Generator[bytes, None, int]:
-    """Write the pages into the member, yielding the ZIP bytes after each; rows written.
+def _write_pages(
+    member, fmt: str, pages: Iterator, pipe: _Pipe, counts: dict[str, int], name: str
+) -> Generator[bytes, None, None]:
+    """Write the pages into the member, yielding the ZIP bytes after each; ``counts[name]``
+    holds the rows handed out so far.
 
     Parquet pages are Arrow tables; text pages come formatted by ClickHouse, as
     (bytes, rows)."""
-    written = 0
+    counts[name] = 0
     parquet: pq.ParquetWriter | None = None
     try:
         for page in pages:
@@ -67,18 +70,17 @@ def _write_pages(member, fmt: str, pages: Iterator, pipe: _Pipe) -> Generator[by
                 if parquet is None:
                     parquet = pq.ParquetWriter(_Counted(member), page.schema, compression="zstd")
                 parquet.write_table(page)
-                written += page.num_rows
+                rows = page.num_rows
             else:
                 data, rows = page
                 member.write(data)
-                written += rows
             chunk = pipe.take()
             if chunk:
                 yield chunk
+            counts[name] += rows
     finally:
         if parquet is not None:
             parquet.close()
-    return written
 
 
 def stream_export(
@@ -87,26 +89,37 @@ def stream_export(
     fmt: str,
     tables: list[tuple[str, Callable[[], Iterator]]],
     generated_at: str,
-    done: Callable[[dict[str, int]], None],
+    done: Callable[[dict[str, int], str | None], None],
 ) -> Iterator[bytes]:
-    """Yield the ZIP's bytes; ``done`` gets the row counts once the manifest is out."""
+    """Yield the ZIP's bytes. ``done`` gets the row counts handed out and, when the export
+    did not reach its manifest (the client went away, the warehouse failed), what
+    happened: a partial export is accounted for too."""
     pipe = _Pipe()
     counts: dict[str, int] = {}
-    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, pages in tables:
-            entry = zipfile.ZipInfo(f"{name}.{fmt}", time.gmtime()[:6])
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            with archive.open(entry, "w", force_zip64=True) as member:
-                counts[name] = yield from _write_pages(member, fmt, pages(), pipe)
-            yield pipe.take()
-        manifest = {
-            "owner_id": owner_id,
-            "region": region,
-            "format": fmt,
-            "generated_at": generated_at,
-            "row_counts": counts,
-            "files": [f"{name}.{fmt}" for name, _ in tables],
-        }
-        archive.writestr("manifest.json", json.dumps(manifest, indent=2))
-    yield pipe.take()
-    done(counts)
+    ended = "the client went away before the end"
+    try:
+        with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, pages in tables:
+                entry = zipfile.ZipInfo(f"{name}.{fmt}", time.gmtime()[:6])
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(entry, "w", force_zip64=True) as member:
+                    yield from _write_pages(member, fmt, pages(), pipe, counts, name)
+                yield pipe.take()
+            manifest = {
+                "owner_id": owner_id,
+                "region": region,
+                "format": fmt,
+                "generated_at": generated_at,
+                "row_counts": counts,
+                "files": [f"{name}.{fmt}" for name, _ in tables],
+            }
+            archive.writestr("manifest.json", json.dumps(manifest, indent=2))
+        yield pipe.take()
+        ended = None
+    except GeneratorExit:
+        raise
+    except Exception as exc:
+        ended = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        raise
+    finally:
+        done(counts, ended)

@@ -82,6 +82,7 @@ class Settings:
         "", "folder of every region's keys, each in <keys dir>/<region>; empty: <region dir>/keys"
     )
     owner_token_ttl_s: int = setting(3600, "lifetime of owner tokens `vtp token` issues")
+    export_page_rows: int = setting(50_000, "rows an export reads and sends at a time")
     owner_token_max_ttl_s: int = setting(
         86400, "longest owner token lifetime the API accepts (checked at every request)"
     )

@@ -46,8 +46,9 @@ DATA_TABLES = (
 @pytest.fixture(scope="module")
 def served(region_stack):
     settings = region_stack(
-        "eu", "api", sink_batch_messages=200, sink_flush_ms=300, analyst_max_execution_s=3.0
-    )
+        "eu", "api", sink_batch_messages=200, sink_flush_ms=300, analyst_max_execution_s=3.0,
+        export_page_rows=1000,  # many pages: an export can be left half way
+    )  # fmt: skip
     ring = RING["eu"] = load_keyring(settings)  # `vtp serve` finds them in the region's folder
     fleet = [v for v in build_fleet(5, owners=12, vehicles=20) if v.region == "eu"]
     register_fleet(settings, fleet)
@@ -748,3 +749,19 @@ def test_daily_summaries_are_chosen_by_the_local_days_the_caller_names(served):
         before = api.get("/v1/daily-summaries", params={
             "start": "2026-10-01T00:00:00+01:00", "end": f"{first}T00:00:00+01:00"}).json()  # fmt: skip
         assert before["daily_summaries"] == []  # the end is excluded
+
+
+def test_an_export_left_half_way_is_in_the_access_log_with_what_was_sent(served):
+    owner, _ = _owner_in(served, "eu", 1)
+    with _client(served, "eu", _owner_token(owner, "eu")) as api:
+        with api.stream("GET", "/v1/export", params={"format": "jsonl"}) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())  # the first bytes, then the client goes away
+        deadline, partial = time.monotonic() + 30, []
+        while not partial and time.monotonic() < deadline:
+            entries = api.get("/v1/audit").json()["entries"]
+            partial = [e for e in entries if e["action"] == "export" and e["status"] == 499]
+            time.sleep(0.2)
+    assert partial, "the half-sent export left no trace"
+    assert "incomplete (the client went away before the end)" in partial[0]["detail"]
+    assert 0 < partial[0]["rows"]
