@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from owner_api import store
 from owner_api.analyst import AnalystLimits, AnalystQueryError, result_rows, run_analyst_query
-from owner_api.export import stream_export
+from owner_api.audit import AuditEntry, AuditLog
+from owner_api.export import ClosingStream, stream_export
 from owner_api.scopes import ROUTE_SCOPE, SCOPES, SIGNAL_SCOPE, visible_columns
 from owner_api.tokens import Claims, TokenError, issue, verify
 from sinks.warehouse import Warehouse
@@ -176,6 +177,7 @@ def create_app(
         "erase, and the log of every access.",
     )
     wh = warehouse
+    audit_log = AuditLog(wh)
     analyst_limits = AnalystLimits.from_settings(settings)
     # Each analyst query may use its memory limit; only so many run at once.
     analyst_slots = threading.BoundedSemaphore(settings.analyst_max_concurrent)
@@ -211,9 +213,8 @@ def create_app(
         return JSONResponse({"error": "bad_parameter", "message": problems}, status_code=400)
 
     def audit(caller: Caller, action: str, resource: str, rows: int, detail: str = "", status: int = 200) -> None:  # fmt: skip
-        store.record_access(
-            wh,
-            store.AuditEntry(
+        audit_log.record(
+            AuditEntry(
                 caller.owner, caller.request_id, caller.claims.actor,
                 caller.claims.grant_id or "", action, resource, detail, rows, status,
             ),
@@ -408,7 +409,7 @@ def create_app(
 
         body = stream_export(who.owner, region, format, tables, str(generated), done)
         name = f"vtp-export-{who.owner}-{region}.zip"
-        return StreamingResponse(
+        return ClosingStream(
             body, media_type="application/zip",
             headers={"Content-Disposition": f'attachment; filename="{name}"',
                      "X-Request-Id": who.request_id},

@@ -14,6 +14,8 @@ import zipfile
 from collections.abc import Callable, Generator, Iterator
 
 import pyarrow.parquet as pq
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
 
 
 class _Pipe(io.RawIOBase):
@@ -81,6 +83,33 @@ def _write_pages(
     finally:
         if parquet is not None:
             parquet.close()
+
+
+class ClosingStream(StreamingResponse):
+    """A streamed response that closes its source as soon as the stream ends, however it
+    ends: a client that goes away cancels the stream, and the export's own ending (its
+    access-log row) then runs at once, not whenever the garbage collector finds it."""
+
+    def __init__(self, source: Generator[bytes, None, None], **options) -> None:
+        self._source = source
+        super().__init__(source, **options)
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await run_in_threadpool(_close_when_idle, self._source)
+
+
+def _close_when_idle(source: Generator) -> None:
+    """close() a generator; a cancelled stream may still be inside its next() in a worker
+    thread for a moment ("generator already executing")."""
+    for _ in range(600):
+        try:
+            source.close()
+            return
+        except ValueError:
+            time.sleep(0.05)
 
 
 def stream_export(

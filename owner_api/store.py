@@ -257,31 +257,6 @@ def revoke_grant(wh: Warehouse, owner: str, grant_id: str) -> dict | None:
 # -- audit ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AuditEntry:
-    owner_id: str
-    request_id: str
-    actor: str
-    grant_id: str
-    action: str
-    resource: str
-    detail: str
-    rows: int
-    status: int
-
-
-def record_access(wh: Warehouse, entry: AuditEntry) -> None:
-    wh.execute(
-        "INSERT INTO audit_log (owner_id, at, request_id, actor, grant_id, action, resource, "
-        "detail, rows, status) VALUES ({o:String}, fromUnixTimestamp64Milli({t:Int64}, 'UTC'), "
-        "{q:String}, {a:String}, {g:String}, {act:String}, {res:String}, {d:String}, "
-        "{n:UInt64}, {st:UInt16})",
-        {"o": entry.owner_id, "t": now_ms(), "q": entry.request_id, "a": entry.actor,
-         "g": entry.grant_id, "act": entry.action, "res": entry.resource,
-         "d": entry.detail[:2000], "n": entry.rows, "st": entry.status},
-    )  # fmt: skip
-
-
 def access_log(wh: Warehouse, owner: str, limit: int) -> list[dict]:
     return records(
         wh.query(

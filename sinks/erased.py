@@ -2,8 +2,9 @@
 
 An erasure removes everything of the owner from before its time (the horizon). A
 replayed or late message about that time must not bring it back, so the sink drops
-samples whose event time is at or before the horizon, and aggregates that begin at or
-before it (a daily summary is judged by the earliest instant its local day can start).
+samples whose event time is at or before the horizon, or that reached vtp at or before
+it (whatever times the vehicle wrote), and aggregates that begin at or before it (a
+daily summary is judged by the earliest instant its local day can start).
 Data about moments after the erasure is the owner's new data and is stored.
 """
 
@@ -28,6 +29,9 @@ def drop_erased_samples(
         horizon = horizons.get(up.owner_id)
         if horizon is None:
             kept.append(up)
+            continue
+        if up.received_ms <= horizon:  # in the pipeline when the owner erased: gone too
+            dropped += len(up.record["samples"])
             continue
         samples = [s for s in up.record["samples"] if s["event_time_ms"] > horizon]
         dropped += len(up.record["samples"]) - len(samples)

@@ -319,16 +319,19 @@ class RegionSink:
                 )  # fmt: skip
                 time.sleep(pause)
 
-    def _erasure_horizons(self) -> dict[str, int]:
+    def _erasure_horizons(self, owners: set[str]) -> dict[str, int]:
+        """The latest erasure of each of ``owners`` (read by the primary key, never stale)."""
+        if not owners:
+            return {}
         found = self.warehouse.query(
             "SELECT owner_id, toUnixTimestamp64Milli(max(requested_at)) FROM erasures "
-            "GROUP BY owner_id"
+            "WHERE owner_id IN {o:Array(String)} GROUP BY owner_id",
+            {"o": sorted(owners)},
         )
         return {owner: int(ms) for owner, ms in rows(found)}
 
     def _write_locked(self, batch: PartitionBatch) -> None:
         started = time.perf_counter()
-        horizons = self._erasure_horizons()  # a small table; read per batch, never stale
         if batch.forced_last is None:
             self.warehouse.execute(
                 "INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
@@ -337,9 +340,9 @@ class RegionSink:
                  "l": batch.last_offset, "n": len(batch)},
             )  # fmt: skip
         if batch.topic == self.aggregates_topic:
-            refused = self._insert_aggregates(batch, horizons)
+            refused = self._insert_aggregates(batch)
         else:
-            refused = self._insert_uploads(batch, horizons)
+            refused = self._insert_uploads(batch)
         topics = self.settings.topics
         for r in refused:
             self.producer.produce(
@@ -379,9 +382,10 @@ class RegionSink:
                 "deciding with the registry as it is now", len(changed), changed[0],
             )  # fmt: skip
 
-    def _insert_uploads(self, batch: PartitionBatch, horizons: dict[str, int]) -> list[Refused]:
+    def _insert_uploads(self, batch: PartitionBatch) -> list[Refused]:
         self._catch_up_registry(batch)
         good, refused = classify(batch.items, self.region, self.registry)
+        horizons = self._erasure_horizons({up.owner_id for up in good})
         good, erased = drop_erased_samples(good, horizons)
         metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)
         fresh, resends, skipped = sort_against_stored(good, self._stored(good))
@@ -404,10 +408,11 @@ class RegionSink:
         metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
         return refused
 
-    def _insert_aggregates(self, batch: PartitionBatch, horizons: dict[str, int]) -> list[Refused]:
+    def _insert_aggregates(self, batch: PartitionBatch) -> list[Refused]:
         records: list[dict] = []
         messages: list[Message] = []
         refused: list[Refused] = []
+        horizons = self._erasure_horizons(_owners_named(batch.items))
         for m in batch.items:
             source = f"{m.topic()}:{m.partition()}:{m.offset()}"
             try:
@@ -475,6 +480,19 @@ class RegionSink:
     @staticmethod
     def _message_of(batch: PartitionBatch, up: rowlib.StoredUpload) -> Message:
         return batch.items[batch.offsets.index(up.offset)]
+
+
+def _owners_named(messages: list[Message]) -> set[str]:
+    """The owner ids aggregate records name (those that are readable)."""
+    owners = set()
+    for m in messages:
+        try:
+            owner = json.loads(m.value() or b"").get("owner_id")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(owner, str):
+            owners.add(owner)
+    return owners
 
 
 def _fitting_tables(records: list[dict]) -> tuple[dict[str, pa.Table], list[tuple[int, str]]]:

@@ -11,6 +11,7 @@ in every name); nothing is sent anywhere else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -49,21 +50,23 @@ BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.2
 
 
+@functools.lru_cache(maxsize=100_000)  # bounded: a fleet's active vehicles, not every one ever
+def _registration(raw: bytes) -> Registration:
+    return decode_registration(raw)
+
+
 class RegistryView(Mapping[str, Registration]):
-    """The vehicles table seen as VIN -> Registration, decoding each value once."""
+    """The vehicles table seen as VIN -> Registration, each value decoded once while it
+    is in use."""
 
     def __init__(self, table: faust.Table):
         self._table = table
-        self._decoded: dict[bytes, Registration] = {}
 
     def __getitem__(self, vin: str) -> Registration:
         raw = self._table.get(vin.encode())
         if raw is None:
             raise KeyError(vin)
-        reg = self._decoded.get(raw)
-        if reg is None:
-            reg = self._decoded[raw] = decode_registration(raw)
-        return reg
+        return _registration(raw)
 
     def __iter__(self) -> Iterator[str]:
         return (k.decode() for k in self._table.keys())

@@ -157,3 +157,42 @@ def test_a_failed_statement_leaves_nothing_in_the_next_answer(tmp_path):
         assert wh.query_raw("SELECT 43", None, "CSV") == b"43\n"
     finally:
         wh.close()
+
+
+def test_access_log_rows_of_concurrent_requests_go_in_together_and_each_waits_for_its_own(
+    tmp_path,
+):
+    import threading
+
+    from owner_api.audit import AuditEntry, AuditLog
+
+    wh = ChdbWarehouse(tmp_path / "wh")
+    try:
+        migrate(wh)
+        log = AuditLog(wh)
+
+        def requests(worker: int) -> None:
+            for i in range(25):
+                log.record(AuditEntry("o", f"r{worker}-{i}", "owner", "", "read", "me", "", 1, 200))
+                # its row is there when record() returns: an answer never outruns it
+                found = wh.query(
+                    "SELECT count() FROM audit_log WHERE request_id = {r:String}",
+                    {"r": f"r{worker}-{i}"},
+                )
+                assert rows(found) == [(1,)]
+
+        threads = [threading.Thread(target=requests, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert rows(wh.query("SELECT count(), uniqExact(request_id) FROM audit_log")) == [
+            (200, 200)
+        ]
+        assert log.inserts < 200  # batched: fewer INSERTs (parts) than rows
+        ttl = rows(
+            wh.query("SELECT create_table_query FROM system.tables WHERE name = 'sink_batches'")
+        )
+        assert "TTL" in ttl[0][0]
+    finally:
+        wh.close()

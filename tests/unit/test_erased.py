@@ -8,10 +8,10 @@ from sinks.rows import StoredUpload
 HORIZON = 1_000_000
 
 
-def _upload(owner: str, times: list[int]) -> StoredUpload:
+def _upload(owner: str, times: list[int], received: int = HORIZON + 60_000) -> StoredUpload:
     record = {"vin": "V", "upload_id": f"u{times[0]}",
               "samples": [{"event_time_ms": t, "seq": i} for i, t in enumerate(times)]}  # fmt: skip
-    return StoredUpload(record, owner, "eu", 1, 0, "src", "t", 0, 0)
+    return StoredUpload(record, owner, "eu", 1, received, "src", "t", 0, 0)
 
 
 def test_samples_at_or_before_the_horizon_go_later_ones_stay():
@@ -43,3 +43,10 @@ def test_a_day_counts_from_its_earliest_local_midnight():
     horizon = {"erased": start}
     assert not keep_aggregate({"owner_id": "erased", "date": "2026-11-26"}, horizon)
     assert keep_aggregate({"owner_id": "erased", "date": "2026-11-27"}, horizon)
+
+
+def test_an_upload_received_before_the_erasure_never_comes_back_whatever_its_times():
+    # stamped minutes ahead (within the allowed skew), received before the erasure
+    ahead = _upload("erased", [HORIZON + 120_000, HORIZON + 180_000], received=HORIZON - 1)
+    kept, dropped = drop_erased_samples([ahead], {"erased": HORIZON})
+    assert (kept, dropped) == ([], 2)
