@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from owner_api import store
 from owner_api.analyst import AnalystLimits, AnalystQueryError, result_rows, run_analyst_query
 from owner_api.audit import AuditEntry, AuditLog
+from owner_api.erasure import ErasureJobs
 from owner_api.export import ClosingStream, stream_export
 from owner_api.scopes import ROUTE_SCOPE, SCOPES, SIGNAL_SCOPE, visible_columns
 from owner_api.tokens import Claims, TokenError, issue, verify
@@ -415,22 +415,39 @@ def create_app(
                      "X-Request-Id": who.request_id},
         )  # fmt: skip
 
-    @app.post("/v1/erasure", responses=ERRORS)
+    def erased(owner: str, erasure_id: str, deleted: dict[str, int]) -> None:
+        """A finished erasure's row in the (now empty) log: of the past only this remains."""
+        actor = Caller(Claims(owner, region, 0), uuid.uuid4().hex)
+        audit(actor, "erase", "owner", sum(deleted.values()), f"erasure_id={erasure_id}")
+
+    jobs = ErasureJobs(wh, erasure_lock, erased)
+    app.state.erasure_jobs = jobs
+
+    @app.post("/v1/erasure", responses=ERRORS, status_code=202)
     def erase(who: Owner) -> dict:
-        started = time.perf_counter()
-        with erasure_lock():  # no sink batch in flight while the owner's rows go
-            erasure_id, requested_ms = store.record_erasure(wh, who.owner)
-            deleted = store.erase_owner(wh, who.owner)
-            store.complete_erasure(wh, who.owner, erasure_id, requested_ms, deleted)
-        audit(who, "erase", "owner", sum(deleted.values()), f"erasure_id={erasure_id}")
-        log.info("erased owner %s: %s in %.1f s", who.owner, deleted, time.perf_counter() - started)
-        return {"erasure": store.erasures(wh, who.owner)[-1], "rows_deleted": deleted}
+        erasure_id = jobs.submit(who.owner)
+        audit(who, "erase requested", "owner", 0, f"erasure_id={erasure_id}", 202)
+        return {"erasure": _erasure(who.owner, erasure_id)}
+
+    def _erasure(owner: str, erasure_id: str) -> dict:
+        found = [e for e in store.erasures(wh, owner) if e["erasure_id"] == erasure_id]
+        if not found:
+            raise ApiError(404, "unknown_erasure", "that erasure is not one of this owner's")
+        return found[0]
 
     @app.get("/v1/erasures", responses=ERRORS)
     def list_erasures(who: Owner) -> dict:
         found = store.erasures(wh, who.owner)
         audit(who, "read", "erasures", len(found))
         return {"erasures": found}
+
+    @app.get("/v1/erasures/{erasure_id}", responses=ERRORS)
+    def get_erasure(
+        who: Owner, erasure_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+    ) -> dict:
+        found = _erasure(who.owner, erasure_id)
+        audit(who, "read", f"erasures/{erasure_id}", 1)
+        return {"erasure": found}
 
     @app.get("/v1/audit", responses=ERRORS)
     def access_log(who: Owner, limit: Limit = 1000) -> dict:

@@ -92,6 +92,7 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
         server.run(sockets=[sock])
     finally:
         where.unlink(missing_ok=True)
+        app.state.erasure_jobs.stop()  # an erasure under way ends first (or stays pending)
         if sink and thread:
             sink.stop()
             thread.join(60)

@@ -426,10 +426,28 @@ def complete_erasure(
 
 
 def erasures(wh: Warehouse, owner: str) -> list[dict]:
-    return records(
+    """The owner's erasures, oldest first, each with its status (pending or completed)."""
+    found = records(
         wh.query(
             "SELECT erasure_id, requested_at, completed_at, rows_deleted FROM erasures FINAL "
             "WHERE owner_id = {o:String} ORDER BY requested_at",
             {"o": owner},
         )
     )
+    for erasure in found:
+        erasure["status"] = "pending" if erasure["completed_at"] is None else "completed"
+        erasure["rows_deleted"] = json.loads(erasure["rows_deleted"] or "null")
+    return found
+
+
+def pending_erasures(wh: Warehouse) -> list[tuple[str, str, int]]:
+    """(owner, erasure id, requested ms) of erasures not completed, oldest first."""
+    return [
+        (owner, erasure_id, int(requested))
+        for owner, erasure_id, requested in rows(
+            wh.query(
+                "SELECT owner_id, erasure_id, toUnixTimestamp64Milli(requested_at) "
+                "FROM erasures FINAL WHERE completed_at IS NULL ORDER BY requested_at"
+            )
+        )
+    ]

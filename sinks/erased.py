@@ -4,7 +4,9 @@ An erasure removes everything of the owner from before its time (the horizon). A
 replayed or late message about that time must not bring it back, so the sink drops
 samples whose event time is at or before the horizon, or that reached vtp at or before
 it (whatever times the vehicle wrote), and aggregates that begin at or before it (a
-daily summary is judged by the earliest instant its local day can start).
+daily summary is judged by the earliest instant its local day can start; an empty open
+slot by the moment it describes, so a slot opened after the erasure is emptied again
+when its trip or charge ends).
 Data about moments after the erasure is the owner's new data and is stored.
 """
 
@@ -43,6 +45,8 @@ def drop_erased_samples(
 def aggregate_start_ms(record: dict[str, Any]) -> int | None:
     if record.get("start_ms") is not None:
         return int(record["start_ms"])
+    if record.get("as_of_ms") is not None:  # an empty open slot: the moment it speaks for
+        return int(record["as_of_ms"])
     if record.get("date"):
         day = datetime.fromisoformat(record["date"]).replace(tzinfo=UTC)
         return int((day - _EARLIEST_OFFSET).timestamp() * 1000)

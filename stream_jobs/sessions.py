@@ -407,6 +407,7 @@ def _open_records(preview: dict) -> list[dict]:
             rec = _base(preview, key, final=False)
         rec["kind"] = f"open_{key}"
         rec["active"] = preview[key] is not None
+        rec["as_of_ms"] = preview["max_t"]  # what an empty slot is about: the state then
         out.append(rec)
     out += [_day_record(preview, day, final=False) for day in preview["days"].values()]
     return out

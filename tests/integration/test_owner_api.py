@@ -48,6 +48,8 @@ def served(region_stack):
     settings = region_stack(
         "eu", "api", sink_batch_messages=200, sink_flush_ms=300, analyst_max_execution_s=3.0,
         export_page_rows=1000,  # many pages: an export can be left half way
+        # short gaps: a trip can begin and end within the clock skew allowed after an erasure
+        trip_gap_s=60.0, charge_gap_s=60.0, allowed_lateness_s=30.0,
     )  # fmt: skip
     ring = RING["eu"] = load_keyring(settings)  # `vtp serve` finds them in the region's folder
     fleet = [v for v in build_fleet(5, owners=12, vehicles=20) if v.region == "eu"]
@@ -87,15 +89,21 @@ def _owner_token(owner: str, region: str, ttl: int = 600) -> str:
     return issue(RING["eu"], owner_claims(owner, region, ttl))
 
 
+def _closing_ms(served) -> int:
+    """How long after its end a session is closed: its gap, then the lateness."""
+    s = served["settings"]
+    return int((max(s.trip_gap_s, s.charge_gap_s) + s.allowed_lateness_s) * 1000)
+
+
 def _closed_trips(served, vin: str) -> list:
     """The simulator's trips that the aggregation has closed: parked long enough after."""
     truth = served["truth"].vehicles[vin]
-    return [t for t in truth.trips if truth.last_ms - t.end_ms >= 300_000]
+    return [t for t in truth.trips if truth.last_ms - t.end_ms >= _closing_ms(served)]
 
 
 def _closed_charges(served, vin: str) -> list:
     truth = served["truth"].vehicles[vin]
-    return [c for c in truth.charges if truth.last_ms - c.end_ms >= 300_000]
+    return [c for c in truth.charges if truth.last_ms - c.end_ms >= _closing_ms(served)]
 
 
 def _truth_samples(served, vin: str) -> int:
@@ -356,10 +364,11 @@ def test_erasure_removes_everything_and_a_replay_does_not_bring_it_back(served):
         before = _export(served, "eu", owner, "jsonl")[0]["row_counts"]
         assert before["samples"] > 0 and before["grants"] == 1
         r = api.post("/v1/erasure")
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["rows_deleted"]["samples"] == before["samples"]
-        assert body["erasure"]["completed_at"] is not None
+        assert r.status_code == 202, r.text  # accepted: it runs as a job
+        erasure = r.json()["erasure"]
+        assert erasure["status"] == "pending" and erasure["completed_at"] is None
+        erasure = _finished(api, erasure["erasure_id"])
+        assert erasure["rows_deleted"]["samples"] == before["samples"]
 
     # Replay: the owner's original messages again, byte for byte, plus older data sent
     # late under new upload ids. None of it may be stored; new data after the erasure is.
@@ -370,23 +379,47 @@ def test_erasure_removes_everything_and_a_replay_does_not_bring_it_back(served):
     late = _late_copy(served, vins[0])
     publisher.publish_upload(late)
     fresh = _fresh_upload(vins[0])
-    publisher.publish_upload(fresh)
+    driving, parked = (
+        dict(fresh, samples=fresh["samples"][:6]),
+        dict(fresh, upload_id=str(uuid.uuid4()), samples=fresh["samples"][6:]),
+    )
+    publisher.publish_upload(driving)  # the trip is open: its slot becomes active
+    assert publisher.flush(60).ok
+    assert wait_drained(settings, served["processes"], timeout=120)
+    publisher.publish_upload(parked)  # and ends
     assert publisher.flush(60).ok
     assert wait_drained(settings, served["processes"], timeout=120)
 
     after = _export(served, "eu", owner, "jsonl")
     counts = after[0]["row_counts"]
-    assert counts["samples"] == len(fresh["samples"]) and counts["uploads"] == 1
-    assert all(counts[t] == 0 for t in DATA_TABLES if t not in ("samples", "uploads"))
+    assert counts["samples"] == len(fresh["samples"]) and counts["uploads"] == 2
+    assert counts["trips"] == 1  # the new trip, after the erasure
+    assert all(counts[t] == 0 for t in ("charges", "grants"))
+    # its open slot was emptied when it ended: nothing stays "ongoing" after an erasure
+    slots = [json.loads(x) for x in after[1].read("open_sessions.jsonl").decode().splitlines()]
+    assert slots and not [s for s in slots if s["active"]]
     stored = [json.loads(x) for x in after[1].read("uploads.jsonl").decode().splitlines()]
-    assert [u["upload_id"] for u in stored] == [fresh["upload_id"]]
+    assert sorted(u["upload_id"] for u in stored) == sorted(
+        [driving["upload_id"], parked["upload_id"]]
+    )
     with _client(served, "eu", token) as api:
         log = api.get("/v1/audit").json()["entries"]
-        assert api.get("/v1/erasures").json()["erasures"][0]["completed_at"] is not None
+        (done,) = api.get("/v1/erasures").json()["erasures"]
+        assert done["completed_at"] is not None and done["status"] == "completed"
     # Of what happened before the erasure only its fact and time remain.
     assert [e["action"] for e in log if e["action"] == "erase"] == ["erase"]
-    erased_at = next(e["at"] for e in log if e["action"] == "erase")
-    assert all(e["at"] >= erased_at for e in log)
+    assert all(e["at"] >= done["requested_at"] for e in log)
+
+
+def _finished(api: httpx.Client, erasure_id: str, timeout: float = 60.0) -> dict:
+    """The erasure once its job completed (a job starts within a second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        erasure = api.get(f"/v1/erasures/{erasure_id}").json()["erasure"]
+        if erasure["status"] == "completed":
+            return erasure
+        time.sleep(0.2)
+    raise AssertionError(f"erasure {erasure_id} still pending after {timeout:.0f} s")
 
 
 def _late_copy(served, vin: str) -> dict:
@@ -399,15 +432,23 @@ def _late_copy(served, vin: str) -> dict:
 
 
 def _fresh_upload(vin: str) -> dict:
+    """After the erasure: a minute of driving, then three parked (a trip that begins and
+    ends after the erasure, stamped up to four minutes ahead: within the allowed skew)."""
     now = int(datetime.now(UTC).timestamp() * 1000)
-    sample = {
-        "event_time_ms": now, "seq": 10_000_000, "speed": 0.0, "latitude": 48.1,
-        "longitude": 11.6, "heading": 0.0, "odometer": 20_000.0, "soc": 60.0,
-        "is_charging": False, "charge_power": None, "charge_mode": None,
-        "battery_temperature": 20.0, "outside_temperature": 8.0, "gear": "PARK", "dtcs": [],
-    }  # fmt: skip
-    return {"vin": vin, "upload_id": str(uuid.uuid4()), "sent_at_ms": now,
-            "gateway_firmware": "3.2.1", "samples": [sample]}  # fmt: skip
+    start = now + 5_000
+    samples = []
+    for i in range(24):  # a sample every 10 s
+        driving = i < 6
+        samples.append({
+            "event_time_ms": start + i * 10_000, "seq": 10_000_000 + i,
+            "speed": 36.0 if driving else 0.0, "latitude": 48.1, "longitude": 11.6,
+            "heading": 0.0, "odometer": 20_000.0 + 0.1 * min(i, 6), "soc": 60.0 - 0.01 * min(i, 6),
+            "is_charging": False, "charge_power": None, "charge_mode": None,
+            "battery_temperature": 20.0, "outside_temperature": 8.0,
+            "gear": "DRIVE" if driving else "PARK", "dtcs": [],
+        })  # fmt: skip
+    return {"vin": vin, "upload_id": str(uuid.uuid4()), "sent_at_ms": samples[-1]["event_time_ms"],
+            "gateway_firmware": "3.2.1", "samples": samples}  # fmt: skip
 
 
 def test_the_service_serves_its_openapi_document(served):

@@ -50,3 +50,9 @@ def test_an_upload_received_before_the_erasure_never_comes_back_whatever_its_tim
     ahead = _upload("erased", [HORIZON + 120_000, HORIZON + 180_000], received=HORIZON - 1)
     kept, dropped = drop_erased_samples([ahead], {"erased": HORIZON})
     assert (kept, dropped) == ([], 2)
+
+
+def test_an_empty_open_slot_is_judged_by_the_moment_it_describes():
+    empty = {"kind": "open_trip", "owner_id": "erased", "active": False}
+    assert keep_aggregate({**empty, "as_of_ms": HORIZON + 1}, {"erased": HORIZON})
+    assert not keep_aggregate({**empty, "as_of_ms": HORIZON - 1}, {"erased": HORIZON})

@@ -1,0 +1,74 @@
+"""Erasures run as jobs.
+
+A request records the erasure and is answered at once (202): from that moment its time is
+the horizon the sink honours, so nothing about the owner's past is stored again. A worker
+thread then deletes the owner's rows in every owner table (``ALTER TABLE … DELETE``, parts
+rewritten), under the sink's write lock so no batch filtered before the erasure lands
+after its deletes, and records the completion and the rows deleted. Erasures still
+pending when `vtp serve` stopped (or died) are taken up when it starts again: the deletes
+are idempotent. A job starts within a second of its request (or of the service's start);
+how long it runs depends on the owner's rows (README, "Measured here").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from owner_api import store
+from sinks.warehouse import Warehouse
+
+log = logging.getLogger("vtp.owner_api")
+
+
+class ErasureJobs:
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        write_lock: Callable[[], contextlib.AbstractContextManager],
+        done: Callable[[str, str, dict[str, int]], None],
+    ):
+        self._warehouse, self._write_lock, self._done = warehouse, write_lock, done
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self.completed = 0
+        self._thread = threading.Thread(target=self._run, name="erasures", daemon=True)
+        self._thread.start()
+
+    def submit(self, owner: str) -> str:
+        """Record an erasure of ``owner``; it is honoured from now, done soon after."""
+        erasure_id, _ = store.record_erasure(self._warehouse, owner)
+        self._wake.set()
+        return erasure_id
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                for owner, erasure_id, requested_ms in store.pending_erasures(self._warehouse):
+                    if self._stopping.is_set():
+                        return
+                    self._erase(owner, erasure_id, requested_ms)
+            except Exception:  # the warehouse failed: the erasure stays pending, tried again
+                log.exception("erasures: a job failed; trying again in 5 s")
+                self._stopping.wait(5)
+                continue
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def _erase(self, owner: str, erasure_id: str, requested_ms: int) -> None:
+        started = time.perf_counter()
+        with self._write_lock():  # no sink batch in flight while the owner's rows go
+            deleted = store.erase_owner(self._warehouse, owner)
+            store.complete_erasure(self._warehouse, owner, erasure_id, requested_ms, deleted)
+        self.completed += 1
+        took = time.perf_counter() - started
+        log.info("erasure %s of owner %s done in %.1f s: %s", erasure_id, owner, took, deleted)
+        self._done(owner, erasure_id, deleted)
