@@ -1,4 +1,9 @@
-"""What the sink must not store again after an owner's erasure. Pure.
+"""Judging what the sink stores by the moments it speaks for. Pure.
+
+Whose it is: an aggregate is stored only for an owner who held the vehicle here at some
+moment of its span (``held_by_owner``).
+
+What the sink must not store again after an owner's erasure:
 
 An erasure removes everything of the owner from before its time (the horizon). A
 replayed or late message about that time must not bring it back, so the sink drops
@@ -16,10 +21,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from schemas.registry import Registration
 from sinks.rows import StoredUpload
 
-# The earliest local midnight of a date is 14 h before UTC midnight (UTC+14).
+# The earliest local midnight of a date is 14 h before UTC midnight (UTC+14); a date
+# spans from then to its latest end (UTC-12).
 _EARLIEST_OFFSET = timedelta(hours=14)
+_DAY_SPAN_MS = (24 + 14 + 12) * 3_600_000
 
 
 def drop_erased_samples(
@@ -59,3 +67,20 @@ def keep_aggregate(record: dict[str, Any], horizons: dict[str, int]) -> bool:
         return True
     start = aggregate_start_ms(record)
     return start is not None and start > horizon
+
+
+def held_by_owner(record: dict[str, Any], registration: Registration | None, region: str) -> bool:
+    """The sink's own check of an aggregate: its owner held the vehicle here at some
+    moment of the record's span (a day spans its whole local date). An empty open slot
+    only says the owner has nothing open: any period of theirs here will do (the moment
+    it speaks for may already be the next owner's, as when a sale empties it)."""
+    if registration is None:
+        return False
+    owner = record["owner_id"]
+    if record.get("start_ms") is None and not record.get("date"):
+        return any(p.is_in(region) and p.owner_id == owner for p in registration.periods)
+    start = aggregate_start_ms(record)
+    if start is None:
+        return False
+    end = record.get("end_ms") or start + _DAY_SPAN_MS
+    return registration.owned_in(region, owner, start, int(end))

@@ -30,7 +30,7 @@ from schemas.registry import Registration, refusal
 from sinks import rows as rowlib
 from sinks.aggregate_rows import aggregate_tables
 from sinks.batching import Batcher, PartitionBatch
-from sinks.erased import aggregate_start_ms, drop_erased_samples, keep_aggregate
+from sinks.erased import drop_erased_samples, held_by_owner, keep_aggregate
 from sinks.migrations import migrate
 from sinks.pseudonyms import backfill, record_pairs
 from sinks.registry_copy import RegistryCopy, RegistryUnavailable
@@ -460,22 +460,10 @@ class RegionSink:
         return "keep"
 
     def _registered_for(self, record: dict) -> bool:
-        """The sink's own check of an aggregate: its owner held the vehicle here at some
-        moment of the record's span (a day spans its whole local date)."""
         vin, owner = record.get("vin"), record.get("owner_id")
         if not isinstance(vin, str) or not isinstance(owner, str) or not owner:
             return False
-        registration = self.registry.get(vin)
-        if registration is None:
-            return False
-        start = aggregate_start_ms(record)
-        if start is None:  # an empty open slot: any time the owner held it here
-            return any(
-                p.is_in(self.region) and p.owner_id == record["owner_id"]
-                for p in registration.periods
-            )
-        end = record.get("end_ms") or start + _DAY_SPAN_MS
-        return registration.owned_in(self.region, record["owner_id"], start, int(end))
+        return held_by_owner(record, self.registry.get(vin), self.region)
 
     @staticmethod
     def _message_of(batch: PartitionBatch, up: rowlib.StoredUpload) -> Message:
@@ -512,10 +500,6 @@ def _fitting_tables(records: list[dict]) -> tuple[dict[str, pa.Table], list[tupl
             misfits.append((i, f"{type(exc).__name__}: {exc}"[:500]))
     bad = {i for i, _ in misfits}
     return aggregate_tables([r for i, r in enumerate(records) if i not in bad]), misfits
-
-
-# From the earliest local midnight of a date (UTC+14) to its latest end (UTC-12).
-_DAY_SPAN_MS = (24 + 14 + 12) * 3_600_000
 
 
 def run_sink(settings: Settings) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sinks.erased import aggregate_start_ms, drop_erased_samples, keep_aggregate
+from sinks.erased import aggregate_start_ms, drop_erased_samples, held_by_owner, keep_aggregate
 from sinks.rows import StoredUpload
 
 HORIZON = 1_000_000
@@ -56,3 +56,20 @@ def test_an_empty_open_slot_is_judged_by_the_moment_it_describes():
     empty = {"kind": "open_trip", "owner_id": "erased", "active": False}
     assert keep_aggregate({**empty, "as_of_ms": HORIZON + 1}, {"erased": HORIZON})
     assert not keep_aggregate({**empty, "as_of_ms": HORIZON - 1}, {"erased": HORIZON})
+
+
+def test_an_aggregate_is_kept_for_the_owner_who_held_the_vehicle_at_its_time():
+    from schemas.registry import Period, Registration
+
+    sale = HORIZON
+    reg = Registration("V", (Period(0, "seller", "eu"), Period(sale, "buyer", "eu")))
+    trip = {"kind": "trip", "owner_id": "seller", "start_ms": sale - 600_000, "end_ms": sale - 1}
+    assert held_by_owner(trip, reg, "eu")
+    assert not held_by_owner(dict(trip, owner_id="buyer"), reg, "eu")
+    assert not held_by_owner(trip, reg, "cn") and not held_by_owner(trip, None, "eu")
+    # the sale empties the seller's slot at a moment already the buyer's: still the seller's
+    emptied = {"kind": "open_trip", "owner_id": "seller", "active": False, "as_of_ms": sale + 5000}
+    assert held_by_owner(emptied, reg, "eu")
+    assert not held_by_owner(dict(emptied, owner_id="stranger"), reg, "eu")
+    day = {"kind": "day", "owner_id": "buyer", "date": "1970-01-01"}
+    assert held_by_owner(day, reg, "eu")
