@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from deploy.broker import fetch_jars, start_broker, stop_broker
 from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from sinks.migrations import migrate
@@ -25,6 +26,7 @@ from sinks.warehouse import ChdbWarehouse, rows
 from vtp.keys import load_keyring
 from vtp.pipeline import start_process
 from vtp.settings import load_settings
+from vtp.topics import create_topics
 
 START_MS = 1_793_491_200_000  # 2026-11-01T00:00Z
 DAYS = 30
@@ -87,8 +89,13 @@ def main() -> None:
     parser.add_argument("--others", type=int, default=20)
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="vtp-bench-api-"))
-    settings = load_settings().with_(data_dir=data_dir, kafka_bootstrap="unused:9092", region="eu")
+    settings = load_settings().with_(data_dir=data_dir, region="eu")
     owner, vins, expected = fill(settings.warehouse_path, args.vehicles, args.others)
+    fetch_jars(settings)
+    # A broker of its own: an erasure completes once the worker has been told (no worker
+    # runs here; the notice only has to be taken by Kafka).
+    settings = settings.with_(kafka_bootstrap=start_broker(settings).bootstrap)
+    create_topics(settings)
     serve = start_process(settings, "serve-eu", "serve", "--no-sink")
     server = serve.popen
     try:
@@ -124,8 +131,17 @@ def main() -> None:
             took = time.perf_counter() - t
             print(f"export {fmt:8} {expected:,} samples: {took:6.1f} s, {size / 2**20:7.1f} MiB, "
                   f"server peak RSS {peak_rss_mib(server.pid):,.0f} MiB")  # fmt: skip
+        t = time.perf_counter()
+        erasure = api.post("/v1/erasure").json()["erasure"]
+        while erasure["status"] != "completed":
+            time.sleep(0.2)
+            erasure = api.get(f"/v1/erasures/{erasure['erasure_id']}").json()["erasure"]
+        deleted = sum(erasure["rows_deleted"].values())
+        print(f"erasure of the owner, {deleted:,} rows: {time.perf_counter() - t:6.1f} s "
+              "from request to completed")  # fmt: skip
     finally:
         serve.stop()
+        stop_broker(settings)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

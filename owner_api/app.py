@@ -33,6 +33,7 @@ from owner_api.erasure import ErasureJobs
 from owner_api.export import ClosingStream, stream_export
 from owner_api.scopes import ROUTE_SCOPE, SCOPES, SIGNAL_SCOPE, visible_columns
 from owner_api.tokens import Claims, TokenError, issue, verify
+from owner_api.worker_notice import WorkerNotice
 from sinks.warehouse import Warehouse
 from vtp.keys import KeyFolder
 from vtp.settings import Settings
@@ -420,7 +421,7 @@ def create_app(
         actor = Caller(Claims(owner, region, 0), uuid.uuid4().hex)
         audit(actor, "erase", "owner", sum(deleted.values()), f"erasure_id={erasure_id}")
 
-    jobs = ErasureJobs(wh, erasure_lock, erased)
+    jobs = ErasureJobs(wh, erasure_lock, erased, WorkerNotice(settings))
     app.state.erasure_jobs = jobs
 
     @app.post("/v1/erasure", responses=ERRORS, status_code=202)

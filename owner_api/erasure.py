@@ -8,6 +8,11 @@ after its deletes, and records the completion and the rows deleted. Erasures sti
 pending when `vtp serve` stopped (or died) are taken up when it starts again: the deletes
 are idempotent. A job starts within a second of its request (or of the service's start);
 how long it runs depends on the owner's rows (README, "Measured here").
+
+Before it is marked completed, a job also tells the region's worker (one control message
+per vehicle of the owner, ``owner_api.worker_notice``), so the worker's session state
+forgets the owner too; while Kafka cannot take the notice, the job stays pending and is
+tried again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from owner_api import store
+from owner_api.worker_notice import WorkerNotice
 from sinks.warehouse import Warehouse
 
 log = logging.getLogger("vtp.owner_api")
@@ -30,8 +36,13 @@ class ErasureJobs:
         warehouse: Warehouse,
         write_lock: Callable[[], contextlib.AbstractContextManager],
         done: Callable[[str, str, dict[str, int]], None],
+        notice: WorkerNotice | None,
     ):
         self._warehouse, self._write_lock, self._done = warehouse, write_lock, done
+        self._notice = notice
+        # An erasure's vehicles, found before its deletes and kept until the worker has
+        # been told (a retry after the deletes would no longer find them in the warehouse).
+        self._vins: dict[str, set[str]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self.completed = 0
@@ -65,9 +76,16 @@ class ErasureJobs:
 
     def _erase(self, owner: str, erasure_id: str, requested_ms: int) -> None:
         started = time.perf_counter()
+        if erasure_id not in self._vins:
+            self._vins[erasure_id] = store.owner_vins(self._warehouse, owner)
         with self._write_lock():  # no sink batch in flight while the owner's rows go
             deleted = store.erase_owner(self._warehouse, owner)
-            store.complete_erasure(self._warehouse, owner, erasure_id, requested_ms, deleted)
+        if self._notice is not None:
+            vins = self._vins[erasure_id] | self._notice.registry_vehicles(owner)
+            told = self._notice.send(owner, requested_ms, vins)
+            log.info("erasure %s: the worker told about %d vehicles", erasure_id, told)
+        store.complete_erasure(self._warehouse, owner, erasure_id, requested_ms, deleted)
+        self._vins.pop(erasure_id, None)
         self.completed += 1
         took = time.perf_counter() - started
         log.info("erasure %s of owner %s done in %.1f s: %s", erasure_id, owner, took, deleted)

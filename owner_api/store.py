@@ -106,6 +106,16 @@ def vehicles(wh: Warehouse, owner: str) -> list[dict]:
     )
 
 
+def owner_vins(wh: Warehouse, owner: str) -> set[str]:
+    """Every vehicle the owner has uploads of here (before an erasure takes them)."""
+    return {
+        vin
+        for (vin,) in rows(
+            wh.query("SELECT DISTINCT vin FROM uploads WHERE owner_id = {o:String}", {"o": owner})
+        )
+    }
+
+
 def owns_vehicle(wh: Warehouse, owner: str, vin: str) -> bool:
     found = wh.query(
         "SELECT count() FROM (SELECT 1 FROM uploads WHERE owner_id = {o:String} "

@@ -10,7 +10,10 @@ samples themselves are still stored by the sink.
 Every sample is aggregated for the owner registered at its event time. A registry
 change (sale, move, deregistration) reaches this agent as a control message on the
 validated topic, in order with the vehicle's uploads, so the old owner's sessions
-close even when no more samples of the vehicle come to this region.
+close even when no more samples of the vehicle come to this region. An owner's erasure
+reaches it the same way (one control message per vehicle the owner had here, sent by the
+erasure job): the state is rewritten without the owner's data, so the changelog's
+compaction drops every earlier value that held it.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ import faust
 
 from schemas import FramingError, default_store
 from schemas.registry import Registration
+from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
 from stream_jobs.faust_fixes import exit_on_error, put_durably
-from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
+from stream_jobs.sessions import SessionConfig, advance, flush, forget_owner, ingest, new_state
 from vtp import headers as h
 from vtp import metrics
 from vtp.headers import deadletter_headers
 from vtp.settings import Settings
 
-REGISTRY_CONTROL = b"registry"
+
+def changelog_configs(settings: Settings) -> dict[str, str]:
+    """Kafka compacts a table's changelog within this lag, so a value the worker replaced
+    (an erased owner's state, a forgotten vehicle's) is gone from Kafka within it."""
+    return {"max.compaction.lag.ms": str(int(settings.changelog_compaction_lag_s * 1000))}
 
 
 def session_config(settings: Settings) -> SessionConfig:
@@ -55,6 +63,19 @@ def _raw_position(message) -> tuple[str, int]:
     return f"{message.topic}:{message.partition}", message.offset
 
 
+def _received_ms(message) -> int | None:
+    received = h.header(message.headers, h.RECEIVED_MS)
+    return int(received) if received and received.isdigit() else None
+
+
+def _forget(state: dict, headers, registration: Registration | None) -> None:
+    owner = h.header(headers, h.ERASED_OWNER)
+    horizon = h.header(headers, h.ERASURE_HORIZON_MS)
+    if owner and horizon and horizon.isdigit():
+        if forget_owner(state, owner, int(horizon), registration):
+            metrics.STATES_SCRUBBED.inc()
+
+
 def add_aggregation(
     app: faust.App, settings: Settings, registry: Callable[[str], Registration | None]
 ) -> Callable[[bytes, int], Awaitable[None]]:
@@ -63,8 +84,10 @@ def add_aggregation(
     topics = settings.topics
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     states = app.Table(
-        "vehicle_sessions", default=None, key_type=bytes, value_type=bytes, use_partitioner=True
-    )
+        "vehicle_sessions", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
+        extra_topic_configs=changelog_configs(settings),
+    )  # fmt: skip
+    quiet_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
     store = default_store()
     config = session_config(settings)
 
@@ -94,12 +117,17 @@ def add_aggregation(
             pending = []
             for event in events:
                 message = event.message
-                if h.header(message.headers, h.CONTROL) == REGISTRY_CONTROL.decode():
+                control = h.header(message.headers, h.CONTROL)
+                if control is not None:
                     vin = (message.key or b"").decode(errors="replace")
-                    if states.get(message.key) is not None or vin in touched:
-                        touched[vin] = touched.get(vin) or state_for(vin)
-                        partition_of[vin] = message.partition
+                    if states.get(message.key) is None and vin not in touched:
+                        continue  # nothing aggregated for it here
+                    state = touched[vin] = touched.get(vin) or state_for(vin)
+                    partition_of[vin] = message.partition
+                    if control == h.REGISTRY_CONTROL.decode():
                         ended.add(vin)
+                    elif control == h.ERASURE_CONTROL.decode():
+                        _forget(state, message.headers, registry(vin))
                     continue
                 try:
                     record, _ = store.decode(message.value or b"")
@@ -111,7 +139,10 @@ def add_aggregation(
                 state = touched.get(vin) or state_for(vin)
                 touched[vin] = state
                 partition_of[vin] = message.partition
-                result = ingest(state, record, config, registry(vin), _raw_position(message))
+                result = ingest(
+                    state, record, config, registry(vin), _raw_position(message),
+                    _received_ms(message),
+                )  # fmt: skip
                 if result.too_late:
                     metrics.AGGREGATE_TOO_LATE.labels(region).inc(len(result.too_late))
                     detail = f"{len(result.too_late)} samples older than the released time; seq {result.too_late[:20]}"
@@ -139,6 +170,22 @@ def add_aggregation(
                     for vin, state in touched.items()
                 )
             )
+            await forget_quiet_vehicles(set(touched))
+
+    async def close_quiet(key: bytes, value: bytes) -> None:
+        state = json.loads(value)
+        pending: list = []
+        await emit(state["vin"], flush(state, config, registry(state["vin"])), pending)
+        await asyncio.gather(*pending)
+
+    async def forget_quiet_vehicles(busy: set[str]) -> None:
+        await forget_quiet(
+            states, quiet_sweep, ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
+            partitions=settings.topic_partitions,
+            assigned={tp.partition for tp in app.consumer.assignment() if tp.topic == topics.validated},
+            busy={vin.encode() for vin in busy}, touched_of=lambda v: json.loads(v).get("touched"),
+            closing=close_quiet,
+        )  # fmt: skip
 
     app.agent(app.topic(topics.validated, **raw), name="aggregate")(
         exit_on_error(aggregate_sessions)
@@ -150,7 +197,7 @@ def add_aggregation(
             return  # nothing aggregated for it yet: its next samples find the new registry
         sent = await app.producer.send(
             topics.validated, vin, b"", None, None,
-            [(h.CONTROL, REGISTRY_CONTROL), (h.REGISTRY_REVISION, str(revision).encode())],
+            [(h.CONTROL, h.REGISTRY_CONTROL), (h.REGISTRY_REVISION, str(revision).encode())],
         )  # fmt: skip
         await sent
 

@@ -26,7 +26,8 @@ from faust.types import TP
 from schemas import FramingError, default_store
 from schemas.registry import Registration, decode_registration
 from stream_jobs import faust_fixes, flow_log
-from stream_jobs.aggregate import add_aggregation
+from stream_jobs.aggregate import add_aggregation, changelog_configs
+from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
 from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.validate import (
     DeadLettered,
@@ -169,10 +170,15 @@ def create_app(settings: Settings) -> faust.App:
     # Both tables are keyed by VIN, as are both source topics (same partition count,
     # murmur2 partitioner), so a worker holds the registry entries and the dedup
     # state of exactly the vehicles whose uploads it is assigned.
-    vehicles = app.Table("vehicles", default=None, key_type=bytes, value_type=bytes)
+    vehicles = app.Table(
+        "vehicles", default=None, key_type=bytes, value_type=bytes,
+        extra_topic_configs=changelog_configs(settings),
+    )  # fmt: skip
     seen_table = app.Table(
-        "seen_uploads", default=None, key_type=bytes, value_type=bytes, use_partitioner=True
-    )
+        "seen_uploads", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
+        extra_topic_configs=changelog_configs(settings),
+    )  # fmt: skip
+    seen_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
     registry = RegistryView(vehicles)
     gate = app.registry_gate = RegistryGate(settings, app_id)  # the watchdog asks it
     store = default_store()
@@ -255,18 +261,29 @@ def create_app(settings: Settings) -> faust.App:
             _report_batch_lag(events)
             # Durable before the batch is acked, so a committed offset never outruns the
             # dedup state that tells its replay from a resend.
-            partition_of = {r.key.decode(errors="replace"): r.partition for r in raws if r.key}
+            partition_of, heard = {}, {}
+            for r in raws:
+                if r.key:
+                    vin = r.key.decode(errors="replace")
+                    partition_of[vin] = r.partition
+                    heard[vin] = max(heard.get(vin, 0), r.timestamp_ms)
             await asyncio.gather(
                 *(
                     put_durably(
                         seen_table,
                         vin.encode(),
-                        json.dumps(seen.by_vin[vin]).encode(),
+                        json.dumps({"ids": seen.by_vin[vin], "touched": heard.get(vin)}).encode(),
                         partition_of.get(vin),
                     )
                     for vin in seen.changed
                 )
             )
+            await forget_quiet(
+                seen_table, seen_sweep, ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
+                partitions=settings.topic_partitions,
+                assigned={tp.partition for tp in app.consumer.assignment() if tp.topic == topics.uploads},
+                busy={r.key for r in raws if r.key}, touched_of=_seen_touched,
+            )  # fmt: skip
 
     async def _send(raw_upload: RawUpload, outcome: object) -> asyncio.Future:
         source = f"{topics.uploads}:{raw_upload.source}"
@@ -321,8 +338,12 @@ def create_app(settings: Settings) -> faust.App:
 
 
 def _stored_seen(table: faust.Table, vin: str) -> dict[str, str]:
-    stored = table.get(vin.encode())
-    return json.loads(stored) if stored else {}
+    stored = json.loads(table.get(vin.encode()) or b"{}")
+    return stored["ids"] if "ids" in stored else stored  # before vtp kept "touched": ids only
+
+
+def _seen_touched(value: bytes) -> int | None:
+    return json.loads(value).get("touched")
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

@@ -29,6 +29,10 @@ a deregistration), the old owner's trip, charge and days close final and their o
 slots are emptied; the new owner starts from nothing, so neither sees the other's time.
 Samples outside any period registered in the state's region are not aggregated (the
 sink refuses them too).
+
+An owner's erasure reaches the state too (``forget_owner``): everything it holds of that
+owner goes, and it remembers the erasure's horizon so a replayed or delayed sample of the
+owner's erased time is never taken in again (``ingest``), as the sink does.
 """
 
 from __future__ import annotations
@@ -99,13 +103,18 @@ def ingest(
     config: SessionConfig,
     registration: Registration | None,
     source: tuple[str, int] | None = None,
+    received_ms: int | None = None,
 ) -> Ingested:
     """Buffer an upload's samples; nothing is released here. Samples outside every
-    period registered in the state's region are left out.
+    period registered in the state's region are left out, and so are samples of an
+    erased owner's time (``forget_owner``).
 
     ``source`` is (topic-partition, offset) of the message: a vehicle's messages share
     one partition, so an offset at or below the last one applied is a replay after a
-    restart, skipped however far back it goes."""
+    restart, skipped however far back it goes. ``received_ms``: when the upload reached
+    vtp (an upload in the pipeline when its owner erased is gone with the rest)."""
+    if received_ms is not None:
+        state["touched"] = max(state.get("touched") or 0, received_ms)
     if source is not None:
         where, offset = source
         if offset <= state.setdefault("applied", {}).get(where, -1):
@@ -117,10 +126,15 @@ def ingest(
     released_t = state["released"]
     buffered = {s["seq"] for s in state["buffer"]}
     accepted, late = 0, []
+    erased = state.get("erased") or {}
     for sample in upload["samples"]:
-        if registration is None or not registration.here(state["region"], sample["event_time_ms"]):
-            continue
         t = sample["event_time_ms"]
+        period = registration.here(state["region"], t) if registration else None
+        if period is None:
+            continue
+        horizon = erased.get(period.owner_id)
+        if horizon is not None and (t <= horizon or (received_ms or horizon + 1) <= horizon):
+            continue
         frontier = _released_frontier(state, config, released_t)
         if frontier is not None and t <= frontier:
             late.append(sample["seq"])
@@ -131,6 +145,40 @@ def ingest(
             if state["max_t"] is None or sample["event_time_ms"] > state["max_t"]:
                 state["max_t"] = sample["event_time_ms"]
     return Ingested(accepted, late)
+
+
+ERASURES_REMEMBERED = 8  # per vehicle: owners who erased while it was theirs
+
+
+def forget_owner(
+    state: dict, owner_id: str, horizon_ms: int, registration: Registration | None
+) -> bool:
+    """Remove from the state everything of ``owner_id``: its trip, charge, days and last
+    sample when the state aggregates for it, and its samples in the reorder buffer.
+    Nothing is emitted (the owner's rows are being deleted); the owner's later samples
+    start from nothing. Returns whether anything was removed.
+
+    Samples of the owner still buffered go whatever their time: they reached vtp before
+    the erasure was seen here, and a few of them may belong to the owner's new data (at
+    most the allowed lateness of it is lost to aggregation; the samples are stored)."""
+    before = len(state["buffer"])
+    state["buffer"] = [
+        s for s in state["buffer"] if _owner_at(registration, state["region"], s["t"]) != owner_id
+    ]
+    removed = len(state["buffer"]) != before
+    if state["owner_id"] == owner_id:
+        state.update(owner_id=None, period=None, last=None, trip=None, charge=None, days={})
+        removed = True
+    erased = state.setdefault("erased", {})
+    erased[owner_id] = max(erased.get(owner_id, horizon_ms), horizon_ms)
+    while len(erased) > ERASURES_REMEMBERED:
+        del erased[min(erased, key=erased.__getitem__)]
+    return removed
+
+
+def _owner_at(registration: Registration | None, region: str, t: int) -> str | None:
+    period = registration.here(region, t) if registration else None
+    return period.owner_id if period else None
 
 
 def _released_frontier(state: dict, config: SessionConfig, released_t: int | None) -> int | None:

@@ -6,7 +6,11 @@ REGION = "vtp-region"  # the region the worker routed an upload in
 RECEIVED_MS = "vtp-received-ms"  # the broker's append time of the raw upload
 SOURCE = "vtp-source"  # where the message first reached Kafka: topic:partition:offset
 REGISTRY_REVISION = "vtp-registry-revision"  # the registry revision the worker decided with
-CONTROL = "vtp-control"  # not data: a signal on a data topic (e.g. "registry")
+CONTROL = "vtp-control"  # not data: a signal on a data topic, one of:
+REGISTRY_CONTROL = b"registry"  # a vehicle's registration changed (sent by the worker)
+ERASURE_CONTROL = b"erasure"  # an owner erased (sent by owner_api.worker_notice)
+# On an erasure control message: whose data to forget, and up to when (the erasure's time).
+ERASED_OWNER, ERASURE_HORIZON_MS = "vtp-erased-owner", "vtp-erasure-horizon-ms"
 STAGE, REASON, DETAIL = "vtp-stage", "vtp-reason", "vtp-detail"
 # On a quarantine record that holds only some samples of a message whose other samples
 # were stored: the message's outcome is "stored", this record keeps the rest.

@@ -17,6 +17,15 @@ REGISTRY_UPDATES = Counter("vtp_registry_updates_total", "Vehicle registry entri
 AGGREGATE_RECORDS = Counter(
     "vtp_aggregate_records_total", "Trip/charge/day records emitted", ["region", "kind", "final"]
 )
+STATES_SCRUBBED = Counter(
+    "vtp_worker_states_scrubbed_total",
+    "Vehicle session states rewritten without an erased owner's data",
+)
+STATES_EXPIRED = Counter(
+    "vtp_worker_states_expired_total",
+    "Per-vehicle states removed after the vehicle was quiet for VTP_VEHICLE_STATE_TTL_S",
+    ["table"],
+)
 AGGREGATE_TOO_LATE = Counter(
     "vtp_aggregate_too_late_samples_total",
     "Samples older than what aggregation had released (dead-lettered as too_late)",

@@ -65,6 +65,14 @@ class Settings:
     trip_gap_s: float = setting(300.0, "parked this long ends a trip")
     charge_gap_s: float = setting(300.0, "not charging this long ends a charging session")
     allowed_lateness_s: float = setting(120.0, "how far out of event-time order samples may arrive")
+    vehicle_state_ttl_s: float = setting(
+        30 * 86400.0,
+        "the worker forgets a vehicle quiet this long (its sessions close final); 0 never; "
+        "at least VTP_MAX_BACKLOG_S + VTP_MAX_CLOCK_SKEW_S",
+    )
+    changelog_compaction_lag_s: float = setting(
+        86400.0, "longest a superseded worker state (e.g. an erased owner's) stays in Kafka"
+    )
     worker_stall_s: float = setting(
         60.0, "a worker whose offsets did not move this long with work outstanding restarts; 0 off"
     )
@@ -105,6 +113,15 @@ class Settings:
             raise SettingsError("VTP_SINK_BATCH_MESSAGES must be at least 1")
         if self.topic_partitions < 1:
             raise SettingsError("VTP_TOPIC_PARTITIONS must be at least 1")
+        if 0 < self.vehicle_state_ttl_s < self.max_backlog_s + self.max_clock_skew_s:
+            # A vehicle back after its state expired must not send anything older than
+            # what the expired state had released, or aggregation would take it in twice.
+            raise SettingsError(
+                "VTP_VEHICLE_STATE_TTL_S must be 0 or at least VTP_MAX_BACKLOG_S + "
+                f"VTP_MAX_CLOCK_SKEW_S ({self.max_backlog_s + self.max_clock_skew_s:.0f} s)"
+            )
+        if self.changelog_compaction_lag_s <= 0:
+            raise SettingsError("VTP_CHANGELOG_COMPACTION_LAG_S must be more than 0")
 
     def for_region(self, region: str) -> Settings:
         """These settings for one region (``--region`` on the command line)."""

@@ -48,6 +48,8 @@ def test_reading_settings_writes_nothing_to_the_environment():
         ({"VTP_KAFKA_EXTRA": "[1]"}, "JSON object"),
         ({"VTP_KAFKA_EXTRA": "{"}, "JSON object"),
         ({"VTP_REGION": "us"}, "not one of cn, eu"),  # a region is opened in code, not here
+        ({"VTP_VEHICLE_STATE_TTL_S": "86400"}, "at least VTP_MAX_BACKLOG_S"),
+        ({"VTP_CHANGELOG_COMPACTION_LAG_S": "0"}, "more than 0"),
     ],
 )
 def test_bad_values_are_named(env, fragment):
