@@ -145,14 +145,10 @@ class TelemetryPublisher:
     ) -> None:
         """Send bytes as they are (tests use it to inject malformed messages)."""
         stamp = {"timestamp": created_ms} if created_ms is not None else {}
-        while True:
-            try:
-                self._producer.produce(
-                    self._topic, key=key, value=value, on_delivery=self._delivered(label), **stamp
-                )
-                return
-            except BufferError:  # local queue full: let deliveries drain, then retry
-                self._producer.poll(0.1)
+        produce_waiting(
+            self._producer, self._topic, key=key, value=value,
+            on_delivery=self._delivered(label), **stamp,
+        )  # fmt: skip
 
     def _delivered(self, label: str):
         def callback(err: KafkaError | None, _msg: Message) -> None:
@@ -174,6 +170,17 @@ class TelemetryPublisher:
         return self.flush(timeout)
 
 
+def produce_waiting(producer: Producer, topic: str, **record: Any) -> None:
+    """Produce, waiting for deliveries to make room while the local queue is full, so a large
+    batch is slowed down rather than refused."""
+    while True:
+        try:
+            producer.produce(topic, **record)
+            return
+        except BufferError:
+            producer.poll(0.1)
+
+
 def publish_registrations(
     bootstrap: str, topic: str, registrations: list[Registration], extra: dict | None = None
 ) -> DeliveryReport:
@@ -188,8 +195,9 @@ def publish_registrations(
             report.failed.append(((msg.key() or b"").decode(), str(err)))
 
     for reg in registrations:
-        producer.produce(
-            topic, key=reg.vin.encode(), value=encode_registration(reg), on_delivery=callback
-        )
+        produce_waiting(
+            producer, topic, key=reg.vin.encode(), value=encode_registration(reg),
+            on_delivery=callback,
+        )  # fmt: skip
     report.pending = producer.flush(30)
     return report

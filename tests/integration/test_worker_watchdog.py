@@ -1,13 +1,16 @@
-"""A worker whose fetcher stops delivering restarts itself, and nothing is lost."""
+"""A worker whose fetcher stops delivering restarts itself, and nothing is lost; a worker
+that is merely catching up is left alone."""
 
 from __future__ import annotations
 
 import pytest
 
 from producers.publish import publish_fleet, register_fleet
+from producers.sdk import publish_registrations
 from producers.simulator import build_fleet
+from schemas.registry import Period, Registration
 from sinks.warehouse import open_warehouse, rows
-from vtp.pipeline import read_outcomes, start_process, start_sink, wait_drained
+from vtp.pipeline import read_outcomes, start_process, start_sink, start_worker, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +43,37 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack
         wh.close()
     outcomes = read_outcomes(settings)
     assert stored == published.uploads and outcomes.deadlettered_total == 0
+
+
+def test_a_worker_catching_up_with_a_large_registry_is_not_restarted(region_stack):
+    """Uploads wait for the registry (the gate) far longer than VTP_WORKER_STALL_S; the
+    watchdog sees the registry moving and leaves the worker alone."""
+    settings = region_stack(
+        "cn", "catchup", worker_stall_s=3.0, sink_batch_messages=200, sink_flush_ms=300
+    )
+    fleet = build_fleet(10, owners=3, vehicles=4, regions=("cn",))
+    register_fleet(settings, fleet)
+    others = [
+        Registration(f"LSV{i:014d}", (Period(0, f"owner-{i % 5000}", "cn"),), "Model 3", 60.0,
+                     "Asia/Shanghai", 1)
+        for i in range(150_000)
+    ]  # fmt: skip
+    assert publish_registrations(settings.bootstrap(), settings.topics.vehicles, others).ok
+    published = publish_fleet(settings, fleet, seed=10, duration_s=10 * 60)  # waiting already
+    assert published.report.ok
+    processes = [start_worker(settings), start_sink(settings)]
+    try:
+        assert wait_drained(settings, processes, timeout=300)
+    finally:
+        for p in processes:
+            p.stop()
+    log = processes[0].log_path.read_text()
+    assert "waiting for the vehicle registry to catch up (10 s)" in log  # longer than the stall
+    assert "restarting the worker in place" not in log
+    assert log.count("[^Worker]: Ready") == 1
+    wh = open_warehouse(settings)
+    try:
+        stored = rows(wh.query("SELECT count() FROM uploads"))[0][0]
+    finally:
+        wh.close()
+    assert stored == published.uploads and read_outcomes(settings).quarantined_total == 0
