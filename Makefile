@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REGIONS ?= cn eu
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-integration bench lint stack-up stack-down stack-status kafka-jars clean
+.PHONY: help install demo test test-unit test-integration bench lint layers stack-up stack-down stack-status kafka-jars clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench: $(STAMP) kafka-jars ## measure pipeline throughput and owner API latency
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+layers: $(STAMP) ## the import graph by layer; fails on an upward import or a circle
+	$(BIN)/python -m vtp.layers
 
 stack-up: $(STAMP) kafka-jars ## start each region's own local Kafka broker (REGIONS="cn eu")
 	for r in $(REGIONS); do $(BIN)/vtp stack up --region $$r || exit 1; done

@@ -16,19 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.oracle import compare
 from deploy.broker import fetch_jars, start_broker, stop_broker
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.simulator import build_fleet, simulate
 from schemas import default_store
 from sinks.migrations import migrate
 from sinks.rows import StoredUpload, samples_table, uploads_table
-from sinks.warehouse import ChdbWarehouse, open_warehouse
 from stream_jobs.sessions import SessionConfig, advance, ingest, new_state
 from stream_jobs.validate import Limits, RawUpload, SeenUploads, route_batch
-from vtp.pipeline import start_sink, start_worker, wait_drained
-from vtp.settings import load_settings
-from vtp.topics import create_topics
+from vtp.core.settings import load_settings
+from vtp.core.topics import create_topics
+from vtp.core.warehouse import ChdbWarehouse, open_warehouse
+from vtp.harness import start_sink, start_worker, wait_drained
+from vtp.oracle import compare
 
 
 def uploads_for(vehicles: int, minutes: float, seed: int = 3):

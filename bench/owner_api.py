@@ -19,14 +19,14 @@ from pathlib import Path
 import httpx
 
 from deploy.broker import fetch_jars, start_broker, stop_broker
-from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from sinks.migrations import migrate
-from sinks.warehouse import ChdbWarehouse, rows
-from vtp.keys import load_keyring
-from vtp.pipeline import start_process
-from vtp.settings import load_settings
-from vtp.topics import create_topics
+from vtp.core.keys import load_keyring
+from vtp.core.settings import load_settings
+from vtp.core.topics import create_topics
+from vtp.core.warehouse import ChdbWarehouse, rows
+from vtp.harness import start_process
+from vtp.serve import wait_for_service
 
 START_MS = 1_793_491_200_000  # 2026-11-01T00:00Z
 DAYS = 30

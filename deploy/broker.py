@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vtp.settings import Settings
+from vtp.core.settings import Settings
 
 DEPLOY_DIR = Path(__file__).resolve().parent
 MAVEN_TIMEOUT_S = 900.0
@@ -260,6 +260,15 @@ def _unrecorded_pid(properties: Path) -> int | None:
 
 
 # --- state -----------------------------------------------------------------------------
+
+
+def with_local_broker(settings: Settings) -> Settings:
+    """``settings`` pointed at the broker `vtp stack up` started for its region, unless
+    VTP_KAFKA_BOOTSTRAP already names one (or none runs: ``bootstrap()`` then says so)."""
+    if settings.kafka_bootstrap or not settings.region:
+        return settings
+    state = read_state(settings)
+    return settings.with_(kafka_bootstrap=state.bootstrap) if state else settings
 
 
 def read_state(settings: Settings) -> BrokerState | None:

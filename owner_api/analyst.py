@@ -20,7 +20,7 @@ readonly=1 lets file() and INTO OUTFILE through):
    the query, and deploy/clickhouse-analyst-role.sql adds a role with SELECT on the views.
 
 The views name owners and vehicles only by keyed pseudonyms, which the sink computes
-with a key kept in the keys folder (vtp.keys), never in the warehouse.
+with a key kept in the keys folder (vtp.core.keys), never in the warehouse.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from owner_api.store import jsonable
-from sinks.warehouse import Warehouse, WarehouseBusy, WarehouseError, open_warehouse, rows
-from vtp.settings import Settings
+from vtp.core.settings import Settings
+from vtp.core.warehouse import Warehouse, WarehouseError, rows
 
 ANALYST_VIEWS = ("analyst_samples", "analyst_trips", "analyst_charges", "analyst_daily_summaries")
 
@@ -286,53 +286,3 @@ def _jsonable(value):
 
 def _first_line(exc: Exception) -> str:
     return str(exc).split("\n-- while running")[0].splitlines()[0][:500]
-
-
-def query_locally_or_via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
-    """`vtp sql`: open the region's warehouse, or, when `vtp serve` owns it (embedded
-    mode), send the query to that service with a short-lived analyst token."""
-    try:
-        warehouse = open_warehouse(settings)
-    except WarehouseBusy:
-        return _via_service(settings, sql)
-    try:
-        from sinks.migrations import migrate
-
-        migrate(warehouse)
-        result = run_analyst_query(warehouse, sql, AnalystLimits.from_settings(settings))
-        return result.column_names, result_rows(result)
-    finally:
-        warehouse.close()
-
-
-def _via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
-    import json
-
-    import httpx
-
-    from owner_api.serve import address_file
-    from owner_api.tokens import analyst_claims, issue
-    from vtp.keys import load_keyring
-
-    path = address_file(settings)
-    if not path.exists():
-        raise AnalystQueryError(
-            f"the {settings.region} warehouse is open in another process that is not "
-            "`vtp serve`; stop that process (a `vtp sink`?) or run the query through `vtp serve`"
-        )
-    url = json.loads(path.read_text())["url"]
-    token = issue(load_keyring(settings), analyst_claims("vtp-sql", settings.region, 300))
-    response = httpx.post(
-        f"{url}/v1/analyst/sql", json={"sql": sql},
-        headers={"Authorization": f"Bearer {token}"}, timeout=300,
-    )  # fmt: skip
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if response.status_code != 200:
-        raise AnalystQueryError(
-            body.get("message", f"{response.status_code}: {response.text[:200]}"),
-            body.get("error", "query_failed"),
-        )
-    return body["columns"], body["rows"]

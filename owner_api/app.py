@@ -34,9 +34,9 @@ from owner_api.export import ClosingStream, stream_export
 from owner_api.scopes import ROUTE_SCOPE, SCOPES, SIGNAL_SCOPE, visible_columns
 from owner_api.tokens import Claims, TokenError, issue, verify
 from owner_api.worker_notice import WorkerNotice
-from sinks.warehouse import Warehouse
-from vtp.keys import KeyFolder
-from vtp.settings import Settings
+from vtp.core.keys import KeyFolder
+from vtp.core.settings import Settings
+from vtp.core.warehouse import Warehouse
 
 log = logging.getLogger("vtp.owner_api")
 

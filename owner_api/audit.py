@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from sinks.warehouse import Warehouse
+from vtp.core.warehouse import Warehouse
 
 log = logging.getLogger("vtp.owner_api")
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from owner_api import store
 from owner_api.worker_notice import WorkerNotice
-from sinks.warehouse import Warehouse
+from vtp.core.warehouse import Warehouse
 
 log = logging.getLogger("vtp.owner_api")
 

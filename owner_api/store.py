@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime
 import pyarrow as pa
 
 from owner_api.scopes import EXPORT_COLUMNS, SIGNAL_SCOPE
-from sinks.warehouse import Warehouse, rows
+from vtp.core.warehouse import Warehouse, rows
 
 SIGNALS = tuple(SIGNAL_SCOPE)
 # Stored as Float32; shown through ClickHouse's shortest text form, so 191.4 reads as

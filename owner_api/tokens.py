@@ -1,6 +1,6 @@
 """Bearer tokens: HS256 JWTs of three kinds (owner, grant, analyst), one region each.
 
-Each kind has its own keys in each region (vtp.keys); the token's header names its key
+Each kind has its own keys in each region (vtp.core.keys); the token's header names its key
 (``kid``), so keys rotate without downtime, and a key of one kind or region never
 verifies a token of another. The audience names the region's service. Every claim is
 checked against an allow-list of names and types, and lifetimes are capped when a
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import jwt
 
 from owner_api.scopes import SCOPES
-from vtp.keys import KeyRing
+from vtp.core.keys import KeyRing
 
 ISSUER = "vtp"
 GRANT_MAX_TTL_S = 366 * 86400

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaException, Producer
 
-from producers.sdk import producer_config
 from schemas.registry import Registration
-from sinks.registry_copy import RegistryCopy
-from vtp import headers as h
-from vtp.settings import Settings
+from vtp.core import headers as h
+from vtp.core.kafka import producer_config
+from vtp.core.registry_copy import RegistryCopy
+from vtp.core.settings import Settings
 
 
 def vehicles_of(owner: str, region: str, registry: Mapping[str, Registration]) -> set[str]:

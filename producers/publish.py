@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from producers.sdk import DeliveryReport, TelemetryPublisher, publish_registrations
 from producers.simulator import GroundTruth, Vehicle, build_fleet, new_truth, simulate
-from vtp.regions import REGIONS
-from vtp.settings import Settings
-from vtp.topics import check_cluster_region
+from vtp.core.regions import REGIONS
+from vtp.core.settings import Settings
+from vtp.core.topics import check_cluster_region
 
 # A fixed start keeps test runs identical; vehicles may upload old data (store-and-
 # forward), so a past start is valid input. `vtp simulate` and the demo end now instead,

@@ -16,9 +16,8 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from schemas import MAX_SAMPLES_PER_UPLOAD, MAX_UPLOAD_BYTES, SchemaStore, default_store
-from schemas.registry import Registration, encode_registration
+from schemas.registry import VIN_PATTERN, Registration, encode_registration
 from schemas.signals import sample_problems, sample_signals
-from stream_jobs.validate import VIN_PATTERN
 
 
 class InvalidSample(ValueError):

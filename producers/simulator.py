@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from schemas.registry import Period, Registration, view_for_region
-from vtp.days import DayClock, day_shares
+from vtp.core.days import DayClock, day_shares
 
 VIN_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 _VIN_VALUES = (

@@ -10,12 +10,15 @@ The worker, the aggregation and the sink all decide with these functions.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from schemas.codec import FramingError, SchemaStore, default_store
 
 SCHEMA_NAME = "vtp.registry.VehicleRegistration"
+# ISO 3779: 17 characters, no I, O or Q. The SDK and the worker both check it.
+VIN_PATTERN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Pseudonyms for analysts, computed outside the warehouse.
 
 An owner's and a vehicle's pseudonym are keyed hashes (HMAC-SHA256, 16 hex digits)
-with the region's pseudonym key, which lives in the keys folder (vtp.keys) and never in
+with the region's pseudonym key, which lives in the keys folder (vtp.core.keys) and never in
 the warehouse: no query can recompute a pseudonym from an id it knows. The sink stores
 each new (owner, vehicle) pair's pseudonyms next to the data; the analyst views join
 them; an erasure removes them with the owner's rows.
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-from sinks.warehouse import Warehouse, rows
+from vtp.core.warehouse import Warehouse, rows
 
 SCHEMA = pa.schema(
     [("owner_id", pa.string()), ("vin", pa.string()), ("owner_ref", pa.string()),

@@ -33,15 +33,15 @@ from sinks.batching import Batcher, PartitionBatch
 from sinks.erased import drop_erased_samples, held_by_owner, keep_aggregate
 from sinks.migrations import migrate
 from sinks.pseudonyms import backfill, record_pairs
-from sinks.registry_copy import RegistryCopy, RegistryUnavailable
-from sinks.warehouse import Warehouse, WarehouseError, open_warehouse, rows
-from vtp import headers as h
-from vtp import metrics
-from vtp.headers import deadletter_headers
-from vtp.kafka_retry import retry_kafka
-from vtp.keys import pseudonym_key
-from vtp.settings import Settings
-from vtp.topics import check_cluster_region
+from vtp.core import headers as h
+from vtp.core import metrics
+from vtp.core.headers import deadletter_headers
+from vtp.core.kafka import retry_kafka
+from vtp.core.keys import pseudonym_key
+from vtp.core.registry_copy import RegistryCopy, RegistryUnavailable
+from vtp.core.settings import Settings
+from vtp.core.topics import check_cluster_region
+from vtp.core.warehouse import Warehouse, WarehouseError, open_warehouse, rows
 
 log = logging.getLogger("vtp.sink")
 

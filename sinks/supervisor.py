@@ -14,9 +14,9 @@ import threading
 import time
 
 from sinks.sink import RegionSink
-from sinks.warehouse import Warehouse
-from vtp import metrics
-from vtp.settings import Settings
+from vtp.core import metrics
+from vtp.core.settings import Settings
+from vtp.core.warehouse import Warehouse
 
 log = logging.getLogger("vtp.sink")
 

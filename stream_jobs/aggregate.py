@@ -29,10 +29,10 @@ from schemas.registry import Registration
 from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
 from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.sessions import SessionConfig, advance, flush, forget_owner, ingest, new_state
-from vtp import headers as h
-from vtp import metrics
-from vtp.headers import deadletter_headers
-from vtp.settings import Settings
+from vtp.core import headers as h
+from vtp.core import metrics
+from vtp.core.headers import deadletter_headers
+from vtp.core.settings import Settings
 
 
 def changelog_configs(settings: Settings) -> dict[str, str]:

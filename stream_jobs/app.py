@@ -38,12 +38,12 @@ from stream_jobs.validate import (
     SeenUploads,
     route_batch,
 )
-from vtp import headers as h
-from vtp import metrics
-from vtp.headers import deadletter_headers
-from vtp.kafka_retry import retry_kafka
-from vtp.settings import Settings
-from vtp.topics import check_cluster_region
+from vtp.core import headers as h
+from vtp.core import metrics
+from vtp.core.headers import deadletter_headers
+from vtp.core.kafka import retry_kafka
+from vtp.core.settings import Settings
+from vtp.core.topics import check_cluster_region
 
 log = logging.getLogger("vtp.worker")
 

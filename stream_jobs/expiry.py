@@ -21,7 +21,7 @@ import faust
 from aiokafka.partitioner import murmur2
 
 from stream_jobs.faust_fixes import put_durably
-from vtp import metrics
+from vtp.core import metrics
 
 SLICE = 2000  # keys looked at between two batches
 

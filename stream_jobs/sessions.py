@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.registry import Period, Registration
-from vtp.days import DayClock, day_shares
+from vtp.core.days import DayClock, day_shares
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ forwarded to another region: a vehicle registered elsewhere is quarantined here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -19,10 +18,8 @@ from schemas import (
     FramingError,
     SchemaStore,
 )
-from schemas.registry import Registration, refusal
+from schemas.registry import VIN_PATTERN, Registration, refusal
 from schemas.signals import Signal, sample_problems, sample_signals
-
-VIN_PATTERN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
 
 
 @dataclass(frozen=True)

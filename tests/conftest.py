@@ -13,7 +13,7 @@ from uuid import uuid4
 
 import pytest
 
-from vtp.settings import Settings, load_settings
+from vtp.core.settings import Settings, load_settings
 
 
 def _docker_answers() -> bool:
@@ -65,7 +65,7 @@ def region_stack(
 ) -> Callable[..., Settings]:
     """``region_stack(region, name, **settings)``: a region's settings on the session
     broker, with a data folder and topics of their own (created)."""
-    from vtp.topics import create_topics
+    from vtp.core.topics import create_topics
 
     def make(region: str, name: str, data_dir=None, prefix: str | None = None, **overrides):
         settings = base_settings.with_(

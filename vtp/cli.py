@@ -10,8 +10,9 @@ import logging
 import re
 import sys
 
-from vtp.regions import REGIONS
-from vtp.settings import Settings, SettingsError, documented_variables, load_settings
+from deploy.broker import with_local_broker
+from vtp.core.regions import REGIONS
+from vtp.core.settings import Settings, SettingsError, documented_variables, load_settings
 
 
 def _settings(args: argparse.Namespace, region_needed: bool = True) -> Settings:
@@ -20,7 +21,7 @@ def _settings(args: argparse.Namespace, region_needed: bool = True) -> Settings:
         settings = settings.for_region(args.region)
     if region_needed:
         settings.need_region()
-    return settings
+    return with_local_broker(settings)
 
 
 def _logging() -> None:
@@ -39,7 +40,7 @@ def _stack(args: argparse.Namespace) -> int:
     elif args.action == "up":
         broker.fetch_jars(settings)
         state = broker.start_broker(settings)
-        from vtp.topics import create_topics
+        from vtp.core.topics import create_topics
 
         created = create_topics(settings.with_(kafka_bootstrap=state.bootstrap))
         print(
@@ -55,7 +56,7 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    from vtp.topics import create_topics
+    from vtp.core.topics import create_topics
 
     created = create_topics(_settings(args))
     print(f"created: {', '.join(created) or 'none (all existed)'}")
@@ -79,7 +80,7 @@ def _sink(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from owner_api.serve import run_serve
+    from vtp.serve import run_serve
 
     settings = _settings(args)
     _logging()
@@ -88,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from owner_api.tokens import issue, owner_claims
-    from vtp.keys import load_keyring
+    from vtp.core.keys import load_keyring
 
     settings = _settings(args)
     ttl = args.ttl or settings.owner_token_ttl_s
@@ -97,7 +98,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from vtp.keys import add_key, load_keyring, retire_key
+    from vtp.core.keys import add_key, load_keyring, retire_key
 
     settings = _settings(args)
     if args.action == "rotate":
@@ -112,7 +113,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
+    from owner_api.analyst import AnalystQueryError
+    from vtp.sql import query_locally_or_via_service
 
     try:
         columns, found = query_locally_or_via_service(_settings(args), args.query)
@@ -126,7 +128,8 @@ def _sql(args: argparse.Namespace) -> int:
 
 
 def _owner(args: argparse.Namespace) -> int:
-    from owner_api.report import (
+    from vtp.core.warehouse import open_warehouse
+    from vtp.report import (
         UnknownOwner,
         format_activity,
         format_report,
@@ -135,7 +138,6 @@ def _owner(args: argparse.Namespace) -> int:
         recent_charges,
         recent_trips,
     )
-    from sinks.warehouse import open_warehouse
 
     settings = _settings(args)
     warehouse = open_warehouse(settings)
@@ -255,12 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from deploy.broker import BrokerError
-        from owner_api.serve import ServeError
-        from sinks.registry_copy import RegistryUnavailable
         from sinks.sink import SinkError
-        from sinks.warehouse import WarehouseError
-        from vtp.keys import KeyFileError
-        from vtp.topics import TopicError
+        from vtp.core.keys import KeyFileError
+        from vtp.core.registry_copy import RegistryUnavailable
+        from vtp.core.topics import TopicError
+        from vtp.core.warehouse import WarehouseError
+        from vtp.serve import ServeError
 
         known = (BrokerError, WarehouseError, SinkError, ServeError, TopicError, KeyFileError,
                  RegistryUnavailable)  # fmt: skip

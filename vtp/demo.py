@@ -15,14 +15,6 @@ from dataclasses import replace
 import httpx
 
 from deploy.broker import fetch_jars, start_broker, stop_broker
-from owner_api.report import (
-    format_activity,
-    format_report,
-    last_days,
-    owner_report,
-    recent_charges,
-    recent_trips,
-)
 from owner_api.tokens import issue, owner_claims
 from producers.faults import fault_messages
 from producers.publish import (
@@ -34,18 +26,26 @@ from producers.publish import (
 )
 from producers.simulator import Vehicle, build_fleet
 from schemas.registry import Period
-from sinks.warehouse import open_warehouse, rows
-from vtp.keys import load_keyring
-from vtp.pipeline import (
+from vtp.core.keys import load_keyring
+from vtp.core.regions import REGIONS
+from vtp.core.settings import Settings
+from vtp.core.warehouse import open_warehouse, rows
+from vtp.harness import (
     NotDrained,
     read_outcomes,
     start_region,
     topic_message_count,
     wait_drained,
 )
-from vtp.regions import REGIONS
+from vtp.report import (
+    format_activity,
+    format_report,
+    last_days,
+    owner_report,
+    recent_charges,
+    recent_trips,
+)
 from vtp.scan import foreign_to, scan_region
-from vtp.settings import Settings
 
 
 def say(text: str) -> None:

@@ -22,8 +22,8 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from schemas import FramingError, default_store
-from sinks.warehouse import Warehouse, rows
-from vtp.kafka_retry import retry_kafka
+from vtp.core.kafka import retry_kafka
+from vtp.core.warehouse import Warehouse, rows
 
 _NUMBER = re.compile(rb"-?\d{1,3}\.\d{4,6}(?!\d)")
 
@@ -216,7 +216,7 @@ def foreign_to(region: str, vehicles: Iterable, positions: dict[str, set[float]]
 def scan_region(settings, ids: Identifiers) -> ScanReport:
     """Everything one region keeps: its broker's topics, its warehouse, its folder.
     (The warehouse is opened here, so no process of the region may hold it.)"""
-    from sinks.warehouse import open_warehouse
+    from vtp.core.warehouse import open_warehouse
 
     report = scan_topics(settings.bootstrap(), ids, settings.kafka_extra)
     warehouse = open_warehouse(settings)

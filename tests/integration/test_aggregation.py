@@ -15,12 +15,11 @@ import uuid
 
 import pytest
 
-from bench.oracle import compare
 from producers.publish import register_fleet
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet, new_truth, simulate
-from sinks.warehouse import open_warehouse, rows
-from vtp.pipeline import (
+from vtp.core.warehouse import open_warehouse, rows
+from vtp.harness import (
     group_position,
     pipeline_positions,
     read_outcomes,
@@ -28,6 +27,7 @@ from vtp.pipeline import (
     start_worker,
     wait_drained,
 )
+from vtp.oracle import compare
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import pytest
 from owner_api.analyst import AnalystLimits, AnalystQueryError, run_analyst_query
 from sinks.migrations import migrate
 from sinks.pseudonyms import record_pairs
-from sinks.warehouse import ChdbWarehouse, rows
-from vtp.keys import pseudonym_key
-from vtp.settings import Settings
+from vtp.core.keys import pseudonym_key
+from vtp.core.settings import Settings
+from vtp.core.warehouse import ChdbWarehouse, rows
 
 pytestmark = pytest.mark.integration
 LIMITS = AnalystLimits(max_execution_s=2.0, max_memory_bytes=512 * 2**20)

@@ -22,7 +22,7 @@ from deploy.broker import (
     stop_broker,
     wait_until_answers,
 )
-from vtp.settings import load_settings
+from vtp.core.settings import load_settings
 
 pytestmark = pytest.mark.integration
 

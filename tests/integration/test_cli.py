@@ -79,8 +79,8 @@ def test_token_keys_and_serve_refuse_what_they_cannot_do_in_one_line(tmp_path):
     import socket
 
     from owner_api.tokens import verify
-    from vtp.keys import load_keyring
-    from vtp.settings import Settings
+    from vtp.core.keys import load_keyring
+    from vtp.core.settings import Settings
 
     token = vtp("token", "owner-0001", "--region", "eu", "--ttl", "60", data_dir=tmp_path)
     assert token.returncode == 0, token.stderr

@@ -12,16 +12,16 @@ import time
 import httpx
 import pytest
 
-from bench.oracle import compare
 from deploy.broker import start_broker, stop_broker
-from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.simulator import build_fleet
 from sinks.migrations import migrate
-from sinks.warehouse import ChdbWarehouse, open_warehouse, rows
-from vtp.keys import load_keyring
-from vtp.pipeline import (
+from vtp.core.keys import load_keyring
+from vtp.core.settings import load_settings
+from vtp.core.topics import create_topics
+from vtp.core.warehouse import ChdbWarehouse, open_warehouse, rows
+from vtp.harness import (
     read_outcomes,
     start_serve,
     start_sink,
@@ -29,8 +29,8 @@ from vtp.pipeline import (
     topic_message_count,
     wait_drained,
 )
-from vtp.settings import load_settings
-from vtp.topics import create_topics
+from vtp.oracle import compare
+from vtp.serve import wait_for_service
 
 pytestmark = pytest.mark.integration
 

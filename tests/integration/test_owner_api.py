@@ -18,16 +18,17 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from owner_api.analyst import AnalystQueryError, query_locally_or_via_service
+from owner_api.analyst import AnalystQueryError
 from owner_api.scopes import SCOPES
-from owner_api.serve import address_file, wait_for_service
 from owner_api.tokens import Claims, analyst_claims, audience, issue, owner_claims
 from producers.publish import publish_fleet, register_fleet
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet
-from vtp.keys import load_keyring
-from vtp.pipeline import start_serve, start_worker, wait_drained
-from vtp.settings import Settings
+from vtp.core.keys import load_keyring
+from vtp.core.settings import Settings
+from vtp.harness import start_serve, start_worker, wait_drained
+from vtp.serve import address_file, wait_for_service
+from vtp.sql import query_locally_or_via_service
 
 pytestmark = pytest.mark.integration
 RING = {}  # the served region's key ring, for the tokens the tests make
@@ -759,7 +760,7 @@ def test_analyst_queries_run_two_at_a_time_and_bodies_and_odd_tokens_are_refused
 
 
 def test_a_key_rotated_or_retired_takes_effect_in_the_running_service(served):
-    from vtp.keys import add_key, load_keyring, retire_key
+    from vtp.core.keys import add_key, load_keyring, retire_key
 
     settings = served["settings"]
     owner, _ = _owner_in(served, "eu")

@@ -23,8 +23,8 @@ from producers.publish import DEFAULT_START_MS, flush_all, publish_fleet, regist
 from producers.sdk import TelemetryPublisher
 from producers.simulator import build_fleet
 from schemas import default_store
-from sinks.warehouse import open_warehouse, rows
-from vtp.pipeline import (
+from vtp.core.warehouse import open_warehouse, rows
+from vtp.harness import (
     NotDrained,
     group_position,
     pipeline_lag,
@@ -247,7 +247,7 @@ def test_owner_report_cli_prints_the_owners_vehicles(run):
     import subprocess
     import sys
 
-    from vtp.pipeline import settings_env
+    from vtp.harness import settings_env
 
     settings = run["settings"]
     vehicle = run["registered"][0]
@@ -365,7 +365,7 @@ def test_topics_in_a_shape_vtp_cannot_use_are_refused_and_a_sink_without_a_regis
 ):
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from vtp.topics import TopicError, create_topics
+    from vtp.core.topics import TopicError, create_topics
 
     settings = base_settings.with_(
         region="cn", data_dir=tmp_path, topic_prefix=f"shape{os.getpid()}"

@@ -11,8 +11,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from producers.publish import publish_fleet, register_fleet
 from producers.simulator import build_fleet
 from schemas import default_store
-from sinks.warehouse import open_warehouse, rows
-from vtp.pipeline import read_outcomes, start_sink, start_worker, topic_message_count, wait_drained
+from vtp.core.warehouse import open_warehouse, rows
+from vtp.harness import read_outcomes, start_sink, start_worker, topic_message_count, wait_drained
 
 pytestmark = pytest.mark.integration
 

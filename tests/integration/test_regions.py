@@ -31,10 +31,11 @@ from owner_api.tokens import issue, owner_claims
 from producers.publish import DEFAULT_START_MS, flush_all, publishers_for, register_fleet
 from producers.simulator import Vehicle, build_fleet, new_truth, simulate
 from schemas.registry import Period
-from sinks.warehouse import open_warehouse, rows
-from vtp.keys import load_keyring
-from vtp.pipeline import read_outcomes, start_region, topic_message_count, wait_drained
-from vtp.regions import REGIONS
+from vtp.core.keys import load_keyring
+from vtp.core.regions import REGIONS
+from vtp.core.settings import load_settings
+from vtp.core.warehouse import open_warehouse, rows
+from vtp.harness import read_outcomes, start_region, topic_message_count, wait_drained
 from vtp.scan import (
     Identifiers,
     foreign_to,
@@ -43,7 +44,6 @@ from vtp.scan import (
     scan_topics,
     scan_warehouse,
 )
-from vtp.settings import load_settings
 
 pytestmark = pytest.mark.integration
 

@@ -8,13 +8,13 @@ import uuid
 import httpx
 import pytest
 
-from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from producers.publish import publish_fleet, register_fleet
 from producers.simulator import build_fleet
-from vtp.keys import load_keyring
-from vtp.pipeline import start_serve, start_worker, wait_drained
-from vtp.topics import create_topics
+from vtp.core.keys import load_keyring
+from vtp.core.topics import create_topics
+from vtp.harness import start_serve, start_worker, wait_drained
+from vtp.serve import wait_for_service
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from producers.simulator import build_fleet, new_truth, simulate
 from schemas import default_store
 from schemas.registry import Period
 from sinks.sink import RegionSink
-from sinks.warehouse import ChdbWarehouse, WarehouseError, rows
-from vtp.pipeline import group_position
+from vtp.core.warehouse import ChdbWarehouse, WarehouseError, rows
+from vtp.harness import group_position
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +187,7 @@ def test_the_sink_reads_its_registry_up_to_what_the_worker_decided_with(region_s
 def test_a_registry_copy_that_cannot_catch_up_stops_the_sink_instead_of_guessing(region_stack):
     from producers.sdk import publish_registrations
     from schemas.registry import Registration
-    from sinks.registry_copy import RegistryCopy, RegistryUnavailable
+    from vtp.core.registry_copy import RegistryCopy, RegistryUnavailable
 
     settings = region_stack("eu", "sinklag")
     vin = "WVWZZZ1KZAW000779"

@@ -9,7 +9,7 @@ import pytest
 
 from sinks.migrations import available, migrate, statements
 from sinks.rows import StoredUpload, samples_table, uploads_table
-from sinks.warehouse import ChdbWarehouse, ServerWarehouse, WarehouseBusy, WarehouseError, rows
+from vtp.core.warehouse import ChdbWarehouse, ServerWarehouse, WarehouseBusy, WarehouseError, rows
 
 SERVER_URL = os.environ.get("VTP_TEST_CLICKHOUSE_URL")
 
@@ -113,7 +113,7 @@ def test_a_second_process_gets_a_clear_busy_error(tmp_path):
     wh = ChdbWarehouse(path)
     try:
         code = (
-            "import sys; from pathlib import Path; from sinks.warehouse import ChdbWarehouse, WarehouseBusy\n"
+            "import sys; from pathlib import Path; from vtp.core.warehouse import ChdbWarehouse, WarehouseBusy\n"
             f"try:\n    ChdbWarehouse(Path({str(path)!r}))\nexcept WarehouseBusy as e:\n    print(e); sys.exit(3)\n"
         )
         done = subprocess.run(

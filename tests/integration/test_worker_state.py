@@ -17,12 +17,12 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from owner_api.serve import wait_for_service
 from owner_api.tokens import issue, owner_claims
 from producers.sdk import TelemetryPublisher, publish_registrations
 from schemas.registry import Period, Registration
-from vtp.keys import load_keyring
-from vtp.pipeline import start_serve, start_worker
+from vtp.core.keys import load_keyring
+from vtp.harness import start_serve, start_worker
+from vtp.serve import wait_for_service
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from producers.publish import publish_fleet, register_fleet
 from producers.sdk import publish_registrations
 from producers.simulator import build_fleet
 from schemas.registry import Period, Registration
-from sinks.warehouse import open_warehouse, rows
-from vtp.pipeline import read_outcomes, start_process, start_sink, start_worker, wait_drained
+from vtp.core.warehouse import open_warehouse, rows
+from vtp.harness import read_outcomes, start_process, start_sink, start_worker, wait_drained
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from producers.simulator import build_fleet, simulate
 from schemas.registry import Period, Registration
 from stream_jobs.sessions import SessionConfig, advance, flush, ingest, new_state
 from tests.unit.test_sessions import Car
-from vtp.days import DayClock, day_shares
+from vtp.core.days import DayClock, day_shares
 
 CFG = SessionConfig()
 REG = Registration("VIN", (Period(0, "owner-1", "cn"),))

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from vtp.settings import (
+from vtp.core.settings import (
     Settings,
     SettingsError,
     as_environment,

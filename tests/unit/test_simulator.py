@@ -6,8 +6,8 @@ import pytest
 
 from producers.simulator import build_fleet, new_truth, simulate, vin_check_digit
 from schemas import default_store
+from schemas.registry import VIN_PATTERN
 from schemas.signals import sample_problems, sample_signals
-from stream_jobs.validate import VIN_PATTERN
 
 START = 1_793_944_800_000
 

@@ -17,8 +17,8 @@ from owner_api.tokens import (
     owner_claims,
     verify,
 )
-from vtp.keys import KeyFileError, add_key, load_keyring, retire_key
-from vtp.settings import Settings
+from vtp.core.keys import KeyFileError, add_key, load_keyring, retire_key
+from vtp.core.settings import Settings
 
 GRANT = "0123456789abcdef0123456789abcdef"
 

@@ -182,7 +182,7 @@ def test_weight_and_size_limits_are_dead_letter_reasons():
 
 
 def test_a_dead_letter_keeps_what_fits_and_says_how_much_there_was():
-    from vtp.headers import KEEP_BYTES, TRUNCATED, kept
+    from vtp.core.headers import KEEP_BYTES, TRUNCATED, kept
 
     assert kept(b"abc", 10) == (b"abc", [])
     value, more = kept(b"x" * (KEEP_BYTES * 3), KEEP_BYTES * 2)

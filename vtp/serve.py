@@ -25,10 +25,10 @@ import uvicorn
 from owner_api.app import create_app
 from sinks.migrations import migrate
 from sinks.supervisor import SinkSupervisor
-from sinks.warehouse import open_warehouse
-from vtp import metrics
-from vtp.keys import KeyFolder
-from vtp.settings import Settings
+from vtp.core import metrics
+from vtp.core.keys import KeyFolder
+from vtp.core.settings import Settings
+from vtp.core.warehouse import open_warehouse
 
 log = logging.getLogger("vtp.serve")
 
@@ -101,7 +101,7 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
 
 
 def wait_for_service(settings: Settings, process, timeout: float = 60.0) -> str:
-    """The URL of a `vtp serve` process (vtp.pipeline.Process) once it answers."""
+    """The URL of a `vtp serve` process (vtp.harness.Process) once it answers."""
     import time
 
     import httpx

@@ -1,4 +1,5 @@
-"""Retry Kafka admin and metadata calls through the errors a cluster recovers from.
+"""Kafka pieces every server-side stage shares: the producer configuration, and retries of
+admin and metadata calls through the errors a cluster recovers from.
 
 librdkafka marks few errors of synchronous calls (watermarks, committed offsets, admin
 futures) as retriable, yet a leader election or a coordinator still loading answers
@@ -12,12 +13,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
 
 log = logging.getLogger("vtp.kafka")
 T = TypeVar("T")
+
+
+def producer_config(bootstrap: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """librdkafka settings for a producer into a region's cluster (``extra`` passes the
+    operator's own keys through, security included)."""
+    return {
+        "bootstrap.servers": bootstrap,
+        # Idempotence: a retried send never duplicates a message in the partition.
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": "lz4",
+        "linger.ms": 20,
+        # Java-compatible hashing, so VIN keys land where Faust/aiokafka expect them.
+        "partitioner": "murmur2_random",
+        **(extra or {}),
+    }
+
 
 TRANSIENT = frozenset(
     {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sinks.warehouse import Warehouse, rows
+from vtp.core.warehouse import Warehouse, rows
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from producers.simulator import GroundTruth
-from sinks.warehouse import Warehouse, rows
+from vtp.core.warehouse import Warehouse, rows
 
 TRIPS_SQL = """
 SELECT vin, toUnixTimestamp64Milli(start_time), toUnixTimestamp64Milli(end_time), distance_km, energy_kwh

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.codec import MAX_SAMPLES_PER_UPLOAD, MAX_UPLOAD_BYTES
-from vtp.regions import REGIONS, UnknownRegion, known_region
+from vtp.core.regions import REGIONS, UnknownRegion, known_region
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,19 +153,15 @@ class Settings:
         return self.home / "warehouse"
 
     def bootstrap(self) -> str:
-        """The region's broker: VTP_KAFKA_BOOTSTRAP, else the local stack's state file."""
+        """The region's broker (VTP_KAFKA_BOOTSTRAP; the CLI fills it in from the local
+        stack's state file when `vtp stack up` started one)."""
         if self.kafka_bootstrap:
             return self.kafka_bootstrap
-        from deploy.broker import read_state
-
-        state = read_state(self)
-        if state is None:
-            where = f" --region {self.region}" if self.region else ""
-            raise SettingsError(
-                "no broker: set VTP_KAFKA_BOOTSTRAP=host:port or start one with "
-                f"`vtp stack up{where}`"
-            )
-        return state.bootstrap
+        where = f" --region {self.region}" if self.region else ""
+        raise SettingsError(
+            "no broker: set VTP_KAFKA_BOOTSTRAP=host:port or start one with "
+            f"`vtp stack up{where}` (with the same VTP_DATA_DIR)"
+        )
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

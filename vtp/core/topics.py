@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from vtp.kafka_retry import retry_kafka
-from vtp.regions import REGIONS
-from vtp.settings import Settings
+from vtp.core.kafka import retry_kafka
+from vtp.core.regions import REGIONS
+from vtp.core.settings import Settings
 
 
 class TopicError(RuntimeError):

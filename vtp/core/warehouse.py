@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from vtp.settings import Settings
+from vtp.core.settings import Settings
 
 
 class WarehouseError(RuntimeError):

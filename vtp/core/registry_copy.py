@@ -17,8 +17,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from schemas import FramingError
 from schemas.registry import Registration, decode_registration
-from vtp.kafka_retry import retry_kafka
-from vtp.settings import Settings
+from vtp.core.kafka import retry_kafka
+from vtp.core.settings import Settings
 
 log = logging.getLogger("vtp.sink")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from vtp.settings import Settings
+from vtp.core.settings import Settings
 
 KINDS = ("owner", "grant", "analyst")
 _STAMP = "%Y%m%dT%H%M%S%fZ"

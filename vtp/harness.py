@@ -15,9 +15,9 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from vtp import headers as h
-from vtp.kafka_retry import retry_kafka
-from vtp.settings import Settings, as_environment
+from vtp.core import headers as h
+from vtp.core.kafka import retry_kafka
+from vtp.core.settings import Settings, as_environment
 
 
 def settings_env(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
@@ -97,8 +97,8 @@ def start_serve(settings: Settings, metrics_port: int = 0) -> Process:
 def start_region(settings: Settings) -> tuple[list[Process], str]:
     """A region's stack as operators run it, on its broker: topics, `vtp worker` and
     `vtp serve` (sink + owner API). Returns the processes and the API's URL."""
-    from owner_api.serve import wait_for_service
-    from vtp.topics import create_topics
+    from vtp.core.topics import create_topics
+    from vtp.serve import wait_for_service
 
     create_topics(settings)
     worker, serve = start_worker(settings), start_serve(settings)
