@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
+from importlib.metadata import version
 
 from deploy.broker import with_local_broker
 from vtp.core.regions import REGIONS
-from vtp.core.settings import Settings, SettingsError, documented_variables, load_settings
+from vtp.core.settings import (
+    Settings,
+    SettingsError,
+    documented_settings,
+    load_settings,
+    settings_table,
+)
 
 
 def _settings(args: argparse.Namespace, region_needed: bool = True) -> Settings:
@@ -179,28 +185,22 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(load_settings(), seed=args.seed, minutes=args.minutes)
 
 
-_SECRET_KEY = re.compile(r"password|secret|token|key", re.IGNORECASE)
-
-
-def shown(name: str, value: object) -> str:
-    """A setting as `vtp config` prints it: passwords in URLs and secret-looking
-    passthrough keys masked."""
-    if isinstance(value, dict):
-        return str({k: ("***" if _SECRET_KEY.search(k) else v) for k, v in value.items()})
-    text = str(value)
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", text)
-
-
 def _config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_table(), end="")
+        return 0
     settings = _settings(args, region_needed=False)
-    for name, default, doc in documented_variables():
-        value = getattr(settings, name[4:].lower())
-        print(f"{name}={shown(name, value)}  (default {shown(name, default)}; {doc})")
+    for doc in documented_settings():
+        value = settings.shown(doc.variable[4:].lower())
+        print(
+            f"{doc.variable}={value}  ({doc.type}, default {doc.default or '(empty)'}; {doc.doc})"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vtp {version('vtp')}")
     sub = parser.add_subparsers(dest="command", required=True)
     regional = argparse.ArgumentParser(add_help=False)
     regional.add_argument(
@@ -244,7 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes")
     p.set_defaults(func=_demo)
-    command("config", _config, "print every VTP_* variable with its value, default and meaning")
+    config = command(
+        "config",
+        _config,
+        "print every VTP_* variable with its value (secrets masked), default and meaning",
+    )
+    config.add_argument(
+        "--markdown", action="store_true", help="print the README's configuration table instead"
+    )
     return parser
 
 

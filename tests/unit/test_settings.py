@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -6,8 +7,10 @@ from vtp.core.settings import (
     Settings,
     SettingsError,
     as_environment,
-    documented_variables,
+    documented_settings,
     load_settings,
+    local_root,
+    settings_table,
 )
 
 
@@ -69,9 +72,34 @@ def test_no_broker_configured_says_what_to_do(tmp_path):
 
 
 def test_every_setting_is_documented_once_and_reaches_a_child_process_whole():
-    documented = documented_variables()
-    names = [n for n, _, _ in documented]
-    assert len(names) == len(set(names)) and all(doc for _, _, doc in documented)
+    documented = documented_settings()
+    names = [d.variable for d in documented]
+    assert len(names) == len(set(names)) and all(d.doc and d.type for d in documented)
     assert "VTP_KAFKA_BOOTSTRAP" in names and "VTP_REGION" in names
     custom = Settings(region="eu", max_clock_skew_s=7.5, kafka_extra={"a": "b"}, trip_gap_s=9.0)
     assert load_settings(as_environment(custom)) == custom
+
+
+def test_the_readme_table_is_the_declaration():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "README out of date: paste `vtp config --markdown`"
+
+
+def test_secrets_are_masked_wherever_settings_are_shown():
+    s = Settings(
+        warehouse="https://vtp:hunter2@clickhouse.cn.internal:8443",
+        kafka_extra={"sasl.password": "hunter3", "ssl.key.pem": "-----BEGIN", "acks": "all"},
+    )
+    for shown in (repr(s), s.shown("warehouse"), s.shown("kafka_extra")):
+        assert "hunter" not in shown and "BEGIN" not in shown
+    assert "vtp:***@clickhouse.cn.internal" in repr(s) and '"acks": "all"' in repr(s)
+    secret = {d.variable for d in documented_settings() if d.secret}
+    assert secret == {"VTP_WAREHOUSE", "VTP_KAFKA_EXTRA"}
+
+
+def test_an_installed_vtp_keeps_its_state_outside_site_packages(tmp_path, monkeypatch):
+    installed = tmp_path / "lib/python3.11/site-packages/vtp/core/settings.py"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert local_root("var", "XDG_DATA_HOME", ".local/share", installed) == tmp_path / "data/vtp"
+    checkout = Path(__file__).resolve().parents[2]
+    assert Settings().data_dir == checkout / "var" and Settings().cache_dir == checkout / ".cache"

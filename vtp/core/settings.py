@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,23 +24,62 @@ from typing import Any
 from schemas.codec import MAX_SAMPLES_PER_UPLOAD, MAX_UPLOAD_BYTES
 from vtp.core.regions import REGIONS, UnknownRegion, known_region
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def local_root(kind: str, xdg: str, fallback: str, here: Path = Path(__file__)) -> Path:
+    """A source checkout keeps its state beside the code (`make` runs there); an installed
+    vtp keeps it in the user's data or cache folder, never inside site-packages."""
+    checkout = here.resolve().parents[2]
+    if (checkout / "pyproject.toml").exists() and (checkout / "vtp" / "core").is_dir():
+        return checkout / kind
+    return Path(os.environ.get(xdg) or Path.home() / fallback) / "vtp"
 
 
 class SettingsError(ValueError):
     """A ``VTP_*`` variable has a value that cannot be used."""
 
 
-def setting(default: Any, doc: str) -> Any:
+_SECRET_KEY = re.compile(r"password|secret|token|key|credential", re.IGNORECASE)
+
+
+def mask_url_password(value: object) -> str:
+    """``scheme://user:***@host``: the URL without its password."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", str(value))
+
+
+def mask_secret_keys(value: object) -> str:
+    """A passthrough mapping with the values of password-, secret- and key-like keys
+    masked (``sasl.password``, ``ssl.key.pem``, ``sasl.oauthbearer.client.secret``)."""
+    assert isinstance(value, dict)
+    return json.dumps({k: ("***" if _SECRET_KEY.search(k) else v) for k, v in value.items()})
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    secret: Callable[[object], str] | None = None,
+    shown_default: str | None = None,
+) -> Any:
+    """One setting: its default, what it means, how to print it without its secrets, and
+    how the documentation shows a default that depends on the machine."""
+    meta = {"doc": doc, "secret": secret, "shown_default": shown_default}
     if isinstance(default, dict):
-        return field(default_factory=dict, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
-    data_dir: Path = setting(REPO_ROOT / "var", "local state; each region's in <data_dir>/<region>")
-    cache_dir: Path = setting(REPO_ROOT / ".cache", "Kafka jars")
+    data_dir: Path = setting(
+        local_root("var", "XDG_DATA_HOME", ".local/share"),
+        "local state; each region's in `<data_dir>/<region>`",
+        shown_default="`./var` in a checkout, else `$XDG_DATA_HOME/vtp`",
+    )
+    cache_dir: Path = setting(
+        local_root(".cache", "XDG_CACHE_HOME", ".cache"),
+        "Kafka jars",
+        shown_default="`./.cache` in a checkout, else `$XDG_CACHE_HOME/vtp`",
+    )
     region: str = setting("", f"the region this process serves: one of {', '.join(REGIONS)}")
     kafka_bootstrap: str = setting(
         "", "host:port of the region's Kafka cluster; empty: the broker `vtp stack up` started"
@@ -47,7 +87,9 @@ class Settings:
     kafka_version: str = setting("4.1.1", "Kafka jars the local launcher resolves")
     broker_port: int = setting(0, "port of the local broker; 0 picks a free loopback port")
     kafka_extra: dict[str, Any] = setting(
-        {}, "JSON of librdkafka keys passed through (e.g. security) to the SDK, sinks, admin"
+        {},
+        "JSON of librdkafka keys passed through (e.g. security) to the SDK, sinks, admin",
+        secret=mask_secret_keys,
     )
     topic_prefix: str = setting("vtp", "prefix of every topic, consumer group and app id")
     topic_partitions: int = setting(4, "partitions of every topic")
@@ -82,12 +124,17 @@ class Settings:
     sink_registry_wait_s: float = setting(
         30.0, "how long the sink waits for its registry copy to reach what the worker used"
     )
-    warehouse: str = setting("chdb", "`chdb` (embedded) or a ClickHouse server URL")
+    warehouse: str = setting(
+        "chdb", "`chdb` (embedded) or a ClickHouse server URL", secret=mask_url_password
+    )
     metrics_port: int = setting(0, "Prometheus endpoint on 127.0.0.1; 0 off")
     api_host: str = setting("127.0.0.1", "where `vtp serve` listens")
-    api_port: int = setting(0, "its port; 0 picks a free one (written to <region dir>/serve.json)")
+    api_port: int = setting(
+        0, "its port; 0 picks a free one (written to `<data_dir>/<region>/serve.json`)"
+    )
     keys_dir: str = setting(
-        "", "folder of every region's keys, each in <keys dir>/<region>; empty: <region dir>/keys"
+        "",
+        "folder of every region's keys, each in `<keys_dir>/<region>`; empty: `<data_dir>/<region>/keys`",
     )
     owner_token_ttl_s: int = setting(3600, "lifetime of owner tokens `vtp token` issues")
     export_page_rows: int = setting(50_000, "rows an export reads and sends at a time")
@@ -165,6 +212,22 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    def shown(self, name: str) -> str:
+        """One setting's value as it may be printed or logged: secrets masked."""
+        value = getattr(self, name)
+        mask = _FIELDS[name].metadata["secret"]
+        if mask is not None:
+            return mask(value)
+        return json.dumps(value) if isinstance(value, dict) else str(value)
+
+    def __repr__(self) -> str:
+        changed = (
+            f"{f.name}={self.shown(f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(_DEFAULTS, f.name)
+        )
+        return f"Settings({', '.join(changed)})"
 
 
 @dataclass(frozen=True)
@@ -260,10 +323,44 @@ def as_environment(settings: Settings) -> dict[str, str]:
     return out
 
 
-def documented_variables() -> list[tuple[str, str, str]]:
-    """(VTP_NAME, default, meaning) of every setting, for `vtp config` and the README."""
-    defaults = Settings()
+@dataclass(frozen=True)
+class SettingDoc:
+    variable: str
+    type: str
+    default: str
+    doc: str
+    secret: bool
+
+
+_TYPE_NAMES = {"Path": "path", "str": "text", "int": "integer", "float": "number",
+               "dict[str, Any]": "JSON object"}  # fmt: skip
+
+
+def documented_settings() -> list[SettingDoc]:
+    """Every setting as `vtp config` and the README's table show it."""
     return [
-        (f"VTP_{f.name.upper()}", str(getattr(defaults, f.name)), f.metadata["doc"])
+        SettingDoc(
+            f"VTP_{f.name.upper()}",
+            _TYPE_NAMES[str(f.type)],
+            f.metadata["shown_default"] or _DEFAULTS.shown(f.name),
+            f.metadata["doc"],
+            f.metadata["secret"] is not None,
+        )
         for f in fields(Settings)
     ]
+
+
+def settings_table() -> str:
+    """The README's configuration table (`vtp config --markdown`)."""
+    lines = ["| variable | type | default | meaning |", "|---|---|---|---|"]
+    for d in documented_settings():
+        default = (
+            d.default if d.default.startswith("`") else f"`{d.default}`" if d.default else "(empty)"
+        )
+        secret = " Secret: `vtp config` masks it." if d.secret else ""
+        lines.append(f"| `{d.variable}` | {d.type} | {default} | {d.doc}{secret} |")
+    return "\n".join(lines) + "\n"
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+_DEFAULTS = Settings()
