@@ -1,8 +1,7 @@
 """An owner's erasure reaching a vehicle's session state: nothing of the owner's erased
 time stays in it or comes back into it; the owner's new data and other owners' data do."""
 
-import json
-
+from stream_jobs.session_state import to_json
 from stream_jobs.sessions import advance, flush, forget_owner, ingest, new_state
 from tests.unit.test_sessions import CFG, Car, at
 from tests.unit.test_sessions_ownership import feed, registration
@@ -11,7 +10,8 @@ START = at("2026-11-06T07:00:00")
 
 
 def state_text(state) -> str:
-    return json.dumps(state)
+    """What the changelog would hold."""
+    return to_json(state).decode()
 
 
 def test_an_erased_owner_leaves_nothing_in_the_state_and_later_data_starts_afresh():
@@ -21,12 +21,12 @@ def test_an_erased_owner_leaves_nothing_in_the_state_and_later_data_starts_afres
     car.samples[-1]["latitude"] = 31.987654  # a position to look for
     state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     feed(state, car.samples, reg)
-    assert state["trip"] is not None and state["buffer"] and "31.987654" in state_text(state)
+    assert state.trip is not None and state.buffer and "31.987654" in state_text(state)
 
     horizon = car.t
     assert forget_owner(state, "owner-1", horizon, reg)
-    assert state["trip"] is None and state["charge"] is None and state["days"] == {}
-    assert state["last"] is None and state["buffer"] == [] and state["owner_id"] is None
+    assert state.trip is None and state.charge is None and state.days == {}
+    assert state.last is None and state.buffer == [] and state.owner_id is None
     assert "31.987654" not in state_text(state)
     assert advance(state, CFG, reg) == []  # nothing of the owner is emitted again
 
@@ -76,12 +76,12 @@ def test_the_next_owner_keeps_their_data_when_the_seller_erases():
     car.drive(10 * 60)
     state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     feed(state, car.samples, reg)
-    buffered = len(state["buffer"])
-    assert state["owner_id"] == "buyer" and state["trip"] is not None
+    buffered = len(state.buffer)
+    assert state.owner_id == "buyer" and state.trip is not None
 
     assert not forget_owner(state, "seller", sale, reg)  # nothing of the seller was left
-    assert state["owner_id"] == "buyer" and state["trip"] is not None
-    assert len(state["buffer"]) == buffered
+    assert state.owner_id == "buyer" and state.trip is not None
+    assert len(state.buffer) == buffered
     records = flush(state, CFG, reg)
     assert [r["owner_id"] for r in records if r["kind"] == "trip"] == ["buyer"]
 
@@ -91,4 +91,4 @@ def test_a_state_remembers_a_bounded_number_of_erasures():
     state = new_state("VIN", "cn", "Asia/Shanghai", 60.0)
     for i in range(20):
         forget_owner(state, f"owner-{i}", START + i, reg)
-    assert len(state["erased"]) == 8 and "owner-19" in state["erased"]
+    assert len(state.erased) == 8 and "owner-19" in state.erased

@@ -73,7 +73,7 @@ def test_a_registry_change_closes_the_sessions_even_if_no_more_samples_come():
     assert trip["final"] and trip["owner_id"] == "owner-1" and trip["end_ms"] < moved_at
     assert [r["active"] for r in closed if r["kind"] == "open_trip"] == [False]
     assert all(r["final"] for r in closed if r["kind"] == "day")
-    assert state["owner_id"] is None and state["buffer"] == []
+    assert state.owner_id is None and state.buffer == []
     # anything about the old period that still arrives is too late for it
     late = dict(car.samples[-1], seq=99_999, event_time_ms=car.t - 500)
     assert ingest(state, {"upload_id": "late", "samples": [late]}, CFG, moved).too_late == [99_999]
@@ -93,7 +93,7 @@ def test_a_deregistered_or_removed_vehicle_closes_at_once(after):
     feed(state, car.samples, registration((0, "owner-1", "cn")))
     closed = advance(state, CFG, after, close_ended=True)
     assert [r["kind"] for r in closed if r["final"] and r["kind"] == "trip"] == ["trip"]
-    assert state["owner_id"] is None
+    assert state.owner_id is None
 
 
 def test_samples_outside_every_period_here_are_not_aggregated():
@@ -117,7 +117,7 @@ def test_a_preview_shows_the_current_owner_until_the_watermark_passes_the_sale()
     (slot,) = [r for r in records if r["kind"] == "open_trip"]
     assert slot["active"] and slot["end_ms"] < SALE
     assert flush(state, CFG, reg)  # the buyer's part comes out once released
-    assert state["owner_id"] == "buyer"
+    assert state.owner_id == "buyer"
 
 
 def test_a_registry_entry_rewritten_under_the_state_closes_the_old_period():
@@ -128,4 +128,4 @@ def test_a_registry_entry_rewritten_under_the_state_closes_the_old_period():
     rewritten = registration((0, "owner-2", "cn"))  # a corrected owner from the start
     closed = advance(state, SessionConfig(), rewritten, close_ended=True)
     assert {r["owner_id"] for r in closed if r["kind"] == "trip"} == {"owner-1"}
-    assert state["owner_id"] is None
+    assert state.owner_id is None
