@@ -21,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import faust
 
 from schemas import FramingError, default_store
 from schemas.registry import Registration
+from stream_jobs import session_state
 from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
 from stream_jobs.faust_fixes import exit_on_error, put_durably
+from stream_jobs.session_state import VehicleState
 from stream_jobs.sessions import SessionConfig, advance, flush, forget_owner, ingest, new_state
 from vtp.core import headers as h
 from vtp.core import metrics
@@ -55,7 +58,7 @@ def _raw_position(message) -> tuple[str, int]:
     After a worker restart the validate agent routes a stretch of raw uploads again, so
     the same upload can reach aggregation at two validated offsets; by its raw position
     the second copy is a replay, skipped, rather than a late arrival."""
-    source = h.header(message.headers, h.SOURCE)
+    source = h.header(_headers(message), h.SOURCE)
     if source:
         topic_partition, _, offset = source.rpartition(":")
         if topic_partition and offset.isdigit():
@@ -64,16 +67,27 @@ def _raw_position(message) -> tuple[str, int]:
 
 
 def _received_ms(message) -> int | None:
-    received = h.header(message.headers, h.RECEIVED_MS)
+    received = h.header(_headers(message), h.RECEIVED_MS)
     return int(received) if received and received.isdigit() else None
 
 
-def _forget(state: dict, headers, registration: Registration | None) -> None:
+def _headers(message: Any) -> list[tuple[str, bytes | None]]:
+    """A consumed record's headers: aiokafka gives (name, value) pairs."""
+    return list(message.headers or ())
+
+
+def _forget(
+    state: VehicleState, headers: list[tuple[str, bytes | None]], registration: Registration | None
+) -> None:
     owner = h.header(headers, h.ERASED_OWNER)
     horizon = h.header(headers, h.ERASURE_HORIZON_MS)
-    if owner and horizon and horizon.isdigit():
-        if forget_owner(state, owner, int(horizon), registration):
-            metrics.STATES_SCRUBBED.inc()
+    if (
+        owner
+        and horizon
+        and horizon.isdigit()
+        and forget_owner(state, owner, int(horizon), registration)
+    ):
+        metrics.STATES_SCRUBBED.inc()
 
 
 def add_aggregation(
@@ -82,19 +96,28 @@ def add_aggregation(
     """Add the agent; returns what the registry agent awaits after applying a change."""
     region = settings.need_region()
     topics = settings.topics
-    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    states = app.Table(
-        "vehicle_sessions", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
+    raw: dict[str, Any] = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
+    states: faust.Table[bytes, bytes] = app.Table(  # type: ignore[assignment]  # TableT
+        "vehicle_sessions",
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        use_partitioner=True,
         extra_topic_configs=changelog_configs(settings),
-    )  # fmt: skip
+    )
     quiet_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
     store = default_store()
     config = session_config(settings)
 
-    def state_for(vin: str) -> dict:
+    def state_for(vin: str) -> VehicleState:
         stored = states.get(vin.encode())
         if stored:
-            return json.loads(stored)
+            return session_state.from_json(stored)
         reg = registry(vin)
         return new_state(
             vin, region, reg.time_zone if reg else "UTC", reg.battery_capacity_kwh if reg else None
@@ -109,53 +132,61 @@ def add_aggregation(
                 )
             )
 
-    async def aggregate_sessions(stream: faust.StreamT) -> None:
+    async def aggregate_sessions(stream: faust.Stream[Any]) -> None:
         async for events in stream.take_events(1000, within=0.2):
-            touched: dict[str, dict] = {}
+            touched: dict[str, VehicleState] = {}
             ended: set[str] = set()  # vehicles whose registration changed
             partition_of: dict[str, int] = {}
             pending = []
             for event in events:
                 message = event.message
-                control = h.header(message.headers, h.CONTROL)
+                control = h.header(_headers(message), h.CONTROL)
                 if control is not None:
                     vin = (message.key or b"").decode(errors="replace")
-                    if states.get(message.key) is None and vin not in touched:
+                    if states.get(message.key or b"") is None and vin not in touched:
                         continue  # nothing aggregated for it here
                     state = touched[vin] = touched.get(vin) or state_for(vin)
                     partition_of[vin] = message.partition
                     if control == h.REGISTRY_CONTROL.decode():
                         ended.add(vin)
                     elif control == h.ERASURE_CONTROL.decode():
-                        _forget(state, message.headers, registry(vin))
+                        _forget(state, _headers(message), registry(vin))
                     continue
                 try:
                     record, _ = store.decode(message.value or b"")
                 except FramingError:
                     continue  # the sink dead-letters undecodable messages; nothing to aggregate
-                if h.header(message.headers, h.REGION) != region:
+                if h.header(_headers(message), h.REGION) != region:
                     continue  # the sink refuses it too
                 vin = record["vin"]
                 state = touched.get(vin) or state_for(vin)
                 touched[vin] = state
                 partition_of[vin] = message.partition
                 result = ingest(
-                    state, record, config, registry(vin), _raw_position(message),
+                    state,
+                    record,
+                    config,
+                    registry(vin),
+                    _raw_position(message),
                     _received_ms(message),
-                )  # fmt: skip
+                )
                 if result.too_late:
                     metrics.AGGREGATE_TOO_LATE.labels(region).inc(len(result.too_late))
                     detail = f"{len(result.too_late)} samples older than the released time; seq {result.too_late[:20]}"
                     source = (
-                        h.header(message.headers, h.SOURCE)
+                        h.header(_headers(message), h.SOURCE)
                         or f"{message.topic}:{message.partition}:{message.offset}"
                     )
                     pending.append(
                         await app.producer.send(
-                            topics.deadletter, message.key, message.value, None, None,
+                            topics.deadletter,
+                            message.key,
+                            message.value,
+                            None,
+                            None,
                             deadletter_headers("aggregate", "too_late", detail, source),
                         )
-                    )  # fmt: skip
+                    )
             for vin, state in touched.items():
                 await emit(vin, advance(state, config, registry(vin), vin in ended), pending)
             await asyncio.gather(*pending)
@@ -164,7 +195,7 @@ def add_aggregation(
                     put_durably(
                         states,
                         vin.encode(),
-                        json.dumps(state, separators=(",", ":")).encode(),
+                        session_state.to_json(state),
                         partition_of[vin],
                     )
                     for vin, state in touched.items()
@@ -173,19 +204,24 @@ def add_aggregation(
             await forget_quiet_vehicles(set(touched))
 
     async def close_quiet(key: bytes, value: bytes) -> None:
-        state = json.loads(value)
+        state = session_state.from_json(value)
         pending: list = []
-        await emit(state["vin"], flush(state, config, registry(state["vin"])), pending)
+        await emit(state.vin, flush(state, config, registry(state.vin)), pending)
         await asyncio.gather(*pending)
 
     async def forget_quiet_vehicles(busy: set[str]) -> None:
         await forget_quiet(
-            states, quiet_sweep, ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
+            states,
+            quiet_sweep,
+            ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
             partitions=settings.topic_partitions,
-            assigned={tp.partition for tp in app.consumer.assignment() if tp.topic == topics.validated},
-            busy={vin.encode() for vin in busy}, touched_of=lambda v: json.loads(v).get("touched"),
+            assigned={
+                tp.partition for tp in app.consumer.assignment() if tp.topic == topics.validated
+            },
+            busy={vin.encode() for vin in busy},
+            touched_of=session_state.touched_of,
             closing=close_quiet,
-        )  # fmt: skip
+        )
 
     app.agent(app.topic(topics.validated, **raw), name="aggregate")(
         exit_on_error(aggregate_sessions)
@@ -196,9 +232,13 @@ def add_aggregation(
         if states.get(vin) is None:
             return  # nothing aggregated for it yet: its next samples find the new registry
         sent = await app.producer.send(
-            topics.validated, vin, b"", None, None,
+            topics.validated,
+            vin,
+            b"",
+            None,
+            None,
             [(h.CONTROL, h.REGISTRY_CONTROL), (h.REGISTRY_REVISION, str(revision).encode())],
-        )  # fmt: skip
+        )
         await sent
 
     return registration_changed

@@ -16,12 +16,14 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import faust
+from aiokafka.structs import RecordMetadata
 from confluent_kafka import Consumer, TopicPartition
-from faust.types import TP
+from faust.types import TP, EventT
 
 from schemas import FramingError, default_store
 from schemas.registry import Registration, decode_registration
@@ -70,7 +72,7 @@ class RegistryView(Mapping[str, Registration]):
         return _registration(raw)
 
     def __iter__(self) -> Iterator[str]:
-        return (k.decode() for k in self._table.keys())
+        return (k.decode() for k in self._table)
 
     def __len__(self) -> int:
         return len(self._table)
@@ -95,9 +97,12 @@ class RegistryGate:
     def _snapshot(self) -> dict[int, int]:
         topic = self._settings.topics.vehicles
         consumer = Consumer(
-            {"bootstrap.servers": self._settings.bootstrap(), "group.id": self._group,
-             **self._settings.kafka_extra}
-        )  # fmt: skip
+            {
+                "bootstrap.servers": self._settings.bootstrap(),
+                "group.id": self._group,
+                **self._settings.kafka_extra,
+            }
+        )
         try:
             meta = retry_kafka(lambda: consumer.list_topics(topic, timeout=10), "registry metadata")
             parts = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
@@ -111,7 +116,7 @@ class RegistryGate:
             targets = {}
             for tp in tps:
                 _, high = retry_kafka(
-                    lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10),
+                    functools.partial(consumer.get_watermark_offsets, tp, timeout=10),
                     "registry watermarks",
                 )
                 if committed.get(tp.partition, -1) < high:
@@ -141,7 +146,8 @@ class RegistryGate:
             self.waiting = False
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
+    """The worker's Faust app, and its registry gate (the stall watchdog asks it)."""
     faust_fixes.install()
     region = settings.need_region()
     topics = settings.topics
@@ -162,7 +168,12 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=False,
         datadir=str(_made(settings.home / "faust" / app_id)),
     )
-    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    raw: dict[str, Any] = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
     uploads_topic = app.topic(topics.uploads, **raw)
     registry_topic = app.topic(topics.vehicles, **raw)
     deadletter = app.topic(topics.deadletter, **raw)
@@ -170,17 +181,24 @@ def create_app(settings: Settings) -> faust.App:
     # Both tables are keyed by VIN, as are both source topics (same partition count,
     # murmur2 partitioner), so a worker holds the registry entries and the dedup
     # state of exactly the vehicles whose uploads it is assigned.
-    vehicles = app.Table(
-        "vehicles", default=None, key_type=bytes, value_type=bytes,
+    vehicles: faust.Table[bytes, bytes] = app.Table(  # type: ignore[assignment]  # TableT
+        "vehicles",
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
         extra_topic_configs=changelog_configs(settings),
-    )  # fmt: skip
-    seen_table = app.Table(
-        "seen_uploads", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
+    )
+    seen_table: faust.Table[bytes, bytes] = app.Table(  # type: ignore[assignment]  # TableT
+        "seen_uploads",
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        use_partitioner=True,
         extra_topic_configs=changelog_configs(settings),
-    )  # fmt: skip
+    )
     seen_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
     registry = RegistryView(vehicles)
-    gate = app.registry_gate = RegistryGate(settings, app_id)  # the watchdog asks it
+    gate = RegistryGate(settings, app_id)
     store = default_store()
     limits = Limits(
         max_clock_skew_ms=int(settings.max_clock_skew_s * 1000),
@@ -192,20 +210,24 @@ def create_app(settings: Settings) -> faust.App:
     )
     registration_changed = add_aggregation(app, settings, registry.get)
 
-    @app.on_partitions_assigned.connect
-    async def measure_the_registry_again(app: faust.App, assigned: set, **_: object) -> None:
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # signal= comes in **_
+    async def measure_the_registry_again(app: faust.App, assigned: set[TP], **_: Any) -> None:
         gate.reset()  # partitions it had no target for may be assigned now
 
     @app.agent(registry_topic)
     @exit_on_error
-    async def apply_registrations(stream: faust.StreamT) -> None:
+    async def apply_registrations(stream: faust.Stream[Any]) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             writes, changed, letters = [], [], []
             for event in events:
                 message = event.message
+                key = message.key
+                # The registry topic is compacted (create_topics checks), and a compacted
+                # topic's broker refuses a record without a key.
+                assert key is not None
                 if message.value is None:  # tombstone: the vehicle left the registry
-                    writes.append(put_durably(vehicles, message.key, None, message.partition))
-                    changed.append((message.key, 0))
+                    writes.append(put_durably(vehicles, key, None, message.partition))
+                    changed.append((key, 0))
                     continue
                 try:
                     registration = decode_registration(message.value, store)
@@ -215,14 +237,18 @@ def create_app(settings: Settings) -> faust.App:
                     headers = deadletter_headers("registry", exc.reason, exc.detail, source)
                     letters.append(
                         await app.producer.send(
-                            deadletter.get_topic_name(), (message.key or b"")[: h.KEEP_BYTES],
-                            value, None, None, headers + more,
+                            deadletter.get_topic_name(),
+                            key[: h.KEEP_BYTES],
+                            value,
+                            None,
+                            None,
+                            headers + more,
                         )
-                    )  # fmt: skip
+                    )
                     metrics.DEADLETTERED.labels("registry", exc.reason).inc()
                     continue
-                writes.append(put_durably(vehicles, message.key, message.value, message.partition))
-                changed.append((message.key, registration.revision))
+                writes.append(put_durably(vehicles, key, message.value, message.partition))
+                changed.append((key, registration.revision))
                 metrics.REGISTRY_UPDATES.inc()
             # Durable before the batch is acked, as every other table write: a registration
             # whose offset is committed is never missing after a crash.
@@ -235,7 +261,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(uploads_topic)
     @exit_on_error
-    async def validate_uploads(stream: faust.StreamT) -> None:
+    async def validate_uploads(stream: faust.Stream[Any]) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             await gate.wait({e.message.partition for e in events})
             raws = [
@@ -261,7 +287,8 @@ def create_app(settings: Settings) -> faust.App:
             _report_batch_lag(events)
             # Durable before the batch is acked, so a committed offset never outruns the
             # dedup state that tells its replay from a resend.
-            partition_of, heard = {}, {}
+            partition_of: dict[str, int] = {}
+            heard: dict[str, int] = {}
             for r in raws:
                 if r.key:
                     vin = r.key.decode(errors="replace")
@@ -279,13 +306,18 @@ def create_app(settings: Settings) -> faust.App:
                 )
             )
             await forget_quiet(
-                seen_table, seen_sweep, ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
+                seen_table,
+                seen_sweep,
+                ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
                 partitions=settings.topic_partitions,
-                assigned={tp.partition for tp in app.consumer.assignment() if tp.topic == topics.uploads},
-                busy={r.key for r in raws if r.key}, touched_of=_seen_touched,
-            )  # fmt: skip
+                assigned={
+                    tp.partition for tp in app.consumer.assignment() if tp.topic == topics.uploads
+                },
+                busy={r.key for r in raws if r.key},
+                touched_of=_seen_touched,
+            )
 
-    async def _send(raw_upload: RawUpload, outcome: object) -> asyncio.Future:
+    async def _send(raw_upload: RawUpload, outcome: object) -> Awaitable[RecordMetadata]:
         source = f"{topics.uploads}:{raw_upload.source}"
         if isinstance(outcome, Routed):
             topic = topics.validated
@@ -312,7 +344,7 @@ def create_app(settings: Settings) -> faust.App:
         key = raw_upload.key[: h.KEEP_BYTES] if raw_upload.key else raw_upload.key
         return await app.producer.send(topic, key, value, None, None, headers + more)
 
-    def _report_batch_lag(events: list) -> None:
+    def _report_batch_lag(events: Sequence[EventT[Any]]) -> None:
         last: dict[int, int] = {}
         for e in events:
             last[e.message.partition] = max(last.get(e.message.partition, -1), e.message.offset)
@@ -334,12 +366,12 @@ def create_app(settings: Settings) -> faust.App:
             lag = max(0, app.consumer.highwater(tp) - position)
             metrics.CONSUMER_LAG.labels(app_id, tp.topic, str(tp.partition)).set(lag)
 
-    return app
+    return app, gate
 
 
 def _stored_seen(table: faust.Table, vin: str) -> dict[str, str]:
     stored = json.loads(table.get(vin.encode()) or b"{}")
-    return stored["ids"] if "ids" in stored else stored  # before vtp kept "touched": ids only
+    return stored.get("ids", stored)  # before vtp kept "touched": ids only
 
 
 def _seen_touched(value: bytes) -> int | None:
@@ -350,7 +382,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """`vtp worker`: run the validate job until SIGTERM/SIGINT."""
     check_cluster_region(settings)
     metrics.serve_metrics(settings.metrics_port)
-    app = create_app(settings)
+    app, gate = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel)
 
     @app.task
@@ -358,12 +390,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, flow_log.log_flow_state, app)
 
     watch = faust_fixes.StallWatch(settings.worker_stall_s)
-    gate = app.registry_gate
     registry_progress = {"applied": -1}
 
     @app.timer(interval=10.0)
     async def restart_if_stalled() -> None:
-        consumer = app.consumer
+        consumer = faust_fixes.internals(app.consumer)
         if not consumer.flow_active or settings.worker_stall_s <= 0:
             watch.since.clear()
             return
@@ -380,7 +411,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
                 consumer._committed_offset[tp],
                 consumer.highwater(tp),
                 len(consumer._acked[tp]),
-            )  # fmt: skip
+            )
             for tp in consumer.assignment()
             if tp.topic not in app.tables.changelog_topics
         }
@@ -389,9 +420,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
             flow_log.log_flow_state(app)
             log.critical(
                 "no record read or committed for %.0f s on %s although work is outstanding; "
-                "restarting the worker in place", settings.worker_stall_s, sorted(f"{tp.topic}:{tp.partition}" for tp in stuck),
-            )  # fmt: skip
-            faust_fixes.restart_in_place()
+                "exiting for the supervisor to restart the worker",
+                settings.worker_stall_s,
+                sorted(f"{tp.topic}:{tp.partition}" for tp in stuck),
+            )
+            faust_fixes.exit_for_restart()
 
     worker.execute_from_commandline()
 

@@ -1,57 +1,16 @@
-"""Fixes to faust-streaming that the worker needs to survive a restart with a backlog.
+"""Fixes to faust-streaming 0.15.3 and aiokafka 0.14.0 that the worker needs to process
+every record once and commit only what it processed. Why each exists, what it was seen
+doing and the upstream issue: docs/adr/0001-faust-fixes.md.
 
-1. After restoring tables, recovery resumes the stream partitions *before* it seeks
-   them to their committed offsets (faust/tables/recovery.py:
-   Recovery.on_recovery_completed). The fetcher is already running at that point
-   (_resume_streams, used when nothing needed restoring, runs with the flow stopped and
-   is left alone), so records fetched between the resume and the seek
-   reach the agents, and after the seek the same offsets arrive again. Both copies are acked; Faust's commit bookkeeping then
-   holds one offset twice and finds a "gap" after every one of them, so the committed
-   offset creeps forward by one or two per commit interval, or stops for good. Seen
-   here as a worker whose lag never drained after a SIGKILL and restart
-   (tests/integration/test_aggregation.py). The fix seeks first, then resumes.
+- seek before resume: ``_recovery_completed_seeking_first`` (faust#596)
+- durable table writes: ``put_durably`` (the rest of faust#273)
+- exit on agent error: ``exit_on_error`` (faust#527)
+- no gaps on plain topics: ``refuse_gaps_on``, ``_add_gap_unless_gapless`` (faust#606)
+- commit only processed runs: ``_new_offset_from_committed`` (faust#606, faust#707)
+- producer tracks every topic: ``_wait_on_metadata_tracking`` (no upstream issue yet)
+- stall watchdog: ``StallWatch`` (faust#629)
 
-2. Faust's commit drains its send buffer only until that buffer has been idle for
-   0.1 s (ProducerBuffer.flush_atmost), so on a busy worker offsets can be committed
-   before the table writes of the same batch reach the changelog; a SIGKILL then loses
-   state that the committed offsets rely on. `put_durably` returns the changelog
-   write's delivery future so an agent can await it before its batch is acked.
-
-3. An exception in an agent body still acks its take_events() batch (the generator's
-   finally), and Faust then restarts the agent: the batch is lost. `exit_on_error` ends
-   the worker instead, so the batch is read again after a restart.
-
-4. A watchdog restarts a worker whose fetcher stopped delivering (see StallWatch).
-   Fix 1 also seeks stream partitions the group never committed to the beginning.
-
-5. When a record arrives more than one offset past the last one read, Faust records
-   the offsets in between as a "gap" and counts them as processed (right for compacted
-   or transactional topics, whose offsets skip). On the worker's plain topics a skip
-   means records were delivered out of order, and the late records themselves are then
-   dropped as already read. Seen after restarts: validated.eu:0 delivered 808 right
-   after 247; in another run three hours of one vehicle's uploads were never aggregated
-   although their offsets were committed. Processing the later record first would be
-   wrong anyway (aggregation takes an upload older than one it applied for a replay), so
-   on the worker's plain topics (`refuse_gaps_on`) the worker restarts in place before
-   that record reaches an agent; nothing past the hole is committed, and the hole is
-   read first after the restart. Faust's commit also committed past an unprocessed
-   offset: it only checks that the first acked offset is
-   at most one past the committed one (Consumer._new_offset, an off-by-one: the
-   committed offset is the next to process) and skips the check when nothing was
-   committed yet or the committed offset is 0. `_new_offset_from_committed` commits
-   only a run of acked offsets that starts exactly at the committed offset.
-
-6. aiokafka's producer (0.14.0) stops for good on a topic its metadata forgot: a send
-   to a topic the cluster metadata already knows does not add it to the topics the
-   client refreshes (`AIOKafkaClient._wait_on_metadata`). While that list is empty a
-   refresh fetches every topic; once any other topic is added it fetches only the
-   listed ones, the others drop out of the metadata, and their queued batches wait for
-   a leader that is never looked up (until the 20-minute request timeout). Seen as a
-   worker whose sends and commits (which flush the producer) hung with batches for
-   validated.* and deadletter partitions, leader None, 67 s old. Every topic sent to is
-   now tracked.
-
-Fixes 1, 5 and 6 replace method bodies, so they are tied to the pinned versions.
+A worker that must start again exits for its supervisor (``exit_for_restart``).
 """
 
 from __future__ import annotations
@@ -61,7 +20,6 @@ import bisect
 import functools
 import logging
 import os
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -73,8 +31,19 @@ from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 
 FIXED_VERSION = "0.15.3"
+# The originals, taken at import (before install() replaces them): the tests show what
+# each one does wrong, so a library upgrade that fixes it shows up as a failing test.
+_faust_on_recovery_completed = Recovery.on_recovery_completed
+_faust_new_offset = Consumer._new_offset
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE
 log = logging.getLogger("vtp.worker")
+
+
+def internals(consumer: object) -> Any:
+    """Faust's consumer with the private bookkeeping the fixes, the watchdog and the flow
+    log read (``_acked``, ``_committed_offset``, ``_read_offset``, ``_thread``…), which
+    Faust's types do not declare."""
+    return consumer
 
 
 def _exit(code: int) -> None:  # replaced in tests
@@ -94,7 +63,7 @@ async def _seek_then_resume_streams(self: Recovery) -> None:
         # nothing): start it at offset 0 (if retention removed that, the consumer's
         # auto_offset_reset=earliest takes over).
         for tp in sorted(streams):
-            if consumer._committed_offset[tp] is None:
+            if internals(consumer)._committed_offset[tp] is None:
                 await self._wait(consumer.seek(tp, 0), timeout=self.app.conf.broker_request_timeout)
     consumer.resume_partitions(streams)
 
@@ -118,7 +87,9 @@ async def _recovery_completed_seeking_first(self: Recovery, generation_id: int =
         await asyncio.wait(completions)
     if app.consumer_generation_id != generation_id:
         self.log.warning(
-            f"Recovery rebalancing again app id {app.consumer_generation_id} param {generation_id}"
+            "Recovery rebalancing again app id %s param %s",
+            app.consumer_generation_id,
+            generation_id,
         )
         return
     await _seek_then_resume_streams(self)
@@ -134,7 +105,8 @@ async def _recovery_completed_seeking_first(self: Recovery, generation_id: int =
 
 
 def install() -> None:
-    """Apply fix 1; refuses any other Faust than the one it was written against."""
+    """Apply the fixes that replace library methods; refuses any other Faust or aiokafka
+    than the ones they were written against."""
     if faust.__version__ != FIXED_VERSION:
         raise RuntimeError(
             f"stream_jobs/faust_fixes.py patches faust-streaming {FIXED_VERSION}, found "
@@ -148,12 +120,12 @@ def install() -> None:
         raise RuntimeError(
             f"stream_jobs/faust_fixes.py patches aiokafka {FIXED_AIOKAFKA_VERSION}, found "
             f"{aiokafka.__version__}: check whether a send still leaves a topic the "
-            "metadata knows out of the client's refreshed topics, then update or drop fix 6"
+            "metadata knows out of the client's refreshed topics, then update or drop that fix"
         )
-    AIOKafkaClient._wait_on_metadata = _wait_on_metadata_tracking  # type: ignore[method-assign]
+    AIOKafkaClient._wait_on_metadata = _wait_on_metadata_tracking
 
 
-# -- fix 6: the producer's metadata keeps every topic it sends to ---------------------
+# -- producer tracks every topic --------------------------------------------------
 
 FIXED_AIOKAFKA_VERSION = "0.14.0"
 _aiokafka_wait_on_metadata = AIOKafkaClient._wait_on_metadata  # unpatched, at import
@@ -166,7 +138,7 @@ async def _wait_on_metadata_tracking(self, topic: str):
     return await _aiokafka_wait_on_metadata(self, topic)
 
 
-# -- fix 5: no gaps on topics whose offsets are contiguous ---------------------------
+# -- no gaps on plain topics; commit only processed runs -----------------------------
 
 _gapless_topics: set[str] = set()
 _faust_add_gap = Consumer._add_gap  # unpatched, at import
@@ -186,17 +158,26 @@ async def _add_gap_unless_gapless(self, tp, offset_from: int, offset_to: int) ->
             # Retention deleted the skipped records (a worker down that long): nothing
             # is there to read, so Faust's gap is right.
             log.warning(
-                "%s:%s: offsets %d..%d were deleted by retention before this worker read "
-                "them", tp.topic, tp.partition, offset_from, offset_to - 1,
-            )  # fmt: skip
+                "%s:%s: offsets %d..%d were deleted by retention before this worker read them",
+                tp.topic,
+                tp.partition,
+                offset_from,
+                offset_to - 1,
+            )
             await _faust_add_gap(self, tp, offset_from, offset_to)
             return
         log.critical(
-            "%s:%s: record %d arrived after %d, offsets %d..%d were skipped; restarting in "
-            "place before processing it, so the skipped records are read first",
-            tp.topic, tp.partition, offset_to, offset_from - 1, offset_from, offset_to - 1,
-        )  # fmt: skip
-        restart_in_place()
+            "%s:%s: record %d arrived after %d, offsets %d..%d were skipped; exiting for "
+            "the supervisor to restart the worker before it processes that record, so the "
+            "skipped records are read first",
+            tp.topic,
+            tp.partition,
+            offset_to,
+            offset_from - 1,
+            offset_from,
+            offset_to - 1,
+        )
+        exit_for_restart()
         return
     await _faust_add_gap(self, tp, offset_from, offset_to)
 
@@ -237,7 +218,7 @@ async def put_durably(
     table: faust.Table, key: bytes, value: bytes | None, partition: int | None = None
 ) -> None:
     """table[key] = value (None: delete the key), returning once its changelog write is
-    acknowledged (fix 2).
+    acknowledged (durable table writes).
 
     ``partition``: the changelog partition, i.e. the source partition the key's
     messages arrive on; None lets the producer's partitioner choose, for which Faust
@@ -253,13 +234,13 @@ async def put_durably(
         await table.send_changelog(partition, key, value)
 
 
-def exit_on_error(agent: Callable[[faust.StreamT], Awaitable[None]]):
-    """Fix 3: Faust acks a take_events() batch even when the agent body raised, and then
+def exit_on_error(agent: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    """Exit on agent error: Faust acks a take_events() batch even when the agent body raised, and then
     restarts the agent, so the batch would be lost. An agent wrapped in this ends the
     worker instead, before the acks can be committed; its batch is read again on restart."""
 
     @functools.wraps(agent)
-    async def guarded(stream: faust.StreamT) -> None:
+    async def guarded(stream: Any) -> None:
         try:
             await agent(stream)
         except asyncio.CancelledError:
@@ -276,16 +257,7 @@ def exit_on_error(agent: Callable[[faust.StreamT], Awaitable[None]]):
     return guarded
 
 
-# -- fix 4: a watchdog for a fetcher that stops delivering ---------------------------
-#
-# Seen in about one restart in ten before the uncommitted partitions were seeked to
-# the beginning (fix 1): a "ready" worker with every partition active and the
-# high-water marks moving that read nothing. Also seen (about one full test run in
-# three): the aiokafka producer stops draining, so sends and Faust's commits (which
-# flush the producer first) wait forever while the fetcher goes on reading. Kept as a
-# safety net: a worker with work outstanding on a partition (unread or uncommitted)
-# whose read and committed offsets have not moved for `stall_after_s` restarts itself
-# in place (same pid, same command); what it had not committed is read again.
+# -- stall watchdog: a worker whose offsets stopped moving with work outstanding ------
 
 
 @dataclass
@@ -293,7 +265,9 @@ class StallWatch:
     stall_after_s: float
     since: dict[Any, tuple[tuple[int | None, int | None], float]] = field(default_factory=dict)
 
-    def stalled(self, progress: dict[Any, tuple[int | None, ...]], now: float) -> list:
+    def stalled(
+        self, progress: dict[Any, tuple[int | None, int | None, int | None, int]], now: float
+    ) -> list[Any]:
         """Partitions with work outstanding whose position has not moved for
         ``stall_after_s``. ``progress``: partition -> (read offset, committed offset,
         high-water, acked offsets not yet committed). Faust's read offset is the last
@@ -316,7 +290,12 @@ class StallWatch:
         return stuck
 
 
-def restart_in_place() -> None:
-    """Replace this process with a fresh `vtp <same arguments>` (the pid stays)."""
-    logging.shutdown()
-    os.execv(sys.executable, [sys.executable, "-m", "vtp.cli", *sys.argv[1:]])
+EXIT_RESTART = 75  # EX_TEMPFAIL: start me again
+
+
+def exit_for_restart() -> None:
+    """End the worker now, asking its supervisor to start it again: nothing more is
+    processed or committed, and a fresh process reads on from the committed offsets.
+    Exiting (rather than replacing the process from inside Faust) lets the supervisor
+    count restarts, so a crash loop is visible where the worker runs."""
+    _exit(EXIT_RESTART)

@@ -9,25 +9,34 @@ import time
 
 import faust
 
+from stream_jobs.faust_fixes import internals
+
 log = logging.getLogger("vtp.worker")
 
 
 def log_flow_state(app: faust.App) -> None:
     """What the consumer and the agents are doing; `kill -USR1 <worker pid>` logs it."""
-    consumer = app.consumer
+    consumer = internals(app.consumer)
     log.warning(
         "flow: active=%s paused=%d buffered=%s flow_active=%s fetcher=%s",
         sorted(f"{tp.topic}:{tp.partition}" for tp in consumer._active_partitions or ()),
-        len(consumer._paused_partitions), sorted(map(str, consumer._buffered_partitions)),
-        consumer.flow_active, app._fetcher.state,
-    )  # fmt: skip
+        len(consumer._paused_partitions),
+        sorted(map(str, consumer._buffered_partitions)),
+        consumer.flow_active,
+        app._fetcher.state,
+    )
     for tp in sorted(consumer.assignment()):
         acked = sorted(consumer._acked[tp])
         log.warning(
-            "flow: %s:%s committed=%s read=%s acked=%s..(%d) high=%s", tp.topic, tp.partition,
-            consumer._committed_offset[tp], consumer._read_offset[tp], acked[:3], len(acked),
+            "flow: %s:%s committed=%s read=%s acked=%s..(%d) high=%s",
+            tp.topic,
+            tp.partition,
+            consumer._committed_offset[tp],
+            consumer._read_offset[tp],
+            acked[:3],
+            len(acked),
             consumer.highwater(tp),
-        )  # fmt: skip
+        )
     log_fetch_state(app)
     log_producer_state(app)
     log.warning("flow: agents\n%s", app.agents.human_tracebacks())
@@ -36,17 +45,20 @@ def log_flow_state(app: faust.App) -> None:
 def log_fetch_state(app: faust.App) -> None:
     """What aiokafka's own consumer (in Faust's consumer thread) holds per partition:
     paused or not, and where it will fetch next."""
-    aio = app.consumer._thread._consumer
+    aio = internals(app.consumer)._thread._consumer
     assignment = aio._subscription.subscription and aio._subscription.subscription.assignment
     if not assignment:
         return
     for tp in sorted(assignment.tps):
         state = assignment.state_value(tp)
         log.warning(
-            "fetch: %s:%s paused=%s position=%s awaiting_reset=%s", tp.topic, tp.partition,
-            state.paused, state.position if state.has_valid_position else None,
+            "fetch: %s:%s paused=%s position=%s awaiting_reset=%s",
+            tp.topic,
+            tp.partition,
+            state.paused,
+            state.position if state.has_valid_position else None,
             state.awaiting_reset,
-        )  # fmt: skip
+        )
 
 
 def log_producer_state(app: faust.App) -> None:
@@ -71,15 +83,19 @@ def log_producer_state(app: faust.App) -> None:
     log.warning(
         "producer: in_flight=%s muted=%s waiting (batches, leader, topic in metadata, "
         "age s)=%s sender_task=%s",
-        sorted(sender._in_flight), sorted(map(str, sender._muted_partitions)), waiting,
+        sorted(sender._in_flight),
+        sorted(map(str, sender._muted_partitions)),
+        waiting,
         sender.sender_task,
-    )  # fmt: skip
+    )
     for key, conn in producer.client._conns.items():
         pending = [(cid, type(req).__name__) for cid, req, _ in conn._requests]
         log.warning(
-            "producer: connection %s idle %.1f s, pending %s", key,
-            now - conn._last_action, pending,
-        )  # fmt: skip
+            "producer: connection %s idle %.1f s, pending %s",
+            key,
+            now - conn._last_action,
+            pending,
+        )
     for task in asyncio.all_tasks():
         if "_send_produce_req" in getattr(task.get_coro(), "__qualname__", ""):
             log.warning("producer: request in flight awaiting %s", _awaiting(task.get_coro()))

@@ -4,14 +4,18 @@ look at each region's own cluster."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -28,14 +32,72 @@ def settings_env(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
     return env
 
 
+# `vtp worker` exits with this to be started again (stream_jobs.faust_fixes.exit_for_restart):
+# EX_TEMPFAIL. A supervisor (Kubernetes, systemd, this harness) starts it again and counts.
+EXIT_RESTART = 75
+
+
 @dataclass
 class Process:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
+    """A child process, and for those that ask to be restarted (``restart_on``), their
+    supervisor: a thread that starts the same command again when it exits with one of
+    those codes, notes each restart in its log, and gives up after ``max_restarts``
+    within ``restart_window_s`` (a crash loop stays visible instead of spinning)."""
 
-    def stop(self, timeout: float = 30.0) -> int:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restart_on: frozenset[int] = frozenset()
+    max_restarts: int = 5
+    restart_window_s: float = 300.0
+    restarts: int = 0
+    _stopping: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _supervisor: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        if self.restart_on:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name=f"supervise-{self.name}", daemon=True
+            )
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        recent: list[float] = []
+        while True:
+            code = self.popen.wait()
+            with self._lock:
+                if self._stopping or code not in self.restart_on:
+                    return
+                now = time.monotonic()
+                recent = [t for t in recent if now - t < self.restart_window_s] + [now]
+                if len(recent) > self.max_restarts:
+                    self._note(
+                        f"exited with {code} for the {len(recent)}th time in "
+                        f"{self.restart_window_s:.0f} s; giving up (crash loop)"
+                    )
+                    return
+                self.restarts += 1
+                self._note(f"exited with {code}; starting it again (restart {self.restarts})")
+                self.popen = _spawn(self.command, self.env, self.log_path)
+
+    def _note(self, what: str) -> None:
+        with open(self.log_path, "a") as log:
+            log.write(f"[supervisor] {self.name} {what}\n")
+
+    def exited(self) -> int | None:
+        """The exit code once the process has ended for good (not about to be started
+        again by its supervisor); None while it runs."""
+        if self._supervisor is not None and self._supervisor.is_alive():
+            return None
+        return self.popen.poll()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM by our own pid, then SIGKILL if it does not end in time."""
+        with self._lock:
+            self._stopping = True
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -46,6 +108,8 @@ class Process:
         return self.popen.returncode
 
     def kill(self) -> None:
+        with self._lock:
+            self._stopping = True
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(10)
@@ -57,27 +121,41 @@ class Process:
             return ""
 
 
+def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
+    try:
+        return subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    finally:
+        log_file.close()
+
+
 def start_process(
-    settings: Settings, name: str, *args: str, metrics_port: int = 0, module: str = "vtp.cli"
+    settings: Settings,
+    name: str,
+    *args: str,
+    metrics_port: int = 0,
+    module: str = "vtp.cli",
+    restart_on: frozenset[int] = frozenset(),
 ) -> Process:
     log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child from here on
-    popen = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        env=settings_env(settings, metrics_port),
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    log_file.close()
-    return Process(name, popen, log_path)
+    command = [sys.executable, "-m", module, *args]
+    env = settings_env(settings, metrics_port)
+    return Process(name, _spawn(command, env, log_path), log_path, command, env, restart_on)
 
 
-def start_worker(settings: Settings, metrics_port: int = 0) -> Process:
+def start_worker(settings: Settings, metrics_port: int = 0, module: str = "vtp.cli") -> Process:
+    """`vtp worker`, started again whenever it asks to be (EXIT_RESTART)."""
     return start_process(
-        settings, f"worker-{settings.need_region()}", "worker", metrics_port=metrics_port
+        settings,
+        f"worker-{settings.need_region()}",
+        "worker",
+        metrics_port=metrics_port,
+        module=module,
+        restart_on=frozenset({EXIT_RESTART}),
     )
 
 
@@ -118,15 +196,21 @@ def group_position(settings: Settings, group: str, topics: list[str]) -> tuple[i
     committed_total, high_total = 0, 0
     try:
         for topic in topics:
-            meta = retry_kafka(lambda t=topic: consumer.list_topics(t, timeout=10), "metadata")
+            # functools.partial, not lambdas with defaults: mypy cannot infer those against
+            # retry_kafka's Callable[[], T].
+            meta = retry_kafka(
+                functools.partial(consumer.list_topics, topic, timeout=10), "metadata"
+            )
             found = meta.topics.get(topic)
             if found is None:
                 continue
             tps = [TopicPartition(topic, p) for p in found.partitions]
-            committed = retry_kafka(lambda t=tps: consumer.committed(t, timeout=10), "committed")
+            committed = retry_kafka(
+                functools.partial(consumer.committed, tps, timeout=10), "committed"
+            )
             for tp in committed:
                 low, high = retry_kafka(
-                    lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10), "watermarks"
+                    functools.partial(consumer.get_watermark_offsets, tp, timeout=10), "watermarks"
                 )
                 committed_total += (tp.offset if tp.offset >= 0 else low) - low
                 high_total += high - low
@@ -177,15 +261,16 @@ def wait_drained(
     settings: Settings | list[Settings],
     processes: list[Process],
     timeout: float = 180.0,
-    progress=None,
+    progress: Callable[[int], object] | None = None,
 ) -> bool:
     """True once every consumer of the pipeline has committed everything; raises
     NotDrained (with the evidence) after ``timeout`` seconds, or when a process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in processes:
-            if p.popen.poll() is not None:
-                raise NotDrained(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
+            code = p.exited()
+            if code is not None:
+                raise NotDrained(f"{p.name} exited with {code}:\n{p.log_tail()}")
         lag = pipeline_lag(settings)
         if progress:
             progress(lag)
@@ -215,10 +300,10 @@ class Outcomes:
     ``partial`` counts, per reason, samples quarantined from messages whose other samples
     were stored (their outcome is "stored")."""
 
-    deadlettered: Counter = field(default_factory=Counter)
-    quarantined: Counter = field(default_factory=Counter)
+    deadlettered: Counter[str] = field(default_factory=Counter)
+    quarantined: Counter[str] = field(default_factory=Counter)
     too_late: int = 0
-    partial: Counter = field(default_factory=Counter)
+    partial: Counter[str] = field(default_factory=Counter)
 
     @property
     def deadlettered_total(self) -> int:
@@ -246,10 +331,12 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[
         ends = {}
         assignment = []
         for p in meta.partitions:
-            low, high = retry_kafka(
-                lambda p=p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10),
-                "watermarks",
-            )
+            # A def, not a lambda with defaults: mypy cannot infer those against
+            # retry_kafka's Callable[[], T].
+            def watermarks(p: int = p) -> tuple[int, int]:
+                return consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+
+            low, high = retry_kafka(watermarks, "watermarks")
             if high > low:
                 ends[p] = high
                 assignment.append(TopicPartition(topic, p, low))
@@ -259,14 +346,19 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[
             for m in consumer.consume(1000, timeout=1.0):
                 if m.error():
                     continue
-                headers = {k: (v or b"").decode() for k, v in (m.headers() or [])}
-                source = headers.get(h.SOURCE, f"{topic}:{m.partition()}:{m.offset()}")
+                offset = m.offset()
+                assert offset is not None  # the stub makes it optional; a message has one
+                # A consumed message's headers are a list of pairs; the stub's type also
+                # admits the dict a producer may be given.
+                pairs = cast("list[tuple[str, bytes | None]] | None", m.headers())
+                headers = {k: (v or b"").decode() for k, v in (pairs or [])}
+                source = headers.get(h.SOURCE, f"{topic}:{m.partition()}:{offset}")
                 partial = headers.get(h.PARTIAL)
                 found[(headers.get(h.STAGE, ""), source)] = (
                     headers.get(h.REASON, "unknown"),
                     int(partial) if partial else None,
                 )
-                if m.offset() + 1 >= ends.get(m.partition(), 0):
+                if offset + 1 >= ends.get(m.partition(), 0):
                     ends.pop(m.partition(), None)
         return found
     finally:
@@ -281,7 +373,7 @@ def read_outcomes(settings: Settings) -> Outcomes:
     refused = {source: r for (stage, source), (r, _) in dead.items() if stage != "aggregate"}
     quarantine = _read_to_end(settings, settings.topics.quarantine)
     whole = {source: r for (_, source), (r, partial) in quarantine.items() if partial is None}
-    partial: Counter = Counter()
+    partial: Counter[str] = Counter()
     for (_, source), (reason, samples) in quarantine.items():
         if samples is not None and source not in whole:
             partial[reason] += samples

@@ -19,6 +19,8 @@ import os
 import signal
 import socket
 import threading
+from pathlib import Path
+from typing import Protocol
 
 import uvicorn
 
@@ -33,7 +35,7 @@ from vtp.core.warehouse import open_warehouse
 log = logging.getLogger("vtp.serve")
 
 
-def address_file(settings: Settings):
+def address_file(settings: Settings) -> Path:
     return settings.home / "serve.json"
 
 
@@ -100,7 +102,16 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
     return 0
 
 
-def wait_for_service(settings: Settings, process, timeout: float = 60.0) -> str:
+class Started(Protocol):
+    """What waiting for a service needs of its process: a vtp.harness.Process (named
+    structurally, as the harness imports this module)."""
+
+    def exited(self) -> int | None: ...
+
+    def log_tail(self, lines: int = ...) -> str: ...
+
+
+def wait_for_service(settings: Settings, process: Started, timeout: float = 60.0) -> str:
     """The URL of a `vtp serve` process (vtp.harness.Process) once it answers."""
     import time
 
@@ -110,10 +121,10 @@ def wait_for_service(settings: Settings, process, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     path = address_file(settings)
     while time.monotonic() < deadline:
-        if process.popen.poll() is not None:
+        if process.exited() is not None:
             raise ServeError(f"vtp serve --region {region} exited:\n{process.log_tail()}")
         if path.exists():
-            url = json.loads(path.read_text())["url"]
+            url: str = json.loads(path.read_text())["url"]
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     return url

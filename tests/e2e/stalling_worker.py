@@ -1,6 +1,7 @@
 """`vtp worker` whose fetcher stops delivering once it has delivered something, the way
-a worker stalled after some restarts (stream_jobs/faust_fixes.py, fix 4). Its watchdog
-must restart it; the restarted process is a plain `vtp worker`."""
+a worker stalled after some restarts (docs/adr/0001-faust-fixes.md). Its watchdog must
+make it exit for the harness to start it again; started again (the same command), it
+finds its marker and runs as a plain `vtp worker`."""
 
 import asyncio
 import sys
@@ -23,10 +24,15 @@ async def stalling(self, consumer, active_partitions, timeout=None, max_records=
     return records
 
 
-driver.AIOKafkaConsumerThread._fetch_records = stalling
-
 if __name__ == "__main__":
     from vtp.cli import main
+    from vtp.core.settings import load_settings
 
-    sys.argv = ["vtp", "worker"]  # what the watchdog runs again
+    marker = load_settings().home / "stalled-once"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        driver.AIOKafkaConsumerThread._fetch_records = stalling
+
+    sys.argv = ["vtp", "worker"]
     sys.exit(main(sys.argv[1:]))

@@ -29,7 +29,7 @@ from vtp.harness import (
 )
 from vtp.oracle import compare
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 STRAGGLER_SEQ = 10_000_000
 HOURS = float(os.environ.get("VTP_TEST_AGG_HOURS", "10"))

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from vtp.harness import EXIT_RESTART
+
+pytestmark = pytest.mark.e2e
 
 
 def vtp(*args, data_dir, **env):
@@ -65,10 +67,13 @@ def test_errors_are_one_clear_line(tmp_path):
 
 def test_config_lists_every_variable_and_prints_no_secret(tmp_path):
     out = vtp(
-        "config", "--region", "cn", data_dir=tmp_path,
+        "config",
+        "--region",
+        "cn",
+        data_dir=tmp_path,
         VTP_WAREHOUSE="http://vtp:hunter2@ch.example:8123/vtp_{region}",
         VTP_KAFKA_EXTRA='{"sasl.password": "hunter3", "security.protocol": "SASL_SSL"}',
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr
     assert "VTP_REGION=cn  (default ; the region this process serves" in out.stdout
     assert "VTP_WAREHOUSE=http://vtp:***@ch.example:8123/vtp_{region}" in out.stdout
@@ -109,19 +114,17 @@ def test_token_keys_and_serve_refuse_what_they_cannot_do_in_one_line(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
 
 
-def test_a_stalled_worker_restarts_as_the_same_command_in_the_same_process(tmp_path):
-    # restart_in_place is what the worker's stall watchdog calls: `vtp <same args>` by exec.
+def test_a_worker_that_must_restart_exits_for_its_supervisor_at_once(tmp_path):
+    # What the stall watchdog and the gap check call: no finally block, no commit.
     code = (
-        "import os, sys; print('pid', os.getpid(), flush=True); sys.argv = ['vtp', 'config'];"
-        "from stream_jobs.faust_fixes import restart_in_place; restart_in_place()"
+        "import atexit\n"
+        "atexit.register(print, 'atexit ran')\n"
+        "from stream_jobs.faust_fixes import exit_for_restart\n"
+        "try:\n    exit_for_restart()\nfinally:\n    print('finally ran')\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VTP_")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env={**env, "VTP_DATA_DIR": str(tmp_path)},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("pid ") and "VTP_WORKER_STALL_S" in done.stdout
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_RESTART == 75, done.stderr
+    assert "ran" not in done.stdout
 
 
 def test_vtp_sql_runs_allowed_queries_and_refuses_the_rest_in_one_line(tmp_path):
@@ -141,9 +144,13 @@ def test_a_region_refuses_a_cluster_that_holds_another_regions_topics(base_setti
     eu = region_stack("eu", "guard")
     for args in (("simulate", "--minutes", "1"), ("topics",), ("sink",), ("worker",)):
         refused = vtp(
-            *args, "--region", "cn", data_dir=eu.data_dir, VTP_KAFKA_BOOTSTRAP=eu.bootstrap(),
+            *args,
+            "--region",
+            "cn",
+            data_dir=eu.data_dir,
+            VTP_KAFKA_BOOTSTRAP=eu.bootstrap(),
             VTP_TOPIC_PREFIX=eu.topic_prefix,
-        )  # fmt: skip
+        )
         assert refused.returncode == 1, (args, refused.stderr)
         assert "holds another region's topics" in refused.stderr, (args, refused.stderr)
     from confluent_kafka.admin import AdminClient

@@ -32,7 +32,7 @@ from vtp.harness import (
 from vtp.oracle import compare
 from vtp.serve import wait_for_service
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 def _stored(settings) -> tuple[int, int, int]:
@@ -160,8 +160,9 @@ def test_the_service_killed_during_an_erasure_finishes_it_after_a_restart(region
             serve.popen.wait(10)
         wh = ChdbWarehouse(settings.warehouse_path)
         try:
-            (pending,) = rows(wh.query(
-                "SELECT count() FROM erasures FINAL WHERE completed_at IS NULL"))[0]  # fmt: skip
+            (pending,) = rows(
+                wh.query("SELECT count() FROM erasures FINAL WHERE completed_at IS NULL")
+            )[0]
         finally:
             wh.close()
         assert pending == 1, "the erasure had finished before the kill: make the owner larger"
@@ -181,8 +182,9 @@ def test_the_service_killed_during_an_erasure_finishes_it_after_a_restart(region
     others = [v for v in fleet if v.owner_id != owner]
     wh = open_warehouse(settings)
     try:
-        (left,) = rows(wh.query(
-            "SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": owner}))[0]  # fmt: skip
+        (left,) = rows(
+            wh.query("SELECT count() FROM samples WHERE owner_id = {o:String}", {"o": owner})
+        )[0]
         kept = dict(rows(wh.query("SELECT vin, count() FROM samples GROUP BY vin")))
     finally:
         wh.close()

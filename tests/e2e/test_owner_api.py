@@ -11,6 +11,7 @@ import time
 import uuid
 import zipfile
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
@@ -30,7 +31,7 @@ from vtp.harness import start_serve, start_worker, wait_drained
 from vtp.serve import address_file, wait_for_service
 from vtp.sql import query_locally_or_via_service
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 RING = {}  # the served region's key ring, for the tokens the tests make
 
 DATA_TABLES = (
@@ -47,11 +48,17 @@ DATA_TABLES = (
 @pytest.fixture(scope="module")
 def served(region_stack):
     settings = region_stack(
-        "eu", "api", sink_batch_messages=200, sink_flush_ms=300, analyst_max_execution_s=3.0,
+        "eu",
+        "api",
+        sink_batch_messages=200,
+        sink_flush_ms=300,
+        analyst_max_execution_s=3.0,
         export_page_rows=1000,  # many pages: an export can be left half way
         # short gaps: a trip can begin and end within the clock skew allowed after an erasure
-        trip_gap_s=60.0, charge_gap_s=60.0, allowed_lateness_s=30.0,
-    )  # fmt: skip
+        trip_gap_s=60.0,
+        charge_gap_s=60.0,
+        allowed_lateness_s=30.0,
+    )
     ring = RING["eu"] = load_keyring(settings)  # `vtp serve` finds them in the region's folder
     fleet = [v for v in build_fleet(5, owners=12, vehicles=20) if v.region == "eu"]
     register_fleet(settings, fleet)
@@ -64,9 +71,14 @@ def served(region_stack):
         assert published.report.ok
         assert wait_drained(settings, processes, timeout=300)
         yield {
-            "settings": settings, "fleet": fleet, "truth": published.truth, "urls": {"eu": url},
-            "processes": processes, "published": published, "ring": ring,
-        }  # fmt: skip
+            "settings": settings,
+            "fleet": fleet,
+            "truth": published.truth,
+            "urls": {"eu": url},
+            "processes": processes,
+            "published": published,
+            "ring": ring,
+        }
     finally:
         for p in processes:
             p.stop()
@@ -127,8 +139,12 @@ def test_an_owner_reads_their_vehicles_samples_trips_charges_and_days(served):
         vin = vins[0]
         pages, cursor, got = 0, None, []
         while True:
-            params = {"start": "2026-01-01T00:00:00Z", "end": "2027-01-01T00:00:00Z",
-                      "limit": 500, "signals": "speed,soc,latitude"}  # fmt: skip
+            params = {
+                "start": "2026-01-01T00:00:00Z",
+                "end": "2027-01-01T00:00:00Z",
+                "limit": 500,
+                "signals": "speed,soc,latitude",
+            }
             if cursor:
                 params["cursor"] = cursor
             r = api.get(f"/v1/vehicles/{vin}/samples", params=params)
@@ -160,8 +176,16 @@ def test_bad_parameters_get_400_with_the_reason(served):
     with _client(served, "eu", _owner_token(owner, "eu")) as api:
         url = f"/v1/vehicles/{vins[0]}/samples"
         cases = [
-            (url, {"start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"}, "bad_time_range"),
-            (url, {"start": "2020-01-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"}, "bad_time_range"),
+            (
+                url,
+                {"start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+                "bad_time_range",
+            ),
+            (
+                url,
+                {"start": "2020-01-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+                "bad_time_range",
+            ),
             (url, {"start": "yesterday"}, "bad_parameter"),
             (url, {"signals": "speed,warp_factor"}, "unknown_signal"),
             (url, {"cursor": "not-a-cursor"}, "bad_cursor"),
@@ -169,7 +193,7 @@ def test_bad_parameters_get_400_with_the_reason(served):
             ("/v1/vehicles/not-a-vin/samples", {}, "bad_parameter"),
             ("/v1/trips", {"vin": "'; DROP TABLE trips; --"}, "bad_parameter"),
             ("/v1/export", {"format": "xml"}, "bad_parameter"),
-        ]  # fmt: skip
+        ]
         for path, params, code in cases:
             r = api.get(path, params=params)
             assert (r.status_code, r.json()["error"]) == (400, code), (path, params, r.text)
@@ -220,8 +244,15 @@ def test_no_caller_reaches_another_owners_data(served):
         (cn_token, 403, "wrong_region"),
     ]:
         with _client(served, "eu", token) as api:
-            for path in ("/v1/me", "/v1/vehicles", f"/v1/vehicles/{vins[0]}/samples",
-                         "/v1/trips", "/v1/export", "/v1/audit", "/v1/grants"):  # fmt: skip
+            for path in (
+                "/v1/me",
+                "/v1/vehicles",
+                f"/v1/vehicles/{vins[0]}/samples",
+                "/v1/trips",
+                "/v1/export",
+                "/v1/audit",
+                "/v1/grants",
+            ):
                 r = api.get(path)
                 assert (r.status_code, r.json()["error"]) == (status, code), (path, r.text)
 
@@ -440,24 +471,51 @@ def _fresh_upload(vin: str) -> dict:
     samples = []
     for i in range(24):  # a sample every 10 s
         driving = i < 6
-        samples.append({
-            "event_time_ms": start + i * 10_000, "seq": 10_000_000 + i,
-            "speed": 36.0 if driving else 0.0, "latitude": 48.1, "longitude": 11.6,
-            "heading": 0.0, "odometer": 20_000.0 + 0.1 * min(i, 6), "soc": 60.0 - 0.01 * min(i, 6),
-            "is_charging": False, "charge_power": None, "charge_mode": None,
-            "battery_temperature": 20.0, "outside_temperature": 8.0,
-            "gear": "DRIVE" if driving else "PARK", "dtcs": [],
-        })  # fmt: skip
-    return {"vin": vin, "upload_id": str(uuid.uuid4()), "sent_at_ms": samples[-1]["event_time_ms"],
-            "gateway_firmware": "3.2.1", "samples": samples}  # fmt: skip
+        samples.append(
+            {
+                "event_time_ms": start + i * 10_000,
+                "seq": 10_000_000 + i,
+                "speed": 36.0 if driving else 0.0,
+                "latitude": 48.1,
+                "longitude": 11.6,
+                "heading": 0.0,
+                "odometer": 20_000.0 + 0.1 * min(i, 6),
+                "soc": 60.0 - 0.01 * min(i, 6),
+                "is_charging": False,
+                "charge_power": None,
+                "charge_mode": None,
+                "battery_temperature": 20.0,
+                "outside_temperature": 8.0,
+                "gear": "DRIVE" if driving else "PARK",
+                "dtcs": [],
+            }
+        )
+    return {
+        "vin": vin,
+        "upload_id": str(uuid.uuid4()),
+        "sent_at_ms": samples[-1]["event_time_ms"],
+        "gateway_firmware": "3.2.1",
+        "samples": samples,
+    }
 
 
 def test_the_service_serves_its_openapi_document(served):
     doc = httpx.get(f"{served['urls']['eu']}/openapi.json").json()
     paths = set(doc["paths"])
-    assert {"/v1/me", "/v1/vehicles", "/v1/vehicles/{vin}/samples", "/v1/trips", "/v1/charges",
-            "/v1/daily-summaries", "/v1/grants", "/v1/grants/{grant_id}", "/v1/export",
-            "/v1/erasure", "/v1/erasures", "/v1/audit"} <= paths  # fmt: skip
+    assert {
+        "/v1/me",
+        "/v1/vehicles",
+        "/v1/vehicles/{vin}/samples",
+        "/v1/trips",
+        "/v1/charges",
+        "/v1/daily-summaries",
+        "/v1/grants",
+        "/v1/grants/{grant_id}",
+        "/v1/export",
+        "/v1/erasure",
+        "/v1/erasures",
+        "/v1/audit",
+    } <= paths
 
 
 # -- schema-driven fuzzing --------------------------------------------------------------
@@ -503,68 +561,176 @@ BASE_DAY = {"vin", "date", "time_zone", "final", "samples"}
 # Written out by hand, not derived from owner_api.scopes: what each grant may see.
 COLUMNS_BY_SCOPES = {
     ("driving",): {
-        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
-                              "end_odometer"},
+        "trips": BASE_TRIP
+        | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer", "end_odometer"},
         "charges": None,  # 403 missing_scope
         "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips"},
         "samples": {"event_time", "seq", "speed", "odometer", "gear"},
     },
     ("driving", "location"): {
-        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
-                              "end_odometer", "start_lat", "start_lon", "end_lat", "end_lon"},
+        "trips": BASE_TRIP
+        | {
+            "distance_km",
+            "avg_speed_kmh",
+            "max_speed_kmh",
+            "start_odometer",
+            "end_odometer",
+            "start_lat",
+            "start_lon",
+            "end_lat",
+            "end_lon",
+        },
         "charges": None,
         "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips"},
-        "samples": {"event_time", "seq", "speed", "odometer", "gear", "latitude", "longitude",
-                    "heading"},
+        "samples": {
+            "event_time",
+            "seq",
+            "speed",
+            "odometer",
+            "gear",
+            "latitude",
+            "longitude",
+            "heading",
+        },
     },
     ("battery",): {
         "trips": None,
-        "charges": BASE_CHARGE | {"start_soc", "end_soc", "energy_added_kwh",
-                                  "energy_metered_kwh", "peak_power_kw", "avg_power_kw", "mode"},
+        "charges": BASE_CHARGE
+        | {
+            "start_soc",
+            "end_soc",
+            "energy_added_kwh",
+            "energy_metered_kwh",
+            "peak_power_kw",
+            "avg_power_kw",
+            "mode",
+        },
         "daily_summaries": None,
-        "samples": {"event_time", "seq", "soc", "is_charging", "charge_power", "charge_mode",
-                    "battery_temperature"},
+        "samples": {
+            "event_time",
+            "seq",
+            "soc",
+            "is_charging",
+            "charge_power",
+            "charge_mode",
+            "battery_temperature",
+        },
     },
     ("battery", "location"): {
         "trips": None,
-        "charges": BASE_CHARGE | {"start_soc", "end_soc", "energy_added_kwh",
-                                  "energy_metered_kwh", "peak_power_kw", "avg_power_kw", "mode",
-                                  "lat", "lon"},
+        "charges": BASE_CHARGE
+        | {
+            "start_soc",
+            "end_soc",
+            "energy_added_kwh",
+            "energy_metered_kwh",
+            "peak_power_kw",
+            "avg_power_kw",
+            "mode",
+            "lat",
+            "lon",
+        },
         "daily_summaries": None,
-        "samples": {"event_time", "seq", "soc", "is_charging", "charge_power", "charge_mode",
-                    "battery_temperature", "latitude", "longitude", "heading"},
+        "samples": {
+            "event_time",
+            "seq",
+            "soc",
+            "is_charging",
+            "charge_power",
+            "charge_mode",
+            "battery_temperature",
+            "latitude",
+            "longitude",
+            "heading",
+        },
     },
     ("battery", "driving"): {
-        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
-                              "end_odometer", "start_soc", "end_soc", "soc_used", "energy_kwh"},
-        "charges": BASE_CHARGE | {"start_soc", "end_soc", "energy_added_kwh",
-                                  "energy_metered_kwh", "peak_power_kw", "avg_power_kw", "mode"},
-        "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips",
-                                       "energy_used_kwh", "energy_charged_kwh", "idle_drain_kwh",
-                                       "efficiency_wh_per_km", "charges"},
-        "samples": {"event_time", "seq", "speed", "odometer", "gear", "soc", "is_charging",
-                    "charge_power", "charge_mode", "battery_temperature"},
+        "trips": BASE_TRIP
+        | {
+            "distance_km",
+            "avg_speed_kmh",
+            "max_speed_kmh",
+            "start_odometer",
+            "end_odometer",
+            "start_soc",
+            "end_soc",
+            "soc_used",
+            "energy_kwh",
+        },
+        "charges": BASE_CHARGE
+        | {
+            "start_soc",
+            "end_soc",
+            "energy_added_kwh",
+            "energy_metered_kwh",
+            "peak_power_kw",
+            "avg_power_kw",
+            "mode",
+        },
+        "daily_summaries": BASE_DAY
+        | {
+            "distance_km",
+            "driving_s",
+            "parked_s",
+            "trips",
+            "energy_used_kwh",
+            "energy_charged_kwh",
+            "idle_drain_kwh",
+            "efficiency_wh_per_km",
+            "charges",
+        },
+        "samples": {
+            "event_time",
+            "seq",
+            "speed",
+            "odometer",
+            "gear",
+            "soc",
+            "is_charging",
+            "charge_power",
+            "charge_mode",
+            "battery_temperature",
+        },
     },
     ("climate", "driving"): {
-        "trips": BASE_TRIP | {"distance_km", "avg_speed_kmh", "max_speed_kmh", "start_odometer",
-                              "end_odometer", "outside_temp_avg"},
+        "trips": BASE_TRIP
+        | {
+            "distance_km",
+            "avg_speed_kmh",
+            "max_speed_kmh",
+            "start_odometer",
+            "end_odometer",
+            "outside_temp_avg",
+        },
         "charges": None,
         "daily_summaries": BASE_DAY | {"distance_km", "driving_s", "parked_s", "trips"},
-        "samples": {"event_time", "seq", "speed", "odometer", "gear", "outside_temperature",
-                    "cabin_temperature"},
+        "samples": {
+            "event_time",
+            "seq",
+            "speed",
+            "odometer",
+            "gear",
+            "outside_temperature",
+            "cabin_temperature",
+        },
     },
     ("diagnostics",): {
-        "trips": None, "charges": None, "daily_summaries": None,
+        "trips": None,
+        "charges": None,
+        "daily_summaries": None,
         "samples": {"event_time", "seq", "dtcs"},
     },
-}  # fmt: skip
+}
 
 
 def _columns_seen(api: httpx.Client, vin: str) -> dict[str, set[str] | None]:
     window = {"start": "2026-01-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
     seen: dict[str, set[str] | None] = {}
-    for route, key in (("trips", "trips"), ("charges", "charges"),
-                       ("daily-summaries", "daily_summaries")):  # fmt: skip
+    for route, key in (
+        ("trips", "trips"),
+        ("charges", "charges"),
+        ("daily-summaries", "daily_summaries"),
+    ):
         r = api.get(f"/v1/{route}", params=window)
         if r.status_code == 403:
             assert r.json()["error"] == "missing_scope"
@@ -595,7 +761,7 @@ def test_each_scope_opens_exactly_its_columns_on_every_route(served):
                     "scopes": list(scopes),
                     "expires_in_s": 600,
                 },
-            ).json()["token"]  # fmt: skip
+            ).json()["token"]
             for scopes in COLUMNS_BY_SCOPES
         }
     for scopes, expected in COLUMNS_BY_SCOPES.items():
@@ -608,7 +774,7 @@ def test_each_scope_opens_exactly_its_columns_on_every_route(served):
 
 
 def test_every_error_answer_has_the_documented_shape(served):
-    owner, vins = _owner_in(served, "eu")
+    owner, _vins = _owner_in(served, "eu")
     with _client(served, "eu", _owner_token(owner, "eu")) as api:
         for method, path, body, status, code in [
             ("GET", "/v1/nothing-here", None, 404, "not_found"),
@@ -628,8 +794,12 @@ def test_a_refused_read_never_names_another_owners_vehicle_in_the_log(served):
     owner, _ = _owner_in(served, "eu", 1)
     _, theirs = _owner_in(served, "eu", 2)
     with _client(served, "eu", _owner_token(owner, "eu")) as api:
-        for params in ({"start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
-                       {"cursor": "nonsense"}, {"signals": "warp"}, {}):  # fmt: skip
+        for params in (
+            {"start": "2026-02-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+            {"cursor": "nonsense"},
+            {"signals": "warp"},
+            {},
+        ):
             assert api.get(f"/v1/vehicles/{theirs[0]}/samples", params=params).status_code >= 400
         assert api.get("/v1/trips", params={"vin": theirs[0]}).status_code == 404
         log = api.get("/v1/audit").json()["entries"]
@@ -654,8 +824,15 @@ def test_a_validly_signed_token_with_odd_claims_gets_401_never_500(served, claim
     kind = claims.get("kind", "owner")
     kid, secret = RING["eu"].signing(kind)
     now = int(time.time())
-    payload = {"iss": "vtp", "aud": audience("eu"), "sub": "owner-0001", "kind": kind, "iat": now,
-               "exp": now + 60, **claims}  # fmt: skip
+    payload = {
+        "iss": "vtp",
+        "aud": audience("eu"),
+        "sub": "owner-0001",
+        "kind": kind,
+        "iat": now,
+        "exp": now + 60,
+        **claims,
+    }
     token = jwt.encode(payload, secret, algorithm="HS256", headers={"kid": kid})
     with _client(served, "eu", token) as api:
         r = api.get("/v1/me")
@@ -676,7 +853,8 @@ def test_analysts_over_http_get_the_same_allow_list_and_no_secret_anywhere_they_
     secrets = [s for ring in RING["eu"].keys.values() for s in ring.values()]
     secrets.append((settings.keys_path / "pseudonym.key").read_text().strip())
     serve = served["processes"][1]
-    environment = open(f"/proc/{serve.popen.pid}/environ", "rb").read().decode(errors="replace")
+    environ = Path(f"/proc/{serve.popen.pid}/environ")
+    environment = environ.read_bytes().decode(errors="replace")
     assert not [s for s in secrets if s in environment]  # nothing for file('/proc/self/environ')
     assert settings.keys_path.resolve() not in settings.warehouse_path.resolve().parents
 
@@ -739,8 +917,11 @@ def test_analyst_queries_run_two_at_a_time_and_bodies_and_odd_tokens_are_refused
     with _client(served, "eu", analyst) as api:
         assert api.post("/v1/analyst/sql", json={"sql": "SELECT 1 AS one"}).json()["rows"] == [[1]]
         # a body bigger than any route takes: 413 before it is read, token or not
-        r = api.post("/v1/analyst/sql", content=b"x" * (2 << 20),
-                     headers={"content-type": "application/json"})  # fmt: skip
+        r = api.post(
+            "/v1/analyst/sql",
+            content=b"x" * (2 << 20),
+            headers={"content-type": "application/json"},
+        )
         assert (r.status_code, r.json()["error"]) == (413, "too_large")
     with _client(served, "eu", None) as anonymous:
         r = anonymous.post("/v1/analyst/sql", content=b"x" * (2 << 20))
@@ -749,9 +930,18 @@ def test_analyst_queries_run_two_at_a_time_and_bodies_and_odd_tokens_are_refused
     kid, secret = RING["eu"].signing("owner")
     now = int(time.time())
     two_audiences = jwt.encode(
-        {"iss": "vtp", "aud": [audience("eu"), audience("cn")], "sub": owner, "kind": "owner",
-         "iat": now, "exp": now + 60}, secret, algorithm="HS256", headers={"kid": kid},
-    )  # fmt: skip
+        {
+            "iss": "vtp",
+            "aud": [audience("eu"), audience("cn")],
+            "sub": owner,
+            "kind": "owner",
+            "iat": now,
+            "exp": now + 60,
+        },
+        secret,
+        algorithm="HS256",
+        headers={"kid": kid},
+    )
     with _client(served, "eu", two_audiences) as api:
         assert api.get("/v1/me").json()["error"] == "malformed_token"
     with _client(served, "eu", _owner_token(owner, "eu")) as api:
@@ -776,20 +966,26 @@ def test_a_key_rotated_or_retired_takes_effect_in_the_running_service(served):
 
 
 def test_daily_summaries_are_chosen_by_the_local_days_the_caller_names(served):
-    owner, vins = _owner_in(served, "eu")
+    owner, _vins = _owner_in(served, "eu")
     with _client(served, "eu", _owner_token(owner, "eu")) as api:
-        everything = api.get("/v1/daily-summaries", params={
-            "start": "2026-11-01T00:00:00Z", "end": "2026-11-30T00:00:00Z"}).json()["daily_summaries"]  # fmt: skip
+        everything = api.get(
+            "/v1/daily-summaries",
+            params={"start": "2026-11-01T00:00:00Z", "end": "2026-11-30T00:00:00Z"},
+        ).json()["daily_summaries"]
         dates = sorted({d["date"] for d in everything})
         assert dates, "no days to look at"
         first = dates[0]
         # the first local day, named with the vehicles' own offset (CET): in UTC its
         # midnight falls on the day before, and a window cut on UTC dates would miss it
-        one_day = api.get("/v1/daily-summaries", params={
-            "start": f"{first}T00:00:00+01:00", "end": f"{first}T23:59:59+01:00"}).json()  # fmt: skip
+        one_day = api.get(
+            "/v1/daily-summaries",
+            params={"start": f"{first}T00:00:00+01:00", "end": f"{first}T23:59:59+01:00"},
+        ).json()
         assert {d["date"] for d in one_day["daily_summaries"]} == {first}
-        before = api.get("/v1/daily-summaries", params={
-            "start": "2026-10-01T00:00:00+01:00", "end": f"{first}T00:00:00+01:00"}).json()  # fmt: skip
+        before = api.get(
+            "/v1/daily-summaries",
+            params={"start": "2026-10-01T00:00:00+01:00", "end": f"{first}T00:00:00+01:00"},
+        ).json()
         assert before["daily_summaries"] == []  # the end is excluded
 
 
@@ -806,4 +1002,4 @@ def test_an_export_left_half_way_is_in_the_access_log_with_what_was_sent(served)
             time.sleep(0.2)
     assert partial, "the half-sent export left no trace"
     assert "incomplete (the client went away before the end)" in partial[0]["detail"]
-    assert 0 < partial[0]["rows"]
+    assert partial[0]["rows"] > 0

@@ -36,7 +36,7 @@ from vtp.harness import (
     wait_drained,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 V2_SAMPLES = 5
 QUICK = {"sink_batch_messages": 40, "sink_flush_ms": 300}
 
@@ -70,10 +70,15 @@ def smuggle(settings, vehicle, tag: str | None, source: str, event_ms: int = DEF
     """A message straight into the region's validated topic, past the worker."""
     store = default_store()
     value = store.encode(
-        {"vin": vehicle.vin, "upload_id": f"smuggled-{source}", "sent_at_ms": event_ms,
-         "gateway_firmware": "x", "samples": [{"event_time_ms": event_ms, "seq": 1}]},
+        {
+            "vin": vehicle.vin,
+            "upload_id": f"smuggled-{source}",
+            "sent_at_ms": event_ms,
+            "gateway_firmware": "x",
+            "samples": [{"event_time_ms": event_ms, "seq": 1}],
+        },
         store.get("VehicleUpload", 1),
-    )  # fmt: skip
+    )
     headers = [("vtp-source", source.encode())]
     if tag:
         headers.append(("vtp-region", tag.encode()))
@@ -102,9 +107,11 @@ def run(region_stack):
         both = {"eu": publisher, "cn": publisher}
         first = publish_fleet(settings, fleet, seed=11, duration_s=240, publishers=both)
         faults = fault_messages(
-            registered[0].vin, unregistered[0].vin, first.first_uploads[registered[0].vin],
+            registered[0].vin,
+            unregistered[0].vin,
+            first.first_uploads[registered[0].vin],
             DEFAULT_START_MS,
-        )  # fmt: skip
+        )
         for fault in faults:
             publisher.publish_raw(fault.key, fault.value, fault.reason, fault.created_ms)
         # A gateway on newer firmware writes schema v2 (one more optional field).
@@ -115,16 +122,25 @@ def run(region_stack):
         for i in range(V2_SAMPLES):
             v2_publisher.add_sample(
                 v2_vehicle.vin,
-                {"event_time_ms": int(time.time() * 1000) - 60_000 + i * 1000, "seq": 10**9 + i,
-                 "speed": 0.0, "gear": "PARK", "cabin_temperature": 21.5},
-            )  # fmt: skip
+                {
+                    "event_time_ms": int(time.time() * 1000) - 60_000 + i * 1000,
+                    "seq": 10**9 + i,
+                    "speed": 0.0,
+                    "gear": "PARK",
+                    "cabin_temperature": 21.5,
+                },
+            )
         v2_report = v2_publisher.close(30)
         assert v2_report.ok
         # More good data after the bad: the pipeline must keep going.
         later = publish_fleet(
-            settings, fleet, seed=12, duration_s=120, start_ms=DEFAULT_START_MS + 3_600_000,
+            settings,
+            fleet,
+            seed=12,
+            duration_s=120,
+            start_ms=DEFAULT_START_MS + 3_600_000,
             publishers=both,
-        )  # fmt: skip
+        )
         # Straight into the sink's topic: tagged for the other region, not tagged, and
         # tagged "eu" for a vehicle the EU registry does not hold: the sink decides
         # with its own copy of the registry, not with the tag.
@@ -132,18 +148,37 @@ def run(region_stack):
         smuggle(settings, registered[2], None, "smuggled:0:2")
         smuggle(settings, cn[1], "eu", "smuggled:0:3")
         # and an aggregate naming an owner this vehicle never had here
-        forged_trip = {"kind": "trip", "vin": registered[3].vin, "owner_id": "intruder",
-                       "region": "eu", "final": True, "version": 1, "start_ms": DEFAULT_START_MS,
-                       "end_ms": DEFAULT_START_MS + 60_000, "duration_s": 60.0, "distance_km": 1.0,
-                       "avg_speed_kmh": 60.0, "max_speed_kmh": 60.0}  # fmt: skip
+        forged_trip = {
+            "kind": "trip",
+            "vin": registered[3].vin,
+            "owner_id": "intruder",
+            "region": "eu",
+            "final": True,
+            "version": 1,
+            "start_ms": DEFAULT_START_MS,
+            "end_ms": DEFAULT_START_MS + 60_000,
+            "duration_s": 60.0,
+            "distance_km": 1.0,
+            "avg_speed_kmh": 60.0,
+            "max_speed_kmh": 60.0,
+        }
         producer = Producer({"bootstrap.servers": settings.bootstrap()})
-        producer.produce(settings.topics.aggregates, key=registered[3].vin.encode(),
-                         value=json.dumps(forged_trip).encode())  # fmt: skip
+        producer.produce(
+            settings.topics.aggregates,
+            key=registered[3].vin.encode(),
+            value=json.dumps(forged_trip).encode(),
+        )
         # and aggregates that fit no table: dead-lettered one by one, the sink goes on
-        for odd in ({**forged_trip, "owner_id": registered[3].owner_id, "distance_km": "far"},
-                    {**forged_trip, "vin": {"not": "a vin"}}, {"kind": "teleport"}):  # fmt: skip
-            producer.produce(settings.topics.aggregates, key=registered[3].vin.encode(),
-                             value=json.dumps(odd).encode())  # fmt: skip
+        for odd in (
+            {**forged_trip, "owner_id": registered[3].owner_id, "distance_km": "far"},
+            {**forged_trip, "vin": {"not": "a vin"}},
+            {"kind": "teleport"},
+        ):
+            producer.produce(
+                settings.topics.aggregates,
+                key=registered[3].vin.encode(),
+                value=json.dumps(odd).encode(),
+            )
         assert producer.flush(10) == 0
         report = flush_all({"eu": publisher})
         assert report.ok, report
@@ -153,11 +188,18 @@ def run(region_stack):
         for p in processes:
             p.stop()
     return {
-        "settings": settings, "fleet": fleet, "registered": registered, "cn": cn,
-        "unregistered": unregistered, "truths": [first.truth, later.truth],
-        "produced": report.delivered + v2_report.delivered, "v2_vehicle": v2_vehicle,
-        "faults": faults, "outcomes": read_outcomes(settings), "metrics": metrics,
-    }  # fmt: skip
+        "settings": settings,
+        "fleet": fleet,
+        "registered": registered,
+        "cn": cn,
+        "unregistered": unregistered,
+        "truths": [first.truth, later.truth],
+        "produced": report.delivered + v2_report.delivered,
+        "v2_vehicle": v2_vehicle,
+        "faults": faults,
+        "outcomes": read_outcomes(settings),
+        "metrics": metrics,
+    }
 
 
 def test_counts_reconcile_exactly(run):
@@ -183,7 +225,7 @@ def test_every_bad_message_lands_with_its_reason(run):
         assert bucket[reason] >= n, (reason, outcomes)
     # only the faults were dead-lettered by the worker: the fleet's own data was fine
     worker_reasons = {r for (d, r) in expected if d == "deadletter"}
-    assert {r for r in outcomes.deadlettered} - worker_reasons <= {
+    assert set(outcomes.deadlettered) - worker_reasons <= {
         "residency_mismatch",
         "untagged",
         "not_registered_at_that_time",
@@ -199,9 +241,10 @@ def test_every_bad_message_lands_with_its_reason(run):
 def test_the_sink_checks_residency_with_its_own_registry_not_the_workers_tag(run):
     settings, cn = run["settings"], run["cn"]
     found = warehouse_rows(
-        settings, "SELECT count() FROM samples WHERE vin IN {v:Array(String)}",
+        settings,
+        "SELECT count() FROM samples WHERE vin IN {v:Array(String)}",
         {"v": [v.vin for v in cn]},
-    )  # fmt: skip
+    )
     assert found == [(0,)]
     assert run["metrics"]["sink"]['vtp_quarantined_total{reason="unknown_vin"}'] == 1
     intruder = warehouse_rows(settings, "SELECT count() FROM trips WHERE owner_id = 'intruder'")
@@ -229,7 +272,7 @@ def test_v2_uploads_flow_through_with_the_new_field(run):
         "SELECT schema_version, count(), min(cabin_temperature) FROM samples WHERE vin = {v:String} "
         "GROUP BY schema_version ORDER BY schema_version",
         {"v": vehicle.vin},
-    )  # fmt: skip
+    )
     assert found[-1] == (2, V2_SAMPLES, 21.5)
     assert found[0][0] == 1 and found[0][2] is None  # v1 rows read with the default
 
@@ -253,14 +296,20 @@ def test_owner_report_cli_prints_the_owners_vehicles(run):
     vehicle = run["registered"][0]
     out = subprocess.run(
         [sys.executable, "-m", "vtp.cli", "owner", "report", vehicle.owner_id],
-        env=settings_env(settings), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert vehicle.vin in out.stdout and "driven" in out.stdout
     missing = subprocess.run(
         [sys.executable, "-m", "vtp.cli", "owner", "report", "owner-nobody"],
-        env=settings_env(settings), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "no data for owner" in missing.stderr
 
 
@@ -380,6 +429,6 @@ def test_topics_in_a_shape_vtp_cannot_use_are_refused_and_a_sink_without_a_regis
     )
     made[settings.topics.uploads].result(30)
     with pytest.raises(
-        TopicError, match="message.timestamp.type=CreateTime, vtp needs LogAppendTime"
+        TopicError, match=r"message\.timestamp\.type=CreateTime, vtp needs LogAppendTime"
     ):
         create_topics(settings)

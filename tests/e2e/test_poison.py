@@ -14,13 +14,18 @@ from schemas import default_store
 from vtp.core.warehouse import open_warehouse, rows
 from vtp.harness import read_outcomes, start_sink, start_worker, topic_message_count, wait_drained
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 def _upload(vin: str, samples: list[dict], upload_id: str = "poison") -> dict:
     now = int(time.time() * 1000)
-    return {"vin": vin, "upload_id": upload_id, "sent_at_ms": now, "gateway_firmware": "f",
-            "samples": samples}  # fmt: skip
+    return {
+        "vin": vin,
+        "upload_id": upload_id,
+        "sent_at_ms": now,
+        "gateway_firmware": "f",
+        "samples": samples,
+    }
 
 
 def _dead_letters(settings) -> dict[str, dict[str, bytes]]:
@@ -69,11 +74,14 @@ def test_no_message_of_any_weight_stops_the_region(region_stack):
         (vin.encode(), not_a_vin, "too_large"),  # ~1 MB and invalid inside
         (vin.encode(), b"\xc3\x01" + bytes(900_000), "too_large"),
         (vin.encode(), crowded, "too_many_samples"),
-        (vin.encode(), store.encode(_upload(vin, [dict(sample, speed=float("nan"))], "nan"), v1),
-         "invalid_sample"),
+        (
+            vin.encode(),
+            store.encode(_upload(vin, [dict(sample, speed=float("nan"))], "nan"), v1),
+            "invalid_sample",
+        ),
         (b"K" * 900_000, store.encode(_upload(vin, [sample], "key"), v1), "key_mismatch"),
         (vin.encode(), store.encode(_upload(vin, [sample], "u" * 5000), v1), "invalid_field"),
-    ]  # fmt: skip
+    ]
     for key, value, _ in poison:
         producer.produce(settings.topics.uploads, key=key, value=value)
     # and a registry entry that is not one: the worker and the sink's copy both go on
@@ -84,7 +92,7 @@ def test_no_message_of_any_weight_stops_the_region(region_stack):
         good = publish_fleet(settings, fleet, seed=41, duration_s=600)  # behind the poison
         assert good.report.ok
         assert wait_drained(settings, [worker, sink], timeout=240)
-        assert worker.popen.poll() is None  # never exited: no restart loop
+        assert worker.popen.poll() is None and worker.restarts == 0  # never exited
     finally:
         worker.stop()
         sink.stop()

@@ -45,7 +45,7 @@ from vtp.scan import (
     scan_warehouse,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 SEED = 17
 HOURS = 4
@@ -77,9 +77,11 @@ def _plan() -> tuple[list[Vehicle], dict[str, Vehicle], int]:
     moved, gone = cn[0], cn[1]
     changed = {
         "sold": replace(sold, history=(Period(0, sold.owner_id, "eu"), Period(sale, BUYER, "eu"))),
-        "moved": replace(moved, history=(Period(0, moved.owner_id, "cn"), Period(MID, moved.owner_id, "eu"))),
+        "moved": replace(
+            moved, history=(Period(0, moved.owner_id, "cn"), Period(MID, moved.owner_id, "eu"))
+        ),
         "gone": replace(gone, history=(Period(0, gone.owner_id, "cn"), Period(MID, None, None))),
-    }  # fmt: skip
+    }
     by_vin = {v.vin: v for v in changed.values()}
     return [by_vin.get(v.vin, v) for v in fleet], changed, sale
 
@@ -139,10 +141,17 @@ def regions(tmp_path_factory):
         publishers.clear()  # no client of the brokers outlives them
         assert wait_drained(list(stacks.values()), processes, timeout=300)
         yield {
-            "stacks": stacks, "urls": urls, "fleet": fleet, "changed": changed, "sale": sale,
-            "uploads": uploads, "sent": sent, "positions": positions, "processes": processes,
+            "stacks": stacks,
+            "urls": urls,
+            "fleet": fleet,
+            "changed": changed,
+            "sale": sale,
+            "uploads": uploads,
+            "sent": sent,
+            "positions": positions,
+            "processes": processes,
             "truth": truth,
-        }  # fmt: skip
+        }
     finally:
         for p in processes:
             p.stop()
@@ -276,8 +285,10 @@ def test_counts_reconcile_in_each_region(regions):
         wh_rows = _query(regions, region, "SELECT uniqExact(upload_id) FROM uploads")
         stored = wh_rows[0][0]
         assert produced == stored + outcomes.deadlettered_total + outcomes.quarantined_total, (
-            region, stored, outcomes,
-        )  # fmt: skip
+            region,
+            stored,
+            outcomes,
+        )
 
 
 def _query(regions, region, sql, params=None):
@@ -305,16 +316,18 @@ def test_a_deregistered_cars_later_uploads_are_quarantined_and_its_sessions_clos
     assert outcomes.quarantined["deregistered"] == whole > 0
     assert outcomes.partial["deregistered"] == partial
     stored_after = _query(
-        regions, "cn",
+        regions,
+        "cn",
         "SELECT count() FROM samples WHERE vin = {v:String} AND event_time >= fromUnixTimestamp64Milli({t:Int64})",
         {"v": gone.vin, "t": MID},
-    )  # fmt: skip
+    )
     assert stored_after == [(0,)]
     active = _query(
-        regions, "cn",
+        regions,
+        "cn",
         "SELECT count() FROM open_sessions FINAL WHERE vin = {v:String} AND active",
         {"v": gone.vin},
-    )  # fmt: skip
+    )
     assert active == [(0,)]
 
 

@@ -16,7 +16,7 @@ from vtp.core.topics import create_topics
 from vtp.harness import start_serve, start_worker, wait_drained
 from vtp.serve import wait_for_service
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 def _health(url: str) -> dict:
@@ -24,12 +24,15 @@ def _health(url: str) -> dict:
 
 
 def test_the_api_serves_while_the_sink_cannot_run_and_the_sink_recovers(base_settings, tmp_path):
-    from tests.integration.test_pipeline import free_port, scrape
+    from tests.e2e.test_pipeline import free_port, scrape
 
     settings = base_settings.with_(
-        region="eu", data_dir=tmp_path, topic_prefix=f"heal-{uuid.uuid4().hex[:6]}",
-        sink_batch_messages=50, sink_flush_ms=300,
-    )  # fmt: skip
+        region="eu",
+        data_dir=tmp_path,
+        topic_prefix=f"heal-{uuid.uuid4().hex[:6]}",
+        sink_batch_messages=50,
+        sink_flush_ms=300,
+    )
     ring = load_keyring(settings)
     port = free_port()
     serve = start_serve(settings, port)  # the region's topics do not exist yet

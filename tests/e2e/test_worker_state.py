@@ -24,7 +24,7 @@ from vtp.core.keys import load_keyring
 from vtp.harness import start_serve, start_worker
 from vtp.serve import wait_for_service
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 BUSY, QUIET, ERASING = "WVWZZZ1JZBUSY0001", "WVWZZZ1JZSLEEP001", "WVWZZZ1JZERASE001"
 OWNER = {BUSY: "owner-busy", QUIET: "owner-quiet", ERASING: "owner-erasing"}
@@ -37,15 +37,32 @@ def _now_ms() -> int:
 
 def _upload(vin: str, start_ms: int, n: int, driving: bool, lat: float, seq0: int) -> dict:
     samples = [
-        {"event_time_ms": start_ms + i * 1000, "seq": seq0 + i, "speed": 36.0 if driving else 0.0,
-         "latitude": lat, "longitude": 11.6, "heading": 0.0,
-         "odometer": 20_000.0 + (0.01 * i if driving else 0.0), "soc": 60.0, "is_charging": False,
-         "charge_power": None, "charge_mode": None, "battery_temperature": 20.0,
-         "outside_temperature": 8.0, "gear": "DRIVE" if driving else "PARK", "dtcs": []}
+        {
+            "event_time_ms": start_ms + i * 1000,
+            "seq": seq0 + i,
+            "speed": 36.0 if driving else 0.0,
+            "latitude": lat,
+            "longitude": 11.6,
+            "heading": 0.0,
+            "odometer": 20_000.0 + (0.01 * i if driving else 0.0),
+            "soc": 60.0,
+            "is_charging": False,
+            "charge_power": None,
+            "charge_mode": None,
+            "battery_temperature": 20.0,
+            "outside_temperature": 8.0,
+            "gear": "DRIVE" if driving else "PARK",
+            "dtcs": [],
+        }
         for i in range(n)
-    ]  # fmt: skip
-    return {"vin": vin, "upload_id": str(uuid.uuid4()), "sent_at_ms": samples[-1]["event_time_ms"],
-            "gateway_firmware": "3.2.1", "samples": samples}  # fmt: skip
+    ]
+    return {
+        "vin": vin,
+        "upload_id": str(uuid.uuid4()),
+        "sent_at_ms": samples[-1]["event_time_ms"],
+        "gateway_firmware": "3.2.1",
+        "samples": samples,
+    }
 
 
 class Heartbeat(threading.Thread):
@@ -73,16 +90,27 @@ class Heartbeat(threading.Thread):
 @pytest.fixture(scope="module")
 def stack(region_stack):
     settings = region_stack(
-        "eu", "state", topic_partitions=1, changelog_compaction_lag_s=1.0,
-        vehicle_state_ttl_s=12.0, max_backlog_s=10.0, max_clock_skew_s=2.0,
-        trip_gap_s=60.0, charge_gap_s=60.0, allowed_lateness_s=2.0,
-        sink_batch_messages=200, sink_flush_ms=300,
-    )  # fmt: skip
+        "eu",
+        "state",
+        topic_partitions=1,
+        changelog_compaction_lag_s=1.0,
+        vehicle_state_ttl_s=12.0,
+        max_backlog_s=10.0,
+        max_clock_skew_s=2.0,
+        trip_gap_s=60.0,
+        charge_gap_s=60.0,
+        allowed_lateness_s=2.0,
+        sink_batch_messages=200,
+        sink_flush_ms=300,
+    )
     report = publish_registrations(
-        settings.bootstrap(), settings.topics.vehicles,
-        [Registration(vin, (Period(0, owner, "eu"),), "Model Y", 60.0, "Europe/Berlin", 1)
-         for vin, owner in OWNER.items()],
-    )  # fmt: skip
+        settings.bootstrap(),
+        settings.topics.vehicles,
+        [
+            Registration(vin, (Period(0, owner, "eu"),), "Model Y", 60.0, "Europe/Berlin", 1)
+            for vin, owner in OWNER.items()
+        ],
+    )
     assert report.ok
     worker, serve = start_worker(settings), start_serve(settings)
     heartbeat = None
@@ -104,8 +132,13 @@ def _changelog(settings, table: str) -> str:
 
 def _read_all(settings, topic: str) -> list[tuple[bytes, bytes | None]]:
     """Every (key, value) the topic holds now, in order (partition 0: one partition)."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "observer",
-                         "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "group.id": "observer",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         if topic not in consumer.list_topics(timeout=10).topics:
             return []  # the worker has not made it yet
@@ -141,8 +174,9 @@ def _until(what, timeout: float, every: float = 1.0):
 
 def _api(stack, owner: str) -> httpx.Client:
     token = issue(stack["ring"], owner_claims(owner, "eu", 600))
-    return httpx.Client(base_url=stack["url"], headers={"Authorization": f"Bearer {token}"},
-                        timeout=60)  # fmt: skip
+    return httpx.Client(
+        base_url=stack["url"], headers={"Authorization": f"Bearer {token}"}, timeout=60
+    )
 
 
 def test_a_vehicle_gone_quiet_is_forgotten_after_its_sessions_close(stack):
@@ -187,9 +221,12 @@ def test_an_erased_owner_leaves_the_worker_state_and_then_kafka(stack):
     with _api(stack, OWNER[ERASING]) as api:
         erasure_id = api.post("/v1/erasure").json()["erasure"]["erasure_id"]
         done = _until(
-            lambda: api.get(f"/v1/erasures/{erasure_id}").json()["erasure"]["status"] == "completed",
-            60, 0.5,
-        )  # fmt: skip
+            lambda: (
+                api.get(f"/v1/erasures/{erasure_id}").json()["erasure"]["status"] == "completed"
+            ),
+            60,
+            0.5,
+        )
         assert done
 
     # The worker rewrote the vehicle's state without the owner's erased time ...
@@ -210,8 +247,13 @@ def test_an_erased_owner_leaves_the_worker_state_and_then_kafka(stack):
 
     assert _until(compacted, 150, 2.0), "the erased owner's state is still in the changelog"
     # the owner's data after the erasure (the heartbeat, parked) is aggregated as new
-    assert _until(lambda: (json.loads(_latest(settings, "vehicle_sessions", ERASING)[1])
-                           .get("owner_id") == OWNER[ERASING]), 60)  # fmt: skip
+    assert _until(
+        lambda: (
+            json.loads(_latest(settings, "vehicle_sessions", ERASING)[1]).get("owner_id")
+            == OWNER[ERASING]
+        ),
+        60,
+    )
 
 
 def _iso(ms: int) -> str:

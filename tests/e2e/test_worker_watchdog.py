@@ -10,9 +10,9 @@ from producers.sdk import publish_registrations
 from producers.simulator import build_fleet
 from schemas.registry import Period, Registration
 from vtp.core.warehouse import open_warehouse, rows
-from vtp.harness import read_outcomes, start_process, start_sink, start_worker, wait_drained
+from vtp.harness import read_outcomes, start_sink, start_worker, wait_drained
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack):
@@ -21,7 +21,7 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack
     )
     fleet = build_fleet(9, owners=3, vehicles=4, regions=("cn",))
     register_fleet(settings, fleet)
-    worker = start_process(settings, "worker", module="tests.integration.stalling_worker")
+    worker = start_worker(settings, module="tests.e2e.stalling_worker")
     processes = [worker, start_sink(settings)]
     try:
         published = publish_fleet(settings, fleet, seed=9, duration_s=20 * 60)
@@ -31,8 +31,11 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack
         for p in processes:
             p.stop()
     log = worker.log_path.read_text()
-    assert "restarting the worker in place" in log
-    assert log.count("[^Worker]: Ready") >= 2  # the same process, started again
+    assert "exiting for the supervisor to restart the worker" in log
+    assert (
+        worker.restarts >= 1 and "[supervisor] worker-cn exited with 75; starting it again" in log
+    )
+    assert log.count("[^Worker]: Ready") >= 2
     # before restarting it logged what it was doing: offsets, fetch positions, producer
     for line in ("flow: ", "fetch: ", "producer: in_flight=", "TRACEBACK OF ALL RUNNING AGENT"):
         assert line in log
@@ -54,10 +57,16 @@ def test_a_worker_catching_up_with_a_large_registry_is_not_restarted(region_stac
     fleet = build_fleet(10, owners=3, vehicles=4, regions=("cn",))
     register_fleet(settings, fleet)
     others = [
-        Registration(f"LSV{i:014d}", (Period(0, f"owner-{i % 5000}", "cn"),), "Model 3", 60.0,
-                     "Asia/Shanghai", 1)
+        Registration(
+            f"LSV{i:014d}",
+            (Period(0, f"owner-{i % 5000}", "cn"),),
+            "Model 3",
+            60.0,
+            "Asia/Shanghai",
+            1,
+        )
         for i in range(150_000)
-    ]  # fmt: skip
+    ]
     assert publish_registrations(settings.bootstrap(), settings.topics.vehicles, others).ok
     published = publish_fleet(settings, fleet, seed=10, duration_s=10 * 60)  # waiting already
     assert published.report.ok
@@ -69,7 +78,7 @@ def test_a_worker_catching_up_with_a_large_registry_is_not_restarted(region_stac
             p.stop()
     log = processes[0].log_path.read_text()
     assert "waiting for the vehicle registry to catch up (10 s)" in log  # longer than the stall
-    assert "restarting the worker in place" not in log
+    assert processes[0].restarts == 0 and "[supervisor]" not in log
     assert log.count("[^Worker]: Ready") == 1
     wh = open_warehouse(settings)
     try:

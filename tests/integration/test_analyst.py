@@ -60,15 +60,21 @@ def test_the_views_hold_pseudonyms_and_coarse_positions_only(region):
     assert [r["latitude"] for r in found] == [31.23, 52.12] and found[1]["longitude"] == 4.99
     assert len({r["owner_ref"] for r in found}) == 2 and len(found[0]["owner_ref"]) == 16
     again = run_analyst_query(
-        wh, "SELECT owner_ref FROM analyst_samples WHERE latitude IS NOT NULL ORDER BY latitude",
+        wh,
+        "SELECT owner_ref FROM analyst_samples WHERE latitude IS NOT NULL ORDER BY latitude",
         LIMITS,
-    )  # fmt: skip
+    )
     assert [r["owner_ref"] for r in again.to_pylist()] == [r["owner_ref"] for r in found]
 
 
 def test_no_secret_is_in_the_warehouse(region):
     settings, wh, key = region
-    tables = [t for (t,) in rows(wh.query("SELECT name FROM system.tables WHERE database = currentDatabase()"))]  # fmt: skip
+    tables = [
+        t
+        for (t,) in rows(
+            wh.query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+        )
+    ]
     for table in tables:
         assert key not in wh.query_raw(f"SELECT * FROM `{table}`", None, "TSV"), table
     for path in settings.warehouse_path.rglob("*"):
@@ -144,15 +150,23 @@ def test_joins_subqueries_and_ordinary_analysis_are_fine(region):
     )
     assert result.to_pylist() == [{"n": 200001}]
     for sql in [
-        "SELECT owner_ref, count() AS n, avg(speed), quantile(0.9)(speed), max(event_time) "
-        "FROM analyst_samples GROUP BY owner_ref ORDER BY n DESC",
-        "SELECT toStartOfHour(event_time) AS h, uniqExact(vehicle_ref), countIf(speed > 30) "
-        "FROM analyst_samples GROUP BY h",
+        (
+            "SELECT owner_ref, count() AS n, avg(speed), quantile(0.9)(speed), max(event_time) "
+            "FROM analyst_samples GROUP BY owner_ref ORDER BY n DESC"
+        ),
+        (
+            "SELECT toStartOfHour(event_time) AS h, uniqExact(vehicle_ref), countIf(speed > 30) "
+            "FROM analyst_samples GROUP BY h"
+        ),
         "SELECT region, sum(distance_km), round(avg(energy_kwh), 2) FROM analyst_trips GROUP BY region",
-        "SELECT vehicle_ref, row_number() OVER (PARTITION BY vehicle_ref ORDER BY event_time) "
-        "FROM analyst_samples LIMIT 3",
-        "SELECT arrayMap(x -> x * 2, [1, 2]), CASE WHEN 1 = 1 THEN 'a' ELSE 'b' END, "
-        "greatCircleDistance(4.9, 52.1, 13.4, 52.5)",
+        (
+            "SELECT vehicle_ref, row_number() OVER (PARTITION BY vehicle_ref ORDER BY event_time) "
+            "FROM analyst_samples LIMIT 3"
+        ),
+        (
+            "SELECT arrayMap(x -> x * 2, [1, 2]), CASE WHEN 1 = 1 THEN 'a' ELSE 'b' END, "
+            "greatCircleDistance(4.9, 52.1, 13.4, 52.5)"
+        ),
         "SELECT owner_ref,\n       count() AS n\r\nFROM analyst_samples\n\tGROUP BY owner_ref  -- as typed",
         "SELECT 'a\\b' AS backslash, 'it''s' AS quote",
     ]:
@@ -179,8 +193,11 @@ def test_a_runaway_query_is_cancelled_and_the_writer_is_not_held_up(region):
     writes_while_running = 0
     while thread.is_alive():
         n = writes_while_running
-        wh.execute("INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
-                   "VALUES ('probe', 0, {n:UInt64}, {n:UInt64}, 1)", {"n": n})  # fmt: skip
+        wh.execute(
+            "INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
+            "VALUES ('probe', 0, {n:UInt64}, {n:UInt64}, 1)",
+            {"n": n},
+        )
         assert rows(wh.query("SELECT count() FROM sink_batches WHERE topic = 'probe'")) == [
             (n + 1,)
         ]
@@ -198,12 +215,20 @@ def test_a_runaway_query_is_cancelled_and_the_writer_is_not_held_up(region):
 @pytest.mark.parametrize(
     ("sql", "what"),
     [
-        ("SELECT sum(length(a.vehicle_ref) * length(b.owner_ref)) FROM analyst_samples AS a, analyst_samples AS b", "TIMEOUT"),
-        ("SELECT groupArray(toString(event_time)) FROM analyst_samples AS a, analyst_samples AS b "
-         "GROUP BY a.owner_ref", "LIMIT"),
+        (
+            "SELECT sum(length(a.vehicle_ref) * length(b.owner_ref)) FROM analyst_samples AS a, analyst_samples AS b",
+            "TIMEOUT",
+        ),
+        (
+            (
+                "SELECT groupArray(toString(event_time)) FROM analyst_samples AS a, analyst_samples AS b "
+                "GROUP BY a.owner_ref"
+            ),
+            "LIMIT",
+        ),
         ("SELECT event_time FROM analyst_samples", "LIMIT"),  # more rows than may be returned
     ],
-)  # fmt: skip
+)
 def test_limits_cancel_queries_that_take_too_long_too_much_or_return_too_much(region, sql, what):
     _, wh, _ = region
     tight = AnalystLimits(max_execution_s=2.0, max_memory_bytes=64 * 2**20, max_result_rows=1000)
@@ -218,9 +243,10 @@ def test_results_are_bounded_in_size_and_strange_text_and_deep_nesting_are_answe
     small = AnalystLimits(max_execution_s=5.0, max_result_bytes=2**20)
     with pytest.raises(AnalystQueryError, match="larger than 1 MiB") as big:
         run_analyst_query(
-            wh, "SELECT toString(event_time), owner_ref, vehicle_ref FROM analyst_samples LIMIT 50000",
+            wh,
+            "SELECT toString(event_time), owner_ref, vehicle_ref FROM analyst_samples LIMIT 50000",
             small,
-        )  # fmt: skip
+        )
     assert big.value.code == "query_cancelled"
     deep = "SELECT " + "abs(" * 250 + "1" + ")" * 250
     with pytest.raises(AnalystQueryError, match="nests deeper") as nested:

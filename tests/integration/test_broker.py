@@ -124,7 +124,7 @@ def test_missing_java_and_maven_are_named(tmp_path, monkeypatch):
     with pytest.raises(BrokerError, match="java not found"):
         start_broker(fresh)
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
-    with pytest.raises(BrokerError, match="JAVA_HOME=.*no-jdk has no bin/java"):
+    with pytest.raises(BrokerError, match=r"JAVA_HOME=.*no-jdk has no bin/java"):
         start_broker(fresh)
 
 

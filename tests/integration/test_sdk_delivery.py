@@ -19,9 +19,11 @@ def closed_port() -> int:
 
 def test_undelivered_uploads_are_reported_by_id():
     publisher = TelemetryPublisher(
-        f"127.0.0.1:{closed_port()}", "vtp.uploads", max_samples=2,
+        f"127.0.0.1:{closed_port()}",
+        "vtp.uploads",
+        max_samples=2,
         kafka_extra={"message.timeout.ms": 1500, "log_level": 0},
-    )  # fmt: skip
+    )
     for seq in range(5):
         publisher.add_sample(VIN, {"event_time_ms": 1_000 + seq, "seq": seq, "speed": 1.0})
     report = publisher.close(timeout=20)

@@ -63,10 +63,15 @@ def eu_topic(region_stack):
         simulate(fleet, seed=2, start_ms=DEFAULT_START_MS, duration_s=600, truth=truth)
     ):
         producer.produce(
-            settings.topics.validated, key=upload["vin"].encode(), value=store.encode(upload, v1),
-            headers=[("vtp-region", b"eu"), ("vtp-registry-revision", revision[upload["vin"]]),
-                     ("vtp-source", f"{settings.topics.uploads}:0:{i}".encode())],
-        )  # fmt: skip
+            settings.topics.validated,
+            key=upload["vin"].encode(),
+            value=store.encode(upload, v1),
+            headers=[
+                ("vtp-region", b"eu"),
+                ("vtp-registry-revision", revision[upload["vin"]]),
+                ("vtp-source", f"{settings.topics.uploads}:0:{i}".encode()),
+            ],
+        )
         count += 1
     assert producer.flush(30) == 0
     return settings, truth, count, sold
@@ -106,25 +111,33 @@ def test_crash_between_samples_and_uploads_then_restart_leaves_exact_rows(eu_top
     try:
         ((samples, distinct),) = rows(wh.query("SELECT count(), uniqExact(vin, seq) FROM samples"))
         (stored_uploads,) = rows(wh.query("SELECT uniqExact(upload_id) FROM uploads"))[0]
-        replayed = rows(wh.query(
-            "SELECT count() FROM sink_batches GROUP BY partition, first_offset HAVING count() > 1"
-        ))  # fmt: skip
-        by_owner = rows(wh.query(
-            "SELECT owner_id, toUnixTimestamp64Milli(min(event_time)), "
-            "toUnixTimestamp64Milli(max(event_time)), count() FROM samples WHERE vin = {v:String} "
-            "GROUP BY owner_id ORDER BY 2", {"v": sold.vin},
-        ))  # fmt: skip
-        split = rows(wh.query(
-            "SELECT upload_id FROM uploads WHERE vin = {v:String} GROUP BY upload_id "
-            "HAVING uniqExact(owner_id) = 2", {"v": sold.vin},
-        ))  # fmt: skip
+        replayed = rows(
+            wh.query(
+                "SELECT count() FROM sink_batches GROUP BY partition, first_offset HAVING count() > 1"
+            )
+        )
+        by_owner = rows(
+            wh.query(
+                "SELECT owner_id, toUnixTimestamp64Milli(min(event_time)), "
+                "toUnixTimestamp64Milli(max(event_time)), count() FROM samples WHERE vin = {v:String} "
+                "GROUP BY owner_id ORDER BY 2",
+                {"v": sold.vin},
+            )
+        )
+        split = rows(
+            wh.query(
+                "SELECT upload_id FROM uploads WHERE vin = {v:String} GROUP BY upload_id "
+                "HAVING uniqExact(owner_id) = 2",
+                {"v": sold.vin},
+            )
+        )
     finally:
         wh.close()
     assert samples == distinct == truth.totals()["samples"]
     assert stored_uploads == uploads == sink.stored_uploads + 50  # 2 batches of 25 before the crash
     assert replayed == []  # the replayed range was imposed, not recorded again
     # the sold car: each owner holds exactly the samples of their own time
-    (seller, s_first, s_last, s_n), (buyer, b_first, b_last, b_n) = by_owner
+    (seller, _s_first, s_last, s_n), (buyer, b_first, _b_last, b_n) = by_owner
     assert (seller, buyer) == (sold.owner_id, "buyer")
     assert s_last < SALE <= b_first and s_n + b_n == truth.vehicles[sold.vin].samples
     assert len(split) == 1  # the one upload that spans the sale is stored as two pieces
@@ -139,20 +152,32 @@ def test_the_sink_reads_its_registry_up_to_what_the_worker_decided_with(region_s
     caplog.set_level("INFO", logger="vtp.sink")
     settings = region_stack("eu", "sinkreg", sink_batch_messages=1, sink_registry_wait_s=3.0)
     vin, later_vin = "WVWZZZ1KZAW000777", "WVWZZZ1KZAW000778"
-    old = [Registration(vin, (Period(0, "first-owner", "eu"),), revision=1),
-           Registration(later_vin, (Period(0, "kept-owner", "eu"),), revision=1)]  # fmt: skip
+    old = [
+        Registration(vin, (Period(0, "first-owner", "eu"),), revision=1),
+        Registration(later_vin, (Period(0, "kept-owner", "eu"),), revision=1),
+    ]
     assert publish_registrations(settings.bootstrap(), settings.topics.vehicles, old).ok
     store = default_store()
     producer = Producer({"bootstrap.servers": settings.bootstrap()})
 
     def routed(v: str, seq: int, revision: int) -> None:
-        upload = {"vin": v, "upload_id": f"u-{v}-{seq}", "sent_at_ms": DEFAULT_START_MS,
-                  "gateway_firmware": "x", "samples": [{"event_time_ms": DEFAULT_START_MS, "seq": seq}]}  # fmt: skip
+        upload = {
+            "vin": v,
+            "upload_id": f"u-{v}-{seq}",
+            "sent_at_ms": DEFAULT_START_MS,
+            "gateway_firmware": "x",
+            "samples": [{"event_time_ms": DEFAULT_START_MS, "seq": seq}],
+        }
         producer.produce(
-            settings.topics.validated, key=v.encode(), value=store.encode(upload, store.get("VehicleUpload", 1)),
-            headers=[("vtp-region", b"eu"), ("vtp-registry-revision", str(revision).encode()),
-                     ("vtp-source", f"raw:0:{v}-{seq}".encode())],
-        )  # fmt: skip
+            settings.topics.validated,
+            key=v.encode(),
+            value=store.encode(upload, store.get("VehicleUpload", 1)),
+            headers=[
+                ("vtp-region", b"eu"),
+                ("vtp-registry-revision", str(revision).encode()),
+                ("vtp-source", f"raw:0:{v}-{seq}".encode()),
+            ],
+        )
         assert producer.flush(10) == 0
 
     # The worker decided with revision 2, which the sink has not read yet: it waits for it.

@@ -132,10 +132,15 @@ def test_every_column_of_every_owner_table_is_opened_or_kept_inside_on_purpose(w
 
     migrate(warehouse)
     for table, exported in EXPORT_COLUMNS.items():
-        found = [c for (c,) in rows(warehouse.query(
-            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
-            {"t": table},
-        ))]  # fmt: skip
+        found = [
+            c
+            for (c,) in rows(
+                warehouse.query(
+                    "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
+                    {"t": table},
+                )
+            )
+        ]
         declared = set(exported) | set(INTERNAL_COLUMNS[table])
         assert set(found) == declared, (table, set(found) ^ declared)
         assert not set(exported) & set(INTERNAL_COLUMNS[table]), table

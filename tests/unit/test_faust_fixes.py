@@ -1,4 +1,5 @@
-"""The Faust recovery fix: stream partitions are seeked before they are resumed."""
+"""Each fix to faust-streaming and aiokafka (docs/adr/0001-faust-fixes.md): what the
+unpatched library does wrong, and what the fix does instead."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _recovery_double(calls: list[str], committed: int | None = 5) -> SimpleNames
 
     return SimpleNamespace(
         app=app,
-        log=SimpleNamespace(info=lambda *a: None, warning=lambda *a: None),
+        log=SimpleNamespace(info=lambda *a: None, warning=lambda *a: None, dev=lambda *a: None),
         _wait=wait,
         _is_changelog_tp=lambda tp: tp[0].endswith("-changelog"),
         completed=asyncio.Event(),
@@ -90,6 +91,12 @@ def test_after_a_restore_streams_are_seeked_before_they_resume():
     ]
 
 
+def test_unpatched_faust_resumes_streams_before_it_seeks_them():
+    calls: list[str] = []
+    asyncio.run(faust_fixes._faust_on_recovery_completed(_recovery_double(calls), 7))
+    assert calls.index("resume [('uploads', 0)]") < calls.index("seek")  # records in between
+
+
 def test_a_partition_the_group_never_committed_starts_at_the_beginning():
     calls: list[str] = []
     asyncio.run(_recovery_completed_seeking_first(_recovery_double(calls, None), 7))
@@ -108,7 +115,7 @@ def test_install_replaces_the_method_and_refuses_other_faust_versions(monkeypatc
     faust_fixes.install()
     assert Recovery.on_recovery_completed is _recovery_completed_seeking_first
     monkeypatch.setattr(faust, "__version__", "0.16.0")
-    with pytest.raises(RuntimeError, match="patches faust-streaming 0.15.3, found 0.16.0"):
+    with pytest.raises(RuntimeError, match=r"patches faust-streaming 0\.15\.3, found 0\.16\.0"):
         faust_fixes.install()
 
 
@@ -178,6 +185,26 @@ class _Bookkeeping:
         self._committed_offset = {"tp": committed}
 
 
+class _Consumer:
+    log_start = 0
+
+    def __init__(self):
+        self._gap = {TP("plain", 0): IntervalTree()}
+        self._committed_offset = {TP("plain", 0): None}
+
+    async def earliest_offsets(self, tp):
+        return {tp: self.log_start}
+
+
+def test_unpatched_faust_commits_past_offsets_it_never_processed():
+    new_offset = faust_fixes._faust_new_offset
+    assert new_offset(_Bookkeeping([32], committed=31), "tp") == 33  # 31 was never processed
+    assert new_offset(_Bookkeeping([40, 41, 42, 43, 44], committed=0), "tp") == 45
+    consumer = _Consumer()  # and a skip on a plain topic is a gap, i.e. processed
+    asyncio.run(faust_fixes._faust_add_gap(consumer, TP("plain", 0), 248, 808))
+    assert consumer._gap[TP("plain", 0)].overlaps(248, 809)
+
+
 def test_a_commit_never_passes_an_offset_that_was_not_processed():
     new_offset = faust_fixes._new_offset_from_committed
     # committed 31 = 31 is the next to process; Faust committed 33 here (off by one)
@@ -200,18 +227,8 @@ def test_gaps_fill_the_run_on_compacted_topics_only_a_skip_elsewhere_restarts(mo
     book._gap["tp"].addi(5, 8)  # 5..7 compacted away
     assert faust_fixes._new_offset_from_committed(book, "tp") == 9
 
-    class _Consumer:
-        log_start = 0
-
-        def __init__(self):
-            self._gap = {TP("plain", 0): IntervalTree()}
-            self._committed_offset = {TP("plain", 0): None}
-
-        async def earliest_offsets(self, tp):
-            return {tp: self.log_start}
-
     restarts = []
-    monkeypatch.setattr(faust_fixes, "restart_in_place", lambda: restarts.append(1))
+    monkeypatch.setattr(faust_fixes, "exit_for_restart", lambda: restarts.append(1))
     faust_fixes.install()
     faust_fixes.refuse_gaps_on("plain")
     consumer = _Consumer()
@@ -233,5 +250,15 @@ def test_the_producer_keeps_refreshing_every_topic_it_sends_to():
         assert await client._wait_on_metadata("validated.cn") == {0, 1}
         return client._topics
 
-    # aiokafka left it out: the next refresh of other topics dropped it from the metadata
     assert asyncio.run(send_to_a_known_topic()) == {"validated.cn"}
+
+
+def test_unpatched_aiokafka_forgets_a_topic_the_metadata_already_knows():
+    async def send_to_a_known_topic() -> set[str]:
+        client = AIOKafkaClient(bootstrap_servers="127.0.0.1:9")  # never started
+        client.cluster.partitions_for_topic = lambda topic: {0, 1}
+        assert await faust_fixes._aiokafka_wait_on_metadata(client, "validated.cn") == {0, 1}
+        return client._topics
+
+    # left out: the next refresh of other topics drops it, and its batches wait forever
+    assert asyncio.run(send_to_a_known_topic()) == set()
