@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REGIONS ?= cn eu
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-integration bench lint layers stack-up stack-down stack-status kafka-jars clean
+.PHONY: help install demo check test test-unit test-integration test-e2e bench lint typecheck layers stack-up stack-down stack-status kafka-jars clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -25,14 +25,19 @@ kafka-jars: $(STAMP) ## resolve the pinned Apache Kafka jars with Maven into .ca
 demo: $(STAMP) kafka-jars ## run the whole pipeline on a simulated fleet and print what owners see
 	$(BIN)/vtp demo
 
-test: $(STAMP) kafka-jars ## run the whole test suite (unit + integration on a real broker)
+check: lint typecheck layers ## every static check: lint, types, the import contract
+
+test: $(STAMP) kafka-jars check ## the checks, then the whole suite (unit, integration, e2e)
 	$(BIN)/pytest -q -ra
 
 test-unit: $(STAMP) ## unit tests only (no broker)
 	$(BIN)/pytest -q -ra tests/unit
 
-test-integration: $(STAMP) kafka-jars ## integration tests only
+test-integration: $(STAMP) kafka-jars ## integration tests only (real broker and engine)
 	$(BIN)/pytest -q -ra tests/integration
+
+test-e2e: $(STAMP) kafka-jars ## end-to-end tests only (processes as users run them)
+	$(BIN)/pytest -q -ra tests/e2e
 
 bench: $(STAMP) kafka-jars ## measure pipeline throughput and owner API latency
 	$(BIN)/python -m bench.e2e
@@ -41,6 +46,9 @@ bench: $(STAMP) kafka-jars ## measure pipeline throughput and owner API latency
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy: strict on schemas, the kernel and the stages' logic
+	$(BIN)/mypy
 
 layers: $(STAMP) ## the import graph by layer; fails on an upward import or a circle
 	$(BIN)/python -m vtp.layers

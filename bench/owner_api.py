@@ -63,15 +63,33 @@ def fill(path: Path, vehicles: int, others: int) -> tuple[str, list[str], int]:
     owner, vins = "owner-big", [f"WBABENCH{i:09d}" for i in range(vehicles)]
     started = time.perf_counter()
     for vin in vins:
-        wh.execute(FILL, {"owner": owner, "vin": vin, "start": START_MS,
-                          "step_ms": SAMPLE_EVERY_S * 1000, "n": per_vehicle})  # fmt: skip
+        wh.execute(
+            FILL,
+            {
+                "owner": owner,
+                "vin": vin,
+                "start": START_MS,
+                "step_ms": SAMPLE_EVERY_S * 1000,
+                "n": per_vehicle,
+            },
+        )
     for i in range(others):
-        wh.execute(FILL, {"owner": f"owner-{i:04d}", "vin": f"WBAOTHER{i:09d}",
-                          "start": START_MS, "step_ms": 60_000, "n": DAYS * 1440})  # fmt: skip
+        wh.execute(
+            FILL,
+            {
+                "owner": f"owner-{i:04d}",
+                "vin": f"WBAOTHER{i:09d}",
+                "start": START_MS,
+                "step_ms": 60_000,
+                "n": DAYS * 1440,
+            },
+        )
     wh.execute(UPLOADS, {"owner": owner})
     total = rows(wh.query("SELECT count() FROM samples"))[0][0]
-    print(f"filled {total:,} samples in {time.perf_counter() - started:.1f} s "
-          f"({per_vehicle * vehicles:,} of them owner-big's)")  # fmt: skip
+    print(
+        f"filled {total:,} samples in {time.perf_counter() - started:.1f} s "
+        f"({per_vehicle * vehicles:,} of them owner-big's)"
+    )
     wh.close()
     return owner, vins, per_vehicle * vehicles
 
@@ -120,8 +138,10 @@ def main() -> None:
             if not cursor:
                 break
         took = time.perf_counter() - t
-        print(f"one vehicle, 30 days, all {n:,} samples in pages of 10k: {took:6.1f} s "
-              f"({n / took:,.0f} samples/s)")  # fmt: skip
+        print(
+            f"one vehicle, 30 days, all {n:,} samples in pages of 10k: {took:6.1f} s "
+            f"({n / took:,.0f} samples/s)"
+        )
         for fmt in ("parquet", "jsonl", "csv"):
             t, size = time.perf_counter(), 0
             with api.stream("GET", "/v1/export", params={"format": fmt}) as r:
@@ -129,16 +149,20 @@ def main() -> None:
                 for chunk in r.iter_bytes():
                     size += len(chunk)
             took = time.perf_counter() - t
-            print(f"export {fmt:8} {expected:,} samples: {took:6.1f} s, {size / 2**20:7.1f} MiB, "
-                  f"server peak RSS {peak_rss_mib(server.pid):,.0f} MiB")  # fmt: skip
+            print(
+                f"export {fmt:8} {expected:,} samples: {took:6.1f} s, {size / 2**20:7.1f} MiB, "
+                f"server peak RSS {peak_rss_mib(server.pid):,.0f} MiB"
+            )
         t = time.perf_counter()
         erasure = api.post("/v1/erasure").json()["erasure"]
         while erasure["status"] != "completed":
             time.sleep(0.2)
             erasure = api.get(f"/v1/erasures/{erasure['erasure_id']}").json()["erasure"]
         deleted = sum(erasure["rows_deleted"].values())
-        print(f"erasure of the owner, {deleted:,} rows: {time.perf_counter() - t:6.1f} s "
-              "from request to completed")  # fmt: skip
+        print(
+            f"erasure of the owner, {deleted:,} rows: {time.perf_counter() - t:6.1f} s "
+            "from request to completed"
+        )
     finally:
         serve.stop()
         stop_broker(settings)

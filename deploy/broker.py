@@ -12,6 +12,7 @@ so its presence with a live pid means "a usable broker runs here".
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -132,9 +133,17 @@ def _run_maven(mvn: str, version: str, libs: Path) -> None:
     shutil.rmtree(libs, ignore_errors=True)  # a half-copied earlier attempt
     command = [
         # -U: retry what an earlier attempt (say, offline) left marked "not found" in ~/.m2.
-        mvn, "-q", "-B", "-U", "-f", str(pom), "dependency:copy-dependencies",
-        f"-Dkafka.version={version}", "-DincludeScope=runtime", f"-DoutputDirectory={libs}",
-    ]  # fmt: skip
+        mvn,
+        "-q",
+        "-B",
+        "-U",
+        "-f",
+        str(pom),
+        "dependency:copy-dependencies",
+        f"-Dkafka.version={version}",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={libs}",
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=MAVEN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -176,7 +185,7 @@ def _free_port(avoid: int = 0) -> int:
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            port: int = s.getsockname()[1]
         if port != avoid:
             return port
 
@@ -230,10 +239,8 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it exited between check and signal
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass  # it exited between the check and the signal
 
 
 def _tail(path: Path | None, lines: int = 20) -> str:
@@ -388,10 +395,19 @@ def _format_once(java: str, libs: Path, data: Path, properties: Path) -> None:
     formatted = subprocess.run(
         # "=" form: an id that starts with "-" (one in 32) would otherwise be taken for
         # an option ("argument --cluster-id/-t: expected one argument").
-        [java, "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
-         f"--cluster-id={cluster_id}", "-c", str(properties)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            java,
+            "-cp",
+            f"{libs}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(properties),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if formatted.returncode != 0:
         tail = "\n".join((formatted.stdout + formatted.stderr).splitlines()[-15:])
         raise BrokerError(
@@ -407,12 +423,23 @@ def _launch(java: str, libs: Path, properties: Path, log_path: Path) -> subproce
         log_path.replace(log_path.with_name(log_path.name + ".1"))
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [java, "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-             f"-Dlog4j2.configurationFile={DEPLOY_DIR / 'log4j2.yaml'}",
-             "-cp", f"{libs}/*", "kafka.Kafka", str(properties)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                java,
+                "-Xms256m",
+                "-Xmx1g",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={DEPLOY_DIR / 'log4j2.yaml'}",
+                "-cp",
+                f"{libs}/*",
+                "kafka.Kafka",
+                str(properties),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives `vtp stack up` and its Ctrl-C; stopped by pid
-        )  # fmt: skip
+        )
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
@@ -442,9 +469,14 @@ def start_broker(settings: Settings, timeout: float = 90.0) -> BrokerState:
             _kill(process)
             raise
         state = BrokerState(
-            pid=process.pid, bootstrap=bootstrap, port=port, controller_port=controller_port,
-            data_dir=str(data), log_path=str(log_path), version=settings.kafka_version,
-        )  # fmt: skip
+            pid=process.pid,
+            bootstrap=bootstrap,
+            port=port,
+            controller_port=controller_port,
+            data_dir=str(data),
+            log_path=str(log_path),
+            version=settings.kafka_version,
+        )
         _write_state(settings, state)
     return state
 

@@ -38,14 +38,31 @@ ANALYST_VIEWS = ("analyst_samples", "analyst_trips", "analyst_charges", "analyst
 
 NODE_KINDS = frozenset(
     {
-        "SelectWithUnionQuery", "SelectIntersectExceptQuery", "SelectQuery", "ExpressionList",
-        "Identifier", "Literal", "Function", "Asterisk", "QualifiedAsterisk",
-        "ColumnsRegexpMatcher", "ColumnsTransformerList", "ColumnsExceptTransformer",
-        "TablesInSelectQuery", "TablesInSelectQueryElement", "TableExpression",
-        "TableIdentifier", "TableJoin", "ArrayJoin", "Subquery", "WithElement",
-        "OrderByElement", "WindowDefinition", "WindowListElement",
+        "SelectWithUnionQuery",
+        "SelectIntersectExceptQuery",
+        "SelectQuery",
+        "ExpressionList",
+        "Identifier",
+        "Literal",
+        "Function",
+        "Asterisk",
+        "QualifiedAsterisk",
+        "ColumnsRegexpMatcher",
+        "ColumnsTransformerList",
+        "ColumnsExceptTransformer",
+        "TablesInSelectQuery",
+        "TablesInSelectQueryElement",
+        "TableExpression",
+        "TableIdentifier",
+        "TableJoin",
+        "ArrayJoin",
+        "Subquery",
+        "WithElement",
+        "OrderByElement",
+        "WindowDefinition",
+        "WindowListElement",
     }
-)  # fmt: skip
+)
 
 # Functions analysts may call, by lower-case name (as parsed: operators are functions).
 # A function not listed is closed until someone opens it here, on purpose.
@@ -252,7 +269,7 @@ def run_analyst_query(warehouse: Warehouse, sql: str, limits: AnalystLimits) -> 
     return result
 
 
-def result_rows(table: pa.Table) -> list[list]:
+def result_rows(table: pa.Table) -> list[list[object]]:
     """The rows of a result as JSON-ready lists; text that is not UTF-8 (the engine's
     strings are bytes) comes out with replacement characters instead of failing."""
     try:
@@ -270,7 +287,7 @@ def _as_binary(kind: pa.DataType) -> pa.DataType:
     return kind
 
 
-def _decoded(value):
+def _decoded(value: object) -> object:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, list):
@@ -278,7 +295,7 @@ def _decoded(value):
     return value
 
 
-def _jsonable(value):
+def _jsonable(value: object) -> object:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return jsonable(value)

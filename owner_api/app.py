@@ -15,7 +15,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from owner_api import store
 from owner_api.analyst import AnalystLimits, AnalystQueryError, result_rows, run_analyst_query
@@ -112,8 +113,14 @@ def _local_dates(
     return local(start).date().isoformat(), (last + timedelta(days=1)).isoformat()
 
 
-HTTP_CODES = {400: "bad_parameter", 404: "not_found", 405: "method_not_allowed",
-              406: "not_acceptable", 413: "too_large", 415: "unsupported_media_type"}  # fmt: skip
+HTTP_CODES = {
+    400: "bad_parameter",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
 MAX_BODY_BYTES = 1 << 20  # no route takes more; bigger bodies are refused before reading
 
 
@@ -121,10 +128,10 @@ class BodyLimit:
     """Refuses a request body over ``limit`` bytes with 413 before the app reads it (a
     body is read before the route checks its token)."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -132,7 +139,7 @@ class BodyLimit:
             return await _too_large(send, self.limit)
         seen = 0
 
-        async def counted():
+        async def counted() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
@@ -150,10 +157,15 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _too_large(send, limit: int) -> None:
+async def _too_large(send: Send, limit: int) -> None:
     body = json.dumps({"error": "too_large", "message": f"bodies are at most {limit} bytes"})
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
     await send({"type": "http.response.body", "body": body.encode()})
 
 
@@ -167,8 +179,8 @@ def create_app(
     settings: Settings,
     warehouse: Warehouse,
     keys: KeyFolder,
-    erasure_lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    sink_health: Callable[[], dict] = lambda: {"state": "off"},
+    erasure_lock: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+    sink_health: Callable[[], Mapping[str, object]] = lambda: {"state": "off"},
 ) -> FastAPI:
     region = settings.need_region()
     app = FastAPI(
@@ -213,22 +225,34 @@ def create_app(
         )
         return JSONResponse({"error": "bad_parameter", "message": problems}, status_code=400)
 
-    def audit(caller: Caller, action: str, resource: str, rows: int, detail: str = "", status: int = 200) -> None:  # fmt: skip
+    def audit(
+        caller: Caller, action: str, resource: str, rows: int, detail: str = "", status: int = 200
+    ) -> None:
         audit_log.record(
             AuditEntry(
-                caller.owner, caller.request_id, caller.claims.actor,
-                caller.claims.grant_id or "", action, resource, detail, rows, status,
+                caller.owner,
+                caller.request_id,
+                caller.claims.actor,
+                caller.claims.grant_id or "",
+                action,
+                resource,
+                detail,
+                rows,
+                status,
             ),
-        )  # fmt: skip
+        )
 
     def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
         if not authorization or not authorization.startswith("Bearer "):
             raise ApiError(401, "missing_token", "send Authorization: Bearer <token>")
         try:
             claims = verify(
-                keys.ring(), authorization.removeprefix("Bearer ").strip(), region,
-                ("owner", "grant"), settings.owner_token_max_ttl_s,
-            )  # fmt: skip
+                keys.ring(),
+                authorization.removeprefix("Bearer ").strip(),
+                region,
+                ("owner", "grant"),
+                settings.owner_token_max_ttl_s,
+            )
         except TokenError as exc:
             raise token_error(exc) from None
         if not claims.is_owner:
@@ -267,7 +291,7 @@ def create_app(
     Limit = Annotated[int, Query(ge=1, le=10_000)]
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict:
+    def healthz() -> dict[str, Any]:
         """Reads are served whatever the sink does; "degraded" says new data is not
         being stored right now (the sink is restarting, see ``sink.error``)."""
         sink = sink_health()
@@ -275,17 +299,20 @@ def create_app(
         return {"status": status, "region": region, "sink": sink}
 
     @app.get("/v1/me", responses=ERRORS)
-    def me(who: Who) -> dict:
+    def me(who: Who) -> dict[str, Any]:
         audit(who, "read", "me", 1)
         c = who.claims
         return {
-            "owner_id": c.owner_id, "region": c.region, "actor": c.actor,
-            "grant_id": c.grant_id, "scopes": list(c.scopes),
+            "owner_id": c.owner_id,
+            "region": c.region,
+            "actor": c.actor,
+            "grant_id": c.grant_id,
+            "scopes": list(c.scopes),
             "token_expires_at": store.jsonable(datetime.fromtimestamp(c.expires_at, UTC)),
-        }  # fmt: skip
+        }
 
     @app.get("/v1/vehicles", responses=ERRORS)
-    def vehicles(who: Who) -> dict:
+    def vehicles(who: Who) -> dict[str, Any]:
         found = store.vehicles(wh, who.owner)
         audit(who, "read", "vehicles", len(found))
         return {"vehicles": found}
@@ -302,7 +329,7 @@ def create_app(
         ] = None,
         limit: Limit = 1000,
         cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         start_ms, end_ms = _time_range(start, end, 30)
         wanted = [s for s in (signals or "").split(",") if s] or [
             s for s, scope in SIGNAL_SCOPE.items() if scope in who.claims.scopes
@@ -319,11 +346,13 @@ def create_app(
         page, nxt = store.samples_page(wh, who.owner, vin, start_ms, end_ms, wanted, limit, after)
         audit(who, "read", f"samples/{vin}", len(page), f"signals={','.join(wanted)}")
         return {
-            "vin": vin, "signals": wanted, "samples": page,
+            "vin": vin,
+            "signals": wanted,
+            "samples": page,
             "next": f"{nxt[0]}.{nxt[1]}" if nxt else None,
-        }  # fmt: skip
+        }
 
-    def session_route(table: store.Table, resource: str) -> Callable:
+    def session_route(table: store.Table, resource: str) -> Callable[..., dict[str, Any]]:
         def read(
             request: Request,
             who: Who,
@@ -331,7 +360,7 @@ def create_app(
             start: Start = None,
             end: End = None,
             limit: Limit = 100,
-        ) -> dict:
+        ) -> dict[str, Any]:
             start_ms, end_ms = _time_range(start, end, 30)
             needs(who, ROUTE_SCOPE[table.name] or "", resource)
             if vin is not None:
@@ -352,7 +381,7 @@ def create_app(
     app.get("/v1/daily-summaries", responses=ERRORS)(session_route(store.DAYS, "daily-summaries"))
 
     @app.post("/v1/grants", responses=ERRORS, status_code=201)
-    def create_grant(who: Owner, body: GrantRequest) -> dict:
+    def create_grant(who: Owner, body: GrantRequest) -> dict[str, Any]:
         unknown = sorted(set(body.scopes) - set(SCOPES))
         if unknown:
             raise ApiError(400, "unknown_scope", f"unknown scopes {unknown}; known: {list(SCOPES)}")
@@ -362,21 +391,28 @@ def create_app(
         token = issue(
             keys.ring(),
             Claims(
-                who.owner, region, expires_ms // 1000, grant["grant_id"], body.party,
-                tuple(scopes), kind="grant",
+                who.owner,
+                region,
+                expires_ms // 1000,
+                grant["grant_id"],
+                body.party,
+                tuple(scopes),
+                kind="grant",
             ),
-        )  # fmt: skip
+        )
         audit(who, "grant", f"grants/{grant['grant_id']}", 1, f"party={body.party} scopes={scopes}")
         return {"grant": grant, "token": token}
 
     @app.get("/v1/grants", responses=ERRORS)
-    def list_grants(who: Owner) -> dict:
+    def list_grants(who: Owner) -> dict[str, Any]:
         found = store.list_grants(wh, who.owner)
         audit(who, "read", "grants", len(found))
         return {"grants": found}
 
     @app.delete("/v1/grants/{grant_id}", responses=ERRORS)
-    def revoke_grant(who: Owner, grant_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]) -> dict:
+    def revoke_grant(
+        who: Owner, grant_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+    ) -> dict[str, Any]:
         grant = store.revoke_grant(wh, who.owner, grant_id)
         if grant is None:
             raise ApiError(404, "unknown_grant", f"grant {grant_id} is not one of this owner's")
@@ -393,7 +429,7 @@ def create_app(
     ) -> StreamingResponse:
         generated = store.jsonable(datetime.now(UTC))
 
-        def pages(table: store.Table):
+        def pages(table: store.Table) -> Iterator[Any]:
             rows = settings.export_page_rows
             if format == "parquet":
                 return store.export_pages(wh, who.owner, table, rows)
@@ -411,10 +447,13 @@ def create_app(
         body = stream_export(who.owner, region, format, tables, str(generated), done)
         name = f"vtp-export-{who.owner}-{region}.zip"
         return ClosingStream(
-            body, media_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{name}"',
-                     "X-Request-Id": who.request_id},
-        )  # fmt: skip
+            body,
+            media_type="application/zip",
+            headers={
+                "Content-Disposition": f'attachment; filename="{name}"',
+                "X-Request-Id": who.request_id,
+            },
+        )
 
     def erased(owner: str, erasure_id: str, deleted: dict[str, int]) -> None:
         """A finished erasure's row in the (now empty) log: of the past only this remains."""
@@ -425,19 +464,19 @@ def create_app(
     app.state.erasure_jobs = jobs
 
     @app.post("/v1/erasure", responses=ERRORS, status_code=202)
-    def erase(who: Owner) -> dict:
+    def erase(who: Owner) -> dict[str, Any]:
         erasure_id = jobs.submit(who.owner)
         audit(who, "erase requested", "owner", 0, f"erasure_id={erasure_id}", 202)
         return {"erasure": _erasure(who.owner, erasure_id)}
 
-    def _erasure(owner: str, erasure_id: str) -> dict:
+    def _erasure(owner: str, erasure_id: str) -> dict[str, Any]:
         found = [e for e in store.erasures(wh, owner) if e["erasure_id"] == erasure_id]
         if not found:
             raise ApiError(404, "unknown_erasure", "that erasure is not one of this owner's")
         return found[0]
 
     @app.get("/v1/erasures", responses=ERRORS)
-    def list_erasures(who: Owner) -> dict:
+    def list_erasures(who: Owner) -> dict[str, Any]:
         found = store.erasures(wh, who.owner)
         audit(who, "read", "erasures", len(found))
         return {"erasures": found}
@@ -445,13 +484,13 @@ def create_app(
     @app.get("/v1/erasures/{erasure_id}", responses=ERRORS)
     def get_erasure(
         who: Owner, erasure_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
-    ) -> dict:
+    ) -> dict[str, Any]:
         found = _erasure(who.owner, erasure_id)
         audit(who, "read", f"erasures/{erasure_id}", 1)
         return {"erasure": found}
 
     @app.get("/v1/audit", responses=ERRORS)
-    def access_log(who: Owner, limit: Limit = 1000) -> dict:
+    def access_log(who: Owner, limit: Limit = 1000) -> dict[str, Any]:
         found = store.access_log(wh, who.owner, limit)
         audit(who, "read", "audit", len(found))
         return {"entries": found}
@@ -459,7 +498,7 @@ def create_app(
     @app.post("/v1/analyst/sql", responses=ERRORS)
     def analyst_sql(
         body: AnalystQuery, authorization: Annotated[str | None, Header()] = None
-    ) -> dict:
+    ) -> dict[str, Any]:
         if not authorization or not authorization.startswith("Bearer "):
             raise ApiError(401, "missing_token", "send Authorization: Bearer <analyst token>")
         try:
@@ -470,9 +509,10 @@ def create_app(
             raise token_error(exc) from None
         if not analyst_slots.acquire(blocking=False):
             raise ApiError(
-                429, "too_many_queries",
+                429,
+                "too_many_queries",
                 f"{settings.analyst_max_concurrent} analyst queries run already; try again soon",
-            )  # fmt: skip
+            )
         try:
             result = run_analyst_query(wh, body.sql, analyst_limits)
         except AnalystQueryError as exc:

@@ -20,11 +20,19 @@ from vtp.core.warehouse import Warehouse
 log = logging.getLogger("vtp.owner_api")
 
 SCHEMA = pa.schema(
-    [("owner_id", pa.string()), ("at", pa.timestamp("ms", tz="UTC")), ("request_id", pa.string()),
-     ("actor", pa.string()), ("grant_id", pa.string()), ("action", pa.string()),
-     ("resource", pa.string()), ("detail", pa.string()), ("rows", pa.uint64()),
-     ("status", pa.uint16())]
-)  # fmt: skip
+    [
+        ("owner_id", pa.string()),
+        ("at", pa.timestamp("ms", tz="UTC")),
+        ("request_id", pa.string()),
+        ("actor", pa.string()),
+        ("grant_id", pa.string()),
+        ("action", pa.string()),
+        ("resource", pa.string()),
+        ("detail", pa.string()),
+        ("rows", pa.uint64()),
+        ("status", pa.uint16()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class AuditEntry:
 
 @dataclass
 class _Waiting:
-    row: dict
+    row: dict[str, object]
     stored: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
 
@@ -58,11 +66,19 @@ class AuditLog:
     def record(self, entry: AuditEntry) -> None:
         """Store ``entry``; returns once it is in the warehouse, raises if it is not."""
         waiting = _Waiting(
-            {"owner_id": entry.owner_id, "at": int(time.time() * 1000),
-             "request_id": entry.request_id, "actor": entry.actor, "grant_id": entry.grant_id,
-             "action": entry.action, "resource": entry.resource, "detail": entry.detail[:2000],
-             "rows": entry.rows, "status": entry.status}
-        )  # fmt: skip
+            {
+                "owner_id": entry.owner_id,
+                "at": int(time.time() * 1000),
+                "request_id": entry.request_id,
+                "actor": entry.actor,
+                "grant_id": entry.grant_id,
+                "action": entry.action,
+                "resource": entry.resource,
+                "detail": entry.detail[:2000],
+                "rows": entry.rows,
+                "status": entry.status,
+            }
+        )
         with self._cond:
             self._queue.append(waiting)
             self._cond.notify()

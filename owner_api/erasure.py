@@ -34,7 +34,7 @@ class ErasureJobs:
     def __init__(
         self,
         warehouse: Warehouse,
-        write_lock: Callable[[], contextlib.AbstractContextManager],
+        write_lock: Callable[[], contextlib.AbstractContextManager[object]],
         done: Callable[[str, str, dict[str, int]], None],
         notice: WorkerNotice | None,
     ):

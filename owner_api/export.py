@@ -11,11 +11,13 @@ import io
 import json
 import time
 import zipfile
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import IO, Any
 
 import pyarrow.parquet as pq
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 
 class _Pipe(io.RawIOBase):
@@ -27,7 +29,8 @@ class _Pipe(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b) -> int:  # type: ignore[override]
+    # io's write takes any buffer; zipfile writes bytes here.
+    def write(self, b: bytes) -> int:  # type: ignore[override]  # narrower than io's buffer
         self._chunks.append(bytes(b))
         return len(b)
 
@@ -40,14 +43,15 @@ class _Pipe(io.RawIOBase):
 class _Counted(io.RawIOBase):
     """A ZIP member seen as a file with a position (pyarrow's writer asks for it)."""
 
-    def __init__(self, member) -> None:
+    def __init__(self, member: IO[bytes]) -> None:
         self._member = member
         self._pos = 0
 
     def writable(self) -> bool:
         return True
 
-    def write(self, b) -> int:  # type: ignore[override]
+    # io's write takes any buffer; pyarrow's writer writes bytes here.
+    def write(self, b: bytes) -> int:  # type: ignore[override]  # narrower than io's buffer
         self._member.write(b)
         self._pos += len(b)
         return len(b)
@@ -57,7 +61,12 @@ class _Counted(io.RawIOBase):
 
 
 def _write_pages(
-    member, fmt: str, pages: Iterator, pipe: _Pipe, counts: dict[str, int], name: str
+    member: IO[bytes],
+    fmt: str,
+    pages: Iterator[Any],
+    pipe: _Pipe,
+    counts: dict[str, int],
+    name: str,
 ) -> Generator[bytes, None, None]:
     """Write the pages into the member, yielding the ZIP bytes after each; ``counts[name]``
     holds the rows handed out so far.
@@ -90,18 +99,18 @@ class ClosingStream(StreamingResponse):
     ends: a client that goes away cancels the stream, and the export's own ending (its
     access-log row) then runs at once, not whenever the garbage collector finds it."""
 
-    def __init__(self, source: Generator[bytes, None, None], **options) -> None:
+    def __init__(self, source: Generator[bytes, None, None], **options: Any) -> None:
         self._source = source
         super().__init__(source, **options)
 
-    async def stream_response(self, send) -> None:
+    async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
         finally:
             await run_in_threadpool(_close_when_idle, self._source)
 
 
-def _close_when_idle(source: Generator) -> None:
+def _close_when_idle(source: Generator[bytes, None, None]) -> None:
     """close() a generator; a cancelled stream may still be inside its next() in a worker
     thread for a moment ("generator already executing")."""
     for _ in range(600):
@@ -116,16 +125,16 @@ def stream_export(
     owner_id: str,
     region: str,
     fmt: str,
-    tables: list[tuple[str, Callable[[], Iterator]]],
+    tables: Sequence[tuple[str, Callable[[], Iterator[Any]]]],
     generated_at: str,
     done: Callable[[dict[str, int], str | None], None],
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """Yield the ZIP's bytes. ``done`` gets the row counts handed out and, when the export
     did not reach its manifest (the client went away, the warehouse failed), what
     happened: a partial export is accounted for too."""
     pipe = _Pipe()
     counts: dict[str, int] = {}
-    ended = "the client went away before the end"
+    ended: str | None = "the client went away before the end"
     try:
         with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name, pages in tables:

@@ -30,6 +30,7 @@ SIGNAL_SCOPE = {
 }
 
 # Per route's table: column -> the scope that shows it (None: anyone the route admits).
+# Kept unformatted: one line per scope reads as the table it is.
 ROUTE_COLUMNS: dict[str, dict[str, str | None]] = {
     "samples": {"event_time": None, "seq": None, **SIGNAL_SCOPE},
     "trips": {
@@ -65,6 +66,7 @@ ROUTE_SCOPE = {
 }
 
 # What the owner's export holds per table, in this order; and what stays inside.
+# Kept unformatted: one entry per table, its columns in a paragraph.
 EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
     "samples": ("owner_id", "vin", "event_time", "seq", "upload_id", *SIGNAL_SCOPE, "region",
                 "schema_version", "received_at"),

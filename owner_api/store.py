@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import Any
 
 import pyarrow as pa
 
@@ -25,9 +26,14 @@ SIGNALS = tuple(SIGNAL_SCOPE)
 # Stored as Float32; shown through ClickHouse's shortest text form, so 191.4 reads as
 # 191.4 in JSON and CSV rather than as the double nearest the float (191.39999389...).
 FLOAT32_SIGNALS = (
-    "speed", "heading", "soc", "charge_power", "battery_temperature", "outside_temperature",
+    "speed",
+    "heading",
+    "soc",
+    "charge_power",
+    "battery_temperature",
+    "outside_temperature",
     "cabin_temperature",
-)  # fmt: skip
+)
 
 
 def _as_decimal_text(column: str) -> str:
@@ -77,7 +83,7 @@ def jsonable(value: object) -> object:
     return value
 
 
-def records(table: pa.Table) -> list[dict]:
+def records(table: pa.Table) -> list[dict[str, Any]]:
     return [{k: jsonable(v) for k, v in r.items()} for r in table.to_pylist()]
 
 
@@ -92,10 +98,11 @@ def owner_known(wh: Warehouse, owner: str) -> bool:
         " + (SELECT count() FROM (SELECT 1 FROM grants WHERE owner_id = {o:String} LIMIT 1))",
         {"o": owner},
     )
-    return rows(found)[0][0] > 0
+    count: int = rows(found)[0][0]
+    return count > 0
 
 
-def vehicles(wh: Warehouse, owner: str) -> list[dict]:
+def vehicles(wh: Warehouse, owner: str) -> list[dict[str, Any]]:
     return records(
         wh.query(
             "SELECT vin, count() AS uploads, sum(sample_count) AS samples, "
@@ -122,7 +129,8 @@ def owns_vehicle(wh: Warehouse, owner: str, vin: str) -> bool:
         "AND vin = {v:String} LIMIT 1)",
         {"o": owner, "v": vin},
     )
-    return rows(found)[0][0] > 0
+    count: int = rows(found)[0][0]
+    return count > 0
 
 
 # -- samples ----------------------------------------------------------------------------
@@ -137,7 +145,7 @@ def samples_page(
     signals: list[str],
     limit: int,
     after: tuple[int, int] | None,
-) -> tuple[list[dict], tuple[int, int] | None]:
+) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
     """Up to ``limit`` samples in [start, end) after the cursor (event time ms, seq)."""
     unknown = set(signals) - set(SIGNALS)
     if unknown:
@@ -158,9 +166,16 @@ def samples_page(
         "AND (event_time > fromUnixTimestamp64Milli({at:Int64}, 'UTC') "
         "     OR (event_time = fromUnixTimestamp64Milli({at:Int64}, 'UTC') AND seq > {aseq:Int64})) "
         "ORDER BY event_time, seq LIMIT {n:UInt32}",
-        {"o": owner, "v": vin, "s": start_ms, "e": end_ms, "at": after_t, "aseq": after_seq,
-         "n": limit + 1},
-    )  # fmt: skip
+        {
+            "o": owner,
+            "v": vin,
+            "s": start_ms,
+            "e": end_ms,
+            "at": after_t,
+            "aseq": after_seq,
+            "n": limit + 1,
+        },
+    )
     page = result.to_pylist()
     more = len(page) > limit
     page = page[:limit]
@@ -184,7 +199,7 @@ def sessions(
     columns: list[str],
     limit: int,
     dates: tuple[str, str] | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Trips, charges or daily summaries in [start, end), newest first: ``columns`` only
     (what the caller's scopes open, from owner_api.scopes). Daily summaries are about
     local days, so they are chosen by ``dates`` [first, after) as the caller's own
@@ -209,7 +224,7 @@ def sessions(
             "n": limit,
             "df": first,
             "dt": after,
-        },  # fmt: skip
+        },
     )
     return records(result)
 
@@ -217,7 +232,9 @@ def sessions(
 # -- grants -----------------------------------------------------------------------------
 
 
-def create_grant(wh: Warehouse, owner: str, party: str, scopes: list[str], expires_ms: int) -> dict:
+def create_grant(
+    wh: Warehouse, owner: str, party: str, scopes: list[str], expires_ms: int
+) -> dict[str, Any]:
     grant_id = uuid.uuid4().hex
     created = now_ms()
     wh.execute(
@@ -225,13 +242,20 @@ def create_grant(wh: Warehouse, owner: str, party: str, scopes: list[str], expir
         "revoked_at, version) VALUES ({o:String}, {g:String}, {p:String}, {sc:Array(String)}, "
         "fromUnixTimestamp64Milli({c:Int64}, 'UTC'), fromUnixTimestamp64Milli({x:Int64}, 'UTC'), "
         "NULL, {ver:UInt64})",
-        {"o": owner, "g": grant_id, "p": party, "sc": scopes, "c": created, "x": expires_ms,
-         "ver": created},
-    )  # fmt: skip
+        {
+            "o": owner,
+            "g": grant_id,
+            "p": party,
+            "sc": scopes,
+            "c": created,
+            "x": expires_ms,
+            "ver": created,
+        },
+    )
     return get_grant(wh, owner, grant_id) or {}
 
 
-def list_grants(wh: Warehouse, owner: str) -> list[dict]:
+def list_grants(wh: Warehouse, owner: str) -> list[dict[str, Any]]:
     return records(
         wh.query(
             "SELECT grant_id, party, scopes, created_at, expires_at, revoked_at FROM grants FINAL "
@@ -241,7 +265,7 @@ def list_grants(wh: Warehouse, owner: str) -> list[dict]:
     )
 
 
-def get_grant(wh: Warehouse, owner: str, grant_id: str) -> dict | None:
+def get_grant(wh: Warehouse, owner: str, grant_id: str) -> dict[str, Any] | None:
     found = records(
         wh.query(
             "SELECT grant_id, party, scopes, created_at, expires_at, revoked_at FROM grants FINAL "
@@ -252,7 +276,7 @@ def get_grant(wh: Warehouse, owner: str, grant_id: str) -> dict | None:
     return found[0] if found else None
 
 
-def revoke_grant(wh: Warehouse, owner: str, grant_id: str) -> dict | None:
+def revoke_grant(wh: Warehouse, owner: str, grant_id: str) -> dict[str, Any] | None:
     """Mark the grant revoked (idempotent); None when the owner has no such grant."""
     wh.execute(
         "INSERT INTO grants (owner_id, grant_id, party, scopes, created_at, expires_at, "
@@ -267,7 +291,7 @@ def revoke_grant(wh: Warehouse, owner: str, grant_id: str) -> dict | None:
 # -- audit ------------------------------------------------------------------------------
 
 
-def access_log(wh: Warehouse, owner: str, limit: int) -> list[dict]:
+def access_log(wh: Warehouse, owner: str, limit: int) -> list[dict[str, Any]]:
     return records(
         wh.query(
             "SELECT at, request_id, actor, grant_id, action, resource, detail, rows, status "
@@ -303,9 +327,13 @@ TEXT_SETTINGS = (
 
 # How each key column is bound: its parameter type and how a value read back is passed.
 _KEY_TYPES = {
-    "event_time": "ts", "sent_at": "ts", "start_time": "ts", "at": "ts", "date": "date",
+    "event_time": "ts",
+    "sent_at": "ts",
+    "start_time": "ts",
+    "at": "ts",
+    "date": "date",
     "seq": "u64",
-}  # fmt: skip
+}
 
 
 def _key_param(column: str, name: str) -> str:
@@ -318,9 +346,11 @@ def _key_param(column: str, name: str) -> str:
 def _key_value(column: str, value: object) -> object:
     kind = _KEY_TYPES.get(column, "str")
     if kind == "ts":
-        return int(value.timestamp() * 1000 + 0.5)  # type: ignore[attr-defined]
+        assert isinstance(value, datetime)
+        return int(value.timestamp() * 1000 + 0.5)
     if kind == "date":
-        return value.isoformat()  # type: ignore[attr-defined]
+        assert isinstance(value, date)
+        return value.isoformat()
     return value
 
 
@@ -334,14 +364,17 @@ def _after(key: tuple[str, ...], prefix: str) -> str:
     return "(" + " OR ".join(f"({t})" for t in terms) + ")"
 
 
-def _pages(wh: Warehouse, owner: str, table: Table, page_rows: int) -> Iterator[tuple[str, dict]]:
+def _pages(
+    wh: Warehouse, owner: str, table: Table, page_rows: int
+) -> Iterator[tuple[str, dict[str, object]]]:
     """(WHERE clause, params) of each page, in key order. Keyset paging: each page
     starts after the last key of the one before, so every page costs the same."""
     final = " FINAL" if table.final else ""
     order = ", ".join(table.key)
-    last: dict | None = None
+    last: dict[str, object] | None = None
     while True:
-        where, params = "owner_id = {o:String}", {"o": owner}
+        where = "owner_id = {o:String}"
+        params: dict[str, object] = {"o": owner}
         if last is not None:
             where += " AND " + _after(table.key, "a")
             params |= last
@@ -435,7 +468,7 @@ def complete_erasure(
     )
 
 
-def erasures(wh: Warehouse, owner: str) -> list[dict]:
+def erasures(wh: Warehouse, owner: str) -> list[dict[str, Any]]:
     """The owner's erasures, oldest first, each with its status (pending or completed)."""
     found = records(
         wh.query(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
@@ -87,7 +88,7 @@ def analyst_claims(name: str, region: str, ttl_s: int) -> Claims:
     return Claims(name, region, int(time.time() + ttl_s), scopes=(), kind="analyst")
 
 
-def _unverified(token: str) -> tuple[dict, dict]:
+def _unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         return jwt.get_unverified_header(token), jwt.decode(
             token, options={"verify_signature": False}
@@ -140,14 +141,14 @@ def verify(
     return claims
 
 
-def _text(payload: dict, name: str, longest: int = 200) -> str:
+def _text(payload: dict[str, Any], name: str, longest: int = 200) -> str:
     value = payload.get(name)
     if not isinstance(value, str) or not 0 < len(value) <= longest:
         raise TokenError("malformed", f"claim {name!r} must be text of 1 to {longest} characters")
     return value
 
 
-def _whole(payload: dict, name: str) -> int:
+def _whole(payload: dict[str, Any], name: str) -> int:
     value = payload.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TokenError("malformed", f"claim {name!r} must be a whole number of seconds")
@@ -155,7 +156,7 @@ def _whole(payload: dict, name: str) -> int:
 
 
 def _checked_claims(
-    payload: dict, kind: str, region: str, max_owner_ttl_s: int, now: float | None
+    payload: dict[str, Any], kind: str, region: str, max_owner_ttl_s: int, now: float | None
 ) -> Claims:
     allowed = _GRANT_CLAIMS if kind == "grant" else _BASE_CLAIMS
     extra = sorted(set(payload) - allowed)

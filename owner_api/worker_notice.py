@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from schemas.registry import Registration
 from vtp.core import headers as h
@@ -30,7 +30,8 @@ def vehicles_of(owner: str, region: str, registry: Mapping[str, Registration]) -
     }
 
 
-def erasure_message(owner: str, horizon_ms: int) -> list[tuple[str, bytes]]:
+# Bytes values, typed as Producer.produce takes headers (a list, so invariant).
+def erasure_message(owner: str, horizon_ms: int) -> list[tuple[str, str | bytes | None]]:
     return [
         (h.CONTROL, h.ERASURE_CONTROL),
         (h.ERASED_OWNER, owner.encode()),
@@ -60,13 +61,14 @@ class WorkerNotice:
         vins = sorted(set(vins))
         headers = erasure_message(owner, horizon_ms)
 
-        def delivered(err, _msg) -> None:
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 failed.append(str(err))
 
         for vin in vins:
-            producer.produce(settings.topics.validated, b"", vin.encode(), headers=headers,
-                             on_delivery=delivered)  # fmt: skip
+            producer.produce(
+                settings.topics.validated, b"", vin.encode(), headers=headers, on_delivery=delivered
+            )
             producer.poll(0)
         left = producer.flush(30)
         if left or failed:

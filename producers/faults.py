@@ -25,13 +25,26 @@ class Fault:
     created_ms: int | None = None
 
 
-def _upload(vin: str, rng: random.Random, sent_at_ms: int, **sample_overrides) -> dict:
-    sample = {
-        "event_time_ms": sent_at_ms - 1000, "seq": 1, "speed": 50.0, "latitude": 52.52,
-        "longitude": 13.405, "heading": 90.0, "odometer": 1234.5, "soc": 80.0,
-        "is_charging": False, "charge_power": None, "charge_mode": None,
-        "battery_temperature": 25.0, "outside_temperature": 10.0, "gear": "DRIVE", "dtcs": [],
-    }  # fmt: skip
+def _upload(
+    vin: str, rng: random.Random, sent_at_ms: int, **sample_overrides: object
+) -> dict[str, object]:
+    sample: dict[str, object] = {
+        "event_time_ms": sent_at_ms - 1000,
+        "seq": 1,
+        "speed": 50.0,
+        "latitude": 52.52,
+        "longitude": 13.405,
+        "heading": 90.0,
+        "odometer": 1234.5,
+        "soc": 80.0,
+        "is_charging": False,
+        "charge_power": None,
+        "charge_mode": None,
+        "battery_temperature": 25.0,
+        "outside_temperature": 10.0,
+        "gear": "DRIVE",
+        "dtcs": [],
+    }
     sample.update(sample_overrides)
     return {
         "vin": vin,

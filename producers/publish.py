@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from producers.sdk import DeliveryReport, TelemetryPublisher, publish_registrations
 from producers.simulator import GroundTruth, Vehicle, build_fleet, new_truth, simulate
@@ -40,7 +41,7 @@ class PublishSummary:
     report: DeliveryReport = field(default_factory=DeliveryReport)
     # The first upload of each vehicle as (key, value): what a resend test sends again.
     first_uploads: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
-    uploads_by_region: Counter = field(default_factory=Counter)
+    uploads_by_region: Counter[str | None] = field(default_factory=Counter)
     vehicles_sent: set[str] = field(default_factory=set)
     # Uploads of vehicles provisioned with a region that is not running here.
     unsent: int = 0
@@ -98,7 +99,7 @@ def publish_fleet(
     start_ms: int = DEFAULT_START_MS,
     publishers: dict[str, TelemetryPublisher] | None = None,
     collect_positions: bool = False,
-    **simulate_options,
+    **simulate_options: Any,
 ) -> PublishSummary:
     """Simulate ``vehicles`` and send each upload to the region it is provisioned with;
     given ``publishers``, the caller flushes them."""
@@ -112,9 +113,13 @@ def publish_fleet(
     summary = PublishSummary(vehicles=vehicles, truth=new_truth(vehicles))
     started = time.perf_counter()
     for upload in simulate(
-        vehicles, seed=seed, start_ms=start_ms, duration_s=duration_s, truth=summary.truth,
+        vehicles,
+        seed=seed,
+        start_ms=start_ms,
+        duration_s=duration_s,
+        truth=summary.truth,
         **simulate_options,
-    ):  # fmt: skip
+    ):
         region = by_vin[upload["vin"]].endpoint_at(upload["samples"][-1]["event_time_ms"])
         publisher = publishers.get(region or "")
         if publisher is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,11 +146,15 @@ class TelemetryPublisher:
         """Send bytes as they are (tests use it to inject malformed messages)."""
         stamp = {"timestamp": created_ms} if created_ms is not None else {}
         produce_waiting(
-            self._producer, self._topic, key=key, value=value,
-            on_delivery=self._delivered(label), **stamp,
-        )  # fmt: skip
+            self._producer,
+            self._topic,
+            key=key,
+            value=value,
+            on_delivery=self._delivered(label),
+            **stamp,
+        )
 
-    def _delivered(self, label: str):
+    def _delivered(self, label: str) -> Callable[[KafkaError | None, Message], None]:
         def callback(err: KafkaError | None, _msg: Message) -> None:
             if err is None:
                 self.report.delivered += 1
@@ -181,7 +186,10 @@ def produce_waiting(producer: Producer, topic: str, **record: Any) -> None:
 
 
 def publish_registrations(
-    bootstrap: str, topic: str, registrations: list[Registration], extra: dict | None = None
+    bootstrap: str,
+    topic: str,
+    registrations: list[Registration],
+    extra: dict[str, Any] | None = None,
 ) -> DeliveryReport:
     """Write a region's vehicle registry entries (its compacted topic, keyed by VIN)."""
     producer = Producer(producer_config(bootstrap, extra))
@@ -195,8 +203,11 @@ def publish_registrations(
 
     for reg in registrations:
         produce_waiting(
-            producer, topic, key=reg.vin.encode(), value=encode_registration(reg),
+            producer,
+            topic,
+            key=reg.vin.encode(),
+            value=encode_registration(reg),
             on_delivery=callback,
-        )  # fmt: skip
+        )
     report.pending = producer.flush(30)
     return report

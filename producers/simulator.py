@@ -17,6 +17,7 @@ import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from schemas.registry import Period, Registration, view_for_region
 from vtp.core.days import DayClock, day_shares
@@ -31,16 +32,28 @@ _VIN_VALUES = (
 _VIN_WEIGHTS = (8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2)
 
 CITIES = {
-    "cn": [("Shanghai", 31.2304, 121.4737, "Asia/Shanghai"), ("Beijing", 39.9042, 116.4074, "Asia/Shanghai"),
-           ("Shenzhen", 22.5431, 114.0579, "Asia/Shanghai")],
-    "eu": [("Berlin", 52.52, 13.405, "Europe/Berlin"), ("Paris", 48.8566, 2.3522, "Europe/Paris"),
-           ("Madrid", 40.4168, -3.7038, "Europe/Madrid"), ("Amsterdam", 52.3676, 4.9041, "Europe/Amsterdam")],
-}  # fmt: skip
+    "cn": [
+        ("Shanghai", 31.2304, 121.4737, "Asia/Shanghai"),
+        ("Beijing", 39.9042, 116.4074, "Asia/Shanghai"),
+        ("Shenzhen", 22.5431, 114.0579, "Asia/Shanghai"),
+    ],
+    "eu": [
+        ("Berlin", 52.52, 13.405, "Europe/Berlin"),
+        ("Paris", 48.8566, 2.3522, "Europe/Paris"),
+        ("Madrid", 40.4168, -3.7038, "Europe/Madrid"),
+        ("Amsterdam", 52.3676, 4.9041, "Europe/Amsterdam"),
+    ],
+}
 OUTSIDE_C = {"cn": 14.0, "eu": 7.0}
 WMI = {"cn": ("LRW", "LFV", "LSV"), "eu": ("WVW", "WBA", "VF1")}
 # (model, battery kWh, consumption kWh/km)
-MODELS = [("Model 3", 60.0, 0.15), ("Model Y", 75.0, 0.17), ("ID.4", 77.0, 0.18),
-          ("i4 eDrive40", 80.7, 0.19), ("Seal", 82.5, 0.16)]  # fmt: skip
+MODELS = [
+    ("Model 3", 60.0, 0.15),
+    ("Model Y", 75.0, 0.17),
+    ("ID.4", 77.0, 0.18),
+    ("i4 eDrive40", 80.7, 0.19),
+    ("Seal", 82.5, 0.16),
+]
 DTC_CODES = ("P0A80", "P0AA6", "U0100", "C1234", "B1000")
 
 PARKED, DRIVING, CHARGING = "PARKED", "DRIVING", "CHARGING"
@@ -101,10 +114,14 @@ class Vehicle:
     def registration_in(self, region: str) -> Registration:
         """What ``region``'s registry holds of this vehicle (other regions' owners left out)."""
         return view_for_region(
-            self.vin, self.periods, region, model=self.model,
-            battery_capacity_kwh=self.battery_capacity_kwh, time_zone=self.time_zone,
+            self.vin,
+            self.periods,
+            region,
+            model=self.model,
+            battery_capacity_kwh=self.battery_capacity_kwh,
+            time_zone=self.time_zone,
             revision=len(self.periods),
-        )  # fmt: skip
+        )
 
 
 def build_fleet(
@@ -140,7 +157,7 @@ def build_fleet(
                     round(lat + rng.uniform(-0.1, 0.1), 6),
                     round(lon + rng.uniform(-0.1, 0.1), 6),
                     use,
-                )  # fmt: skip
+                )
             )
     return fleet
 
@@ -197,8 +214,8 @@ class VehicleTruth:
     # Per local day, from the physics (not from the samples): distance_km, driving_s,
     # energy_used_kwh, energy_charged_kwh, idle_drain_kwh.
     physics: dict[str, dict[str, float]] = field(default_factory=dict)
-    _open_trip: list[dict] | None = field(default=None, repr=False)  # [first, last, max_speed]
-    _open_charge: list | None = field(default=None, repr=False)  # [first, last, peak]
+    _open_trip: list[Any] | None = field(default=None, repr=False)  # [first, last, max_speed]
+    _open_charge: list[Any] | None = field(default=None, repr=False)  # [first, last, peak]
 
     def add_physics(
         self, start_ms: int, end_ms: int, state: str, km: float, kwh: float, still_moving: bool
@@ -208,9 +225,14 @@ class VehicleTruth:
             share = ms / (end_ms - start_ms)
             day = self.physics.setdefault(
                 date,
-                {"distance_km": 0.0, "driving_s": 0.0, "energy_used_kwh": 0.0,
-                 "energy_charged_kwh": 0.0, "idle_drain_kwh": 0.0},
-            )  # fmt: skip
+                {
+                    "distance_km": 0.0,
+                    "driving_s": 0.0,
+                    "energy_used_kwh": 0.0,
+                    "energy_charged_kwh": 0.0,
+                    "idle_drain_kwh": 0.0,
+                },
+            )
             day["distance_km"] += km * share
             if state == DRIVING:
                 day["energy_used_kwh"] -= kwh * share
@@ -239,7 +261,7 @@ class VehicleTruth:
             return 0.0
         return self.last_odometer - self.first_odometer
 
-    def record(self, samples: list[dict]) -> None:
+    def record(self, samples: list[dict[str, Any]]) -> None:
         """Account for one yielded upload."""
         self.uploads += 1
         self.samples += len(samples)
@@ -255,7 +277,7 @@ class VehicleTruth:
             self._track_trip(s)
             self._track_charge(s)
 
-    def _track_trip(self, s: dict) -> None:
+    def _track_trip(self, s: dict[str, Any]) -> None:
         moving = s["gear"] != "PARK"
         if moving:
             if self._open_trip is None:
@@ -267,16 +289,29 @@ class VehicleTruth:
             self._close_trip()
 
     def _close_trip(self) -> None:
+        assert self._open_trip is not None  # called only while a trip is open
         first, last, top = self._open_trip
         self._open_trip = None
         self.trips.append(
-            Trip(self.vin, first["event_time_ms"], last["event_time_ms"], first["odometer"],
-                 last["odometer"], last["odometer"] - first["odometer"], first["soc"], last["soc"],
-                 (first["soc"] - last["soc"]) / 100 * self.capacity_kwh, top,
-                 first["latitude"], first["longitude"], last["latitude"], last["longitude"])
-        )  # fmt: skip
+            Trip(
+                self.vin,
+                first["event_time_ms"],
+                last["event_time_ms"],
+                first["odometer"],
+                last["odometer"],
+                last["odometer"] - first["odometer"],
+                first["soc"],
+                last["soc"],
+                (first["soc"] - last["soc"]) / 100 * self.capacity_kwh,
+                top,
+                first["latitude"],
+                first["longitude"],
+                last["latitude"],
+                last["longitude"],
+            )
+        )
 
-    def _track_charge(self, s: dict) -> None:
+    def _track_charge(self, s: dict[str, Any]) -> None:
         if s["is_charging"]:
             if self._open_charge is None:
                 self._open_charge = [s, s, s["charge_power"]]
@@ -287,13 +322,23 @@ class VehicleTruth:
             self._close_charge()
 
     def _close_charge(self) -> None:
+        assert self._open_charge is not None  # called only while a charge is open
         first, last, peak = self._open_charge
         self._open_charge = None
         self.charges.append(
-            Charge(self.vin, first["event_time_ms"], last["event_time_ms"], first["soc"], last["soc"],
-                   (last["soc"] - first["soc"]) / 100 * self.capacity_kwh, peak, first["charge_mode"],
-                   first["latitude"], first["longitude"])
-        )  # fmt: skip
+            Charge(
+                self.vin,
+                first["event_time_ms"],
+                last["event_time_ms"],
+                first["soc"],
+                last["soc"],
+                (last["soc"] - first["soc"]) / 100 * self.capacity_kwh,
+                peak,
+                first["charge_mode"],
+                first["latitude"],
+                first["longitude"],
+            )
+        )
 
     def finish(self) -> None:
         """Trips and charges still going at the end of the simulation count as they are."""
@@ -346,15 +391,29 @@ class _Car:
 
 
 def _vehicle_uploads(
-    v: Vehicle, seed: int, start_ms: int, duration_s: float, intervals: tuple[float, float, float],
-    upload_interval_s: float, idle_upload_interval_s: float, max_samples: int, firmware: str,
+    v: Vehicle,
+    seed: int,
+    start_ms: int,
+    duration_s: float,
+    intervals: tuple[float, float, float],
+    upload_interval_s: float,
+    idle_upload_interval_s: float,
+    max_samples: int,
+    firmware: str,
     truth: VehicleTruth | None,
-) -> Iterator[tuple[int, int, dict]]:  # fmt: skip
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
     rng = random.Random(f"{seed}-{v.vin}")
     drive_dt, charge_dt, park_dt = intervals
     outside = OUTSIDE_C.get(v.region, 10.0) + rng.uniform(-5, 5)
-    car = _Car(v.home_lat, v.home_lon, rng.uniform(0, 360), round(rng.uniform(1_000, 80_000), 3),
-               rng.uniform(35, 90), outside + 5, outside)  # fmt: skip
+    car = _Car(
+        v.home_lat,
+        v.home_lon,
+        rng.uniform(0, 360),
+        round(rng.uniform(1_000, 80_000), 3),
+        rng.uniform(35, 90),
+        outside + 5,
+        outside,
+    )
     state = rng.choices((DRIVING, CHARGING, PARKED), (0.5, 0.2, 0.3))[0]
     if state == CHARGING:
         car.soc = rng.uniform(15, 60)
@@ -364,7 +423,7 @@ def _vehicle_uploads(
     t = 0.0
     next_upload = rng.uniform(0, upload_interval_s)
     last_sent = start_ms
-    buffer: list[dict] = []
+    buffer: list[dict[str, Any]] = []
     shown_speed = 0.0  # a trip ends on a sample that shows the car stopped
     pending = None
     vehicle_key = hash(v.vin)
@@ -375,15 +434,20 @@ def _vehicle_uploads(
         p.from_ms for p in v.periods[1:] if p.region and p.region != v.endpoint_at(p.from_ms - 1)
     ]
 
-    def emit(sent_s: float | None):
+    def emit(sent_s: float | None) -> tuple[int, int, dict[str, Any]]:
         nonlocal last_sent, buffer
         sent = (
             last_sent if sent_s is None else start_ms + int(sent_s * 1000) + rng.randrange(0, 800)
         )
         sent = max(last_sent, sent, buffer[-1]["event_time_ms"])
         last_sent = sent
-        upload = {"vin": v.vin, "upload_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                  "sent_at_ms": sent, "gateway_firmware": firmware, "samples": buffer}  # fmt: skip
+        upload = {
+            "vin": v.vin,
+            "upload_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            "sent_at_ms": sent,
+            "gateway_firmware": firmware,
+            "samples": buffer,
+        }
         if truth is not None:
             truth.record(buffer)
         buffer = []
@@ -412,9 +476,12 @@ def _vehicle_uploads(
             car.battery_c += (car.outside_c - car.battery_c) * min(1.0, dt / 3600)
         # What the physics did in this step, from this sample to the next.
         pending = (
-            start_ms + int(t * 1000), start_ms + int((t + dt) * 1000), state,
-            car.odometer - before[0], (car.soc - before[1]) / 100 * v.battery_capacity_kwh,
-        )  # fmt: skip
+            start_ms + int(t * 1000),
+            start_ms + int((t + dt) * 1000),
+            state,
+            car.odometer - before[0],
+            (car.soc - before[1]) / 100 * v.battery_capacity_kwh,
+        )
         if (
             switches
             and buffer
@@ -499,7 +566,7 @@ def _charge_power(car: _Car, mode: str) -> float:
 
 def _sample(
     car: _Car, state: str, mode: str, t_ms: int, seq: int, rng: random.Random, dt: float
-) -> dict:
+) -> dict[str, Any]:
     charging = state == CHARGING
     driving = state == DRIVING
     dtcs = [rng.choice(DTC_CODES)] if driving and rng.random() < dt / 3600 else []
@@ -524,20 +591,36 @@ def _sample(
 
 
 def simulate(
-    fleet: list[Vehicle], *, seed: int, start_ms: int, duration_s: float,
-    drive_interval_s: float = 1.0, charge_interval_s: float = 10.0, park_interval_s: float = 60.0,
-    upload_interval_s: float = 10.0, idle_upload_interval_s: float = 300.0,
-    max_samples_per_upload: int = 60, firmware: str = "3.2.1",
+    fleet: list[Vehicle],
+    *,
+    seed: int,
+    start_ms: int,
+    duration_s: float,
+    drive_interval_s: float = 1.0,
+    charge_interval_s: float = 10.0,
+    park_interval_s: float = 60.0,
+    upload_interval_s: float = 10.0,
+    idle_upload_interval_s: float = 300.0,
+    max_samples_per_upload: int = 60,
+    firmware: str = "3.2.1",
     truth: GroundTruth | None = None,
-) -> Iterator[dict]:  # fmt: skip
+) -> Iterator[dict[str, Any]]:
     """The fleet's uploads in non-decreasing sent-at order, streamed (never materialised)."""
     intervals = (drive_interval_s, charge_interval_s, park_interval_s)
     streams = [
-        _vehicle_uploads(v, seed, start_ms, duration_s, intervals, upload_interval_s,
-                         idle_upload_interval_s,
-                         max_samples_per_upload, firmware,
-                         truth.vehicles[v.vin] if truth is not None else None)
+        _vehicle_uploads(
+            v,
+            seed,
+            start_ms,
+            duration_s,
+            intervals,
+            upload_interval_s,
+            idle_upload_interval_s,
+            max_samples_per_upload,
+            firmware,
+            truth.vehicles[v.vin] if truth is not None else None,
+        )
         for v in fleet
-    ]  # fmt: skip
+    ]
     for _, _, upload in heapq.merge(*streams, key=lambda item: (item[0], item[1])):
         yield upload

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+from fastavro.types import Schema as ParsedSchema
 
 MARKER = b"\xc3\x01"
 HEADER_LEN = len(MARKER) + 8
@@ -46,7 +48,7 @@ class Schema:
     name: str  # full name, e.g. vtp.telemetry.VehicleUpload
     version: int
     definition: dict[str, Any] = field(repr=False)
-    parsed: dict[str, Any] = field(repr=False, compare=False)
+    parsed: ParsedSchema = field(repr=False, compare=False)
     fingerprint: bytes  # 8 bytes, little-endian, as framed on the wire
 
     @classmethod
@@ -96,7 +98,7 @@ class SchemaStore:
     def by_fingerprint(self, fp: bytes) -> Schema | None:
         return self._by_fingerprint.get(fp)
 
-    def encode(self, record: dict[str, Any], schema: Schema) -> bytes:
+    def encode(self, record: Mapping[str, Any], schema: Schema) -> bytes:
         buf = io.BytesIO()
         buf.write(MARKER)
         buf.write(schema.fingerprint)
@@ -136,6 +138,7 @@ class SchemaStore:
                 "malformed_avro",
                 f"{writer.name} v{writer.version}: {len(data) - buf.tell()} trailing bytes",
             )
+        assert isinstance(record, dict)  # the store holds record schemas: fastavro gives dicts
         return record, writer
 
 

@@ -13,6 +13,7 @@ import bisect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from schemas.codec import FramingError, SchemaStore, default_store
 
@@ -110,7 +111,26 @@ def view_for_region(
     return Registration(vin, periods, model, battery_capacity_kwh, time_zone, revision)
 
 
-def to_record(registration: Registration) -> dict:
+class PeriodRecord(TypedDict):
+    from_ms: int
+    owner_id: str | None
+    region: str | None
+
+
+class RegistrationRecord(TypedDict):
+    """A VehicleRegistration (newest version) as fastavro writes it."""
+
+    vin: str
+    owner_id: str
+    region: str
+    model: str
+    battery_capacity_kwh: float | None
+    time_zone: str
+    revision: int
+    periods: list[PeriodRecord]
+
+
+def to_record(registration: Registration) -> RegistrationRecord:
     current = registration.current
     return {
         "vin": registration.vin,

@@ -6,6 +6,7 @@ ranges from the field properties ``vss``, ``unit``, ``min`` and ``max``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ def sample_signals(upload_schema: Schema) -> dict[str, Signal]:
     return out
 
 
-def sample_problems(sample: dict[str, Any], signals: dict[str, Signal]) -> list[str]:
+def sample_problems(sample: Mapping[str, Any], signals: Mapping[str, Signal]) -> list[str]:
     """Why a sample is invalid (empty when valid): unknown signals, wrong types, out of range.
 
     Shared by the SDK (which raises at the call) and the stream job (which dead-letters).

@@ -12,30 +12,88 @@ TS = pa.timestamp("ms", tz="UTC")
 F = pa.float64()
 
 TRIPS = pa.schema(
-    [("owner_id", pa.string()), ("vin", pa.string()), ("start_time", TS), ("end_time", TS), ("duration_s", F),
-     ("start_lat", F), ("start_lon", F), ("end_lat", F), ("end_lon", F), ("start_odometer", F),
-     ("end_odometer", F), ("distance_km", F), ("avg_speed_kmh", F), ("max_speed_kmh", F), ("start_soc", F),
-     ("end_soc", F), ("soc_used", F), ("energy_kwh", F), ("outside_temp_avg", F), ("region", pa.string()),
-     ("version", pa.uint64())]
-)  # fmt: skip
+    [
+        ("owner_id", pa.string()),
+        ("vin", pa.string()),
+        ("start_time", TS),
+        ("end_time", TS),
+        ("duration_s", F),
+        ("start_lat", F),
+        ("start_lon", F),
+        ("end_lat", F),
+        ("end_lon", F),
+        ("start_odometer", F),
+        ("end_odometer", F),
+        ("distance_km", F),
+        ("avg_speed_kmh", F),
+        ("max_speed_kmh", F),
+        ("start_soc", F),
+        ("end_soc", F),
+        ("soc_used", F),
+        ("energy_kwh", F),
+        ("outside_temp_avg", F),
+        ("region", pa.string()),
+        ("version", pa.uint64()),
+    ]
+)
 CHARGES = pa.schema(
-    [("owner_id", pa.string()), ("vin", pa.string()), ("start_time", TS), ("end_time", TS), ("duration_s", F),
-     ("lat", F), ("lon", F), ("start_soc", F), ("end_soc", F), ("energy_added_kwh", F),
-     ("energy_metered_kwh", F), ("peak_power_kw", F), ("avg_power_kw", F), ("mode", pa.string()),
-     ("region", pa.string()), ("version", pa.uint64())]
-)  # fmt: skip
+    [
+        ("owner_id", pa.string()),
+        ("vin", pa.string()),
+        ("start_time", TS),
+        ("end_time", TS),
+        ("duration_s", F),
+        ("lat", F),
+        ("lon", F),
+        ("start_soc", F),
+        ("end_soc", F),
+        ("energy_added_kwh", F),
+        ("energy_metered_kwh", F),
+        ("peak_power_kw", F),
+        ("avg_power_kw", F),
+        ("mode", pa.string()),
+        ("region", pa.string()),
+        ("version", pa.uint64()),
+    ]
+)
 DAYS = pa.schema(
-    [("owner_id", pa.string()), ("vin", pa.string()), ("date", pa.date32()), ("time_zone", pa.string()),
-     ("samples", pa.uint32()), ("distance_km", F), ("driving_s", F), ("energy_used_kwh", F),
-     ("energy_charged_kwh", F), ("idle_drain_kwh", F), ("parked_s", F), ("trips", pa.uint32()),
-     ("charges", pa.uint32()), ("efficiency_wh_per_km", F), ("final", pa.bool_()), ("region", pa.string()),
-     ("version", pa.uint64())]
-)  # fmt: skip
+    [
+        ("owner_id", pa.string()),
+        ("vin", pa.string()),
+        ("date", pa.date32()),
+        ("time_zone", pa.string()),
+        ("samples", pa.uint32()),
+        ("distance_km", F),
+        ("driving_s", F),
+        ("energy_used_kwh", F),
+        ("energy_charged_kwh", F),
+        ("idle_drain_kwh", F),
+        ("parked_s", F),
+        ("trips", pa.uint32()),
+        ("charges", pa.uint32()),
+        ("efficiency_wh_per_km", F),
+        ("final", pa.bool_()),
+        ("region", pa.string()),
+        ("version", pa.uint64()),
+    ]
+)
 OPEN = pa.schema(
-    [("owner_id", pa.string()), ("vin", pa.string()), ("kind", pa.string()), ("active", pa.bool_()),
-     ("start_time", TS), ("end_time", TS), ("distance_km", F), ("energy_kwh", F), ("start_soc", F),
-     ("end_soc", F), ("record", pa.string()), ("region", pa.string()), ("version", pa.uint64())]
-)  # fmt: skip
+    [
+        ("owner_id", pa.string()),
+        ("vin", pa.string()),
+        ("kind", pa.string()),
+        ("active", pa.bool_()),
+        ("start_time", TS),
+        ("end_time", TS),
+        ("distance_km", F),
+        ("energy_kwh", F),
+        ("start_soc", F),
+        ("end_soc", F),
+        ("record", pa.string()),
+        ("region", pa.string()),
+        ("version", pa.uint64()),
+    ]
+)
 
 TABLES = {
     "trip": ("trips", TRIPS),
@@ -59,7 +117,7 @@ def _row(record: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
 
 def aggregate_tables(records: list[dict[str, Any]]) -> dict[str, pa.Table]:
     """Records grouped into {table name: Arrow table}; unknown kinds raise KeyError."""
-    grouped: dict[str, tuple[pa.Schema, list[dict]]] = {}
+    grouped: dict[str, tuple[pa.Schema, list[dict[str, Any]]]] = {}
     for record in records:
         kind = record["kind"]
         name, schema = ("open_sessions", OPEN) if kind.startswith("open_") else TABLES[kind]

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
 ForcedEndLookup = Callable[[str, int, int], "int | None"]
+Item = TypeVar("Item")
 
 
 @dataclass
-class PartitionBatch:
+class PartitionBatch(Generic[Item]):
     topic: str
     partition: int
     started_at: float
     forced_last: int | None = None
     offsets: list[int] = field(default_factory=list)
-    items: list[Any] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
 
     @property
     def first_offset(self) -> int:
@@ -41,15 +42,15 @@ class PartitionBatch:
         return len(self.offsets)
 
 
-class Batcher:
+class Batcher(Generic[Item]):
     def __init__(self, max_messages: int, flush_after_s: float, forced_end: ForcedEndLookup):
         self._max = max_messages
         self._flush_after = flush_after_s
         self._forced_end = forced_end
-        self._open: dict[tuple[str, int], PartitionBatch] = {}
-        self._ready: list[PartitionBatch] = []
+        self._open: dict[tuple[str, int], PartitionBatch[Item]] = {}
+        self._ready: list[PartitionBatch[Item]] = []
 
-    def add(self, topic: str, partition: int, offset: int, item: Any, now: float) -> None:
+    def add(self, topic: str, partition: int, offset: int, item: Item, now: float) -> None:
         key = (topic, partition)
         batch = self._open.get(key)
         if batch is not None and batch.forced_last is not None and offset > batch.forced_last:
@@ -65,12 +66,12 @@ class Batcher:
         if self._complete(batch):
             self._ready.append(self._open.pop(key))
 
-    def _complete(self, batch: PartitionBatch) -> bool:
+    def _complete(self, batch: PartitionBatch[Item]) -> bool:
         if batch.forced_last is not None:
             return batch.last_offset >= batch.forced_last
         return len(batch) >= self._max
 
-    def take_ready(self, now: float, final: bool = False) -> list[PartitionBatch]:
+    def take_ready(self, now: float, final: bool = False) -> list[PartitionBatch[Item]]:
         """Batches to insert now. ``final`` (shutdown) also cuts every unforced batch."""
         for key, batch in list(self._open.items()):
             if batch.forced_last is None and (final or now - batch.started_at >= self._flush_after):

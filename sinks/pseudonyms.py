@@ -18,9 +18,13 @@ import pyarrow as pa
 from vtp.core.warehouse import Warehouse, rows
 
 SCHEMA = pa.schema(
-    [("owner_id", pa.string()), ("vin", pa.string()), ("owner_ref", pa.string()),
-     ("vehicle_ref", pa.string())]
-)  # fmt: skip
+    [
+        ("owner_id", pa.string()),
+        ("vin", pa.string()),
+        ("owner_ref", pa.string()),
+        ("vehicle_ref", pa.string()),
+    ]
+)
 
 
 def pseudonym(key: bytes, kind: str, identifier: str) -> str:
@@ -31,12 +35,16 @@ def table(key: bytes, pairs: Iterable[tuple[str, str]]) -> pa.Table:
     pairs = sorted(set(pairs))
     return pa.Table.from_pylist(
         [
-            {"owner_id": o, "vin": v, "owner_ref": pseudonym(key, "owner", o),
-             "vehicle_ref": pseudonym(key, "vin", v)}
+            {
+                "owner_id": o,
+                "vin": v,
+                "owner_ref": pseudonym(key, "owner", o),
+                "vehicle_ref": pseudonym(key, "vin", v),
+            }
             for o, v in pairs
         ],
         schema=SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def record_pairs(warehouse: Warehouse, key: bytes, pairs: set[tuple[str, str]]) -> int:

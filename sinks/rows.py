@@ -37,10 +37,20 @@ SAMPLES_SCHEMA = pa.schema(
 )
 # Signals copied from each sample as they are; a reader schema without one (v1) gives None.
 SIGNAL_COLUMNS = [
-    "speed", "latitude", "longitude", "heading", "odometer", "soc", "is_charging",
-    "charge_power", "charge_mode", "battery_temperature", "outside_temperature", "gear",
+    "speed",
+    "latitude",
+    "longitude",
+    "heading",
+    "odometer",
+    "soc",
+    "is_charging",
+    "charge_power",
+    "charge_mode",
+    "battery_temperature",
+    "outside_temperature",
+    "gear",
     "cabin_temperature",
-]  # fmt: skip
+]
 
 UPLOADS_SCHEMA = pa.schema(
     [
@@ -105,10 +115,22 @@ def uploads_table(uploads: list[StoredUpload]) -> pa.Table:
         rec = up.record
         times = [s["event_time_ms"] for s in rec["samples"]]
         values = (
-            up.owner_id, rec["vin"], rec["upload_id"], rec["sent_at_ms"], up.received_ms,
-            min(times), max(times), len(times), rec["gateway_firmware"], up.schema_version,
-            up.region, up.raw_source, up.topic, up.partition, up.offset,
-        )  # fmt: skip
+            up.owner_id,
+            rec["vin"],
+            rec["upload_id"],
+            rec["sent_at_ms"],
+            up.received_ms,
+            min(times),
+            max(times),
+            len(times),
+            rec["gateway_firmware"],
+            up.schema_version,
+            up.region,
+            up.raw_source,
+            up.topic,
+            up.partition,
+            up.offset,
+        )
         for name, value in zip(UPLOADS_SCHEMA.names, values, strict=True):
             cols[name].append(value)
     return pa.Table.from_pydict(cols, schema=UPLOADS_SCHEMA)

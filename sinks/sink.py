@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
@@ -36,7 +37,7 @@ from sinks.pseudonyms import backfill, record_pairs
 from vtp.core import headers as h
 from vtp.core import metrics
 from vtp.core.headers import deadletter_headers
-from vtp.core.kafka import retry_kafka
+from vtp.core.kafka import coordinates, retry_kafka
 from vtp.core.keys import pseudonym_key
 from vtp.core.registry_copy import RegistryCopy, RegistryUnavailable
 from vtp.core.settings import Settings
@@ -61,18 +62,20 @@ class Refused:
 
 
 def _header(message: Message, name: str) -> str | None:
-    return h.header(message.headers(), name)
+    # A consumed message's headers are (name, bytes or None) pairs; the stubs give the wider
+    # type produce() takes.
+    return h.header(cast("list[tuple[str, bytes | None]] | None", message.headers()), name)
 
 
 def split_by_owner(
     upload: rowlib.StoredUpload, registration: Registration | None, region: str
-) -> tuple[list[rowlib.StoredUpload], list[dict]]:
+) -> tuple[list[rowlib.StoredUpload], list[dict[str, Any]]]:
     """(one piece per owner registered here at its samples' times, samples of nobody here).
 
     A piece whose owner's period ended before the upload was sent or received (sent after
     a sale) carries those times clamped to the end of the period: the seller learns
     nothing about a moment that is the buyer's."""
-    by_owner: dict[str, list[dict]] = {}
+    by_owner: dict[str, list[dict[str, Any]]] = {}
     ends: dict[str, set[int | None]] = {}
     outside = []
     for sample in upload.record["samples"]:
@@ -118,6 +121,7 @@ def classify(
         except FramingError as exc:
             refused.append(Refused(m, exc.reason, exc.detail, source))
             continue
+        topic, partition, offset = coordinates(m)
         upload = rowlib.StoredUpload(
             record=record,
             owner_id="",
@@ -125,9 +129,9 @@ def classify(
             schema_version=writer.version,
             received_ms=int(_header(m, h.RECEIVED_MS) or m.timestamp()[1]),
             raw_source=source,
-            topic=m.topic(),
-            partition=m.partition(),
-            offset=m.offset(),
+            topic=topic,
+            partition=partition,
+            offset=offset,
         )
         registration = registry.get(record["vin"])
         pieces, outside = split_by_owner(upload, registration, region)
@@ -209,7 +213,7 @@ class RegionSink:
         self.producer = Producer(
             {"bootstrap.servers": bootstrap, "enable.idempotence": True, **settings.kafka_extra}
         )
-        self.batcher = Batcher(
+        self.batcher: Batcher[Message] = Batcher(
             settings.sink_batch_messages, settings.sink_flush_ms / 1000, self._recorded_end
         )
         self._stop = False
@@ -239,7 +243,7 @@ class RegionSink:
                         if err.code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer: %s", err)
                         continue
-                    self.batcher.add(m.topic(), m.partition(), m.offset(), m, now)
+                    self.batcher.add(*coordinates(m), m, now)
                 self.registry.refresh()
                 for batch in self.batcher.take_ready(now):
                     self._write(batch)
@@ -301,7 +305,7 @@ class RegionSink:
         )
         return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows(result)}
 
-    def _write(self, batch: PartitionBatch) -> None:
+    def _write(self, batch: PartitionBatch[Message]) -> None:
         """Write a batch, trying again through warehouse errors: every step is idempotent
         (deduplication tokens, replayed dead letters are known by their source)."""
         for attempt, pause in enumerate((*WRITE_RETRIES, None), start=1):
@@ -315,8 +319,11 @@ class RegionSink:
                     raise
                 log.warning(
                     "batch %s: %s; trying again in %.1f s (attempt %d)",
-                    batch.token, str(exc).splitlines()[0][:200], pause, attempt,
-                )  # fmt: skip
+                    batch.token,
+                    str(exc).splitlines()[0][:200],
+                    pause,
+                    attempt,
+                )
                 time.sleep(pause)
 
     def _erasure_horizons(self, owners: set[str]) -> dict[str, int]:
@@ -330,26 +337,34 @@ class RegionSink:
         )
         return {owner: int(ms) for owner, ms in rows(found)}
 
-    def _write_locked(self, batch: PartitionBatch) -> None:
+    def _write_locked(self, batch: PartitionBatch[Message]) -> None:
         started = time.perf_counter()
         if batch.forced_last is None:
             self.warehouse.execute(
                 "INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
                 "VALUES ({t:String}, {p:UInt32}, {f:UInt64}, {l:UInt64}, {n:UInt32})",
-                {"t": batch.topic, "p": batch.partition, "f": batch.first_offset,
-                 "l": batch.last_offset, "n": len(batch)},
-            )  # fmt: skip
+                {
+                    "t": batch.topic,
+                    "p": batch.partition,
+                    "f": batch.first_offset,
+                    "l": batch.last_offset,
+                    "n": len(batch),
+                },
+            )
         if batch.topic == self.aggregates_topic:
             refused = self._insert_aggregates(batch)
         else:
             refused = self._insert_uploads(batch)
         topics = self.settings.topics
         for r in refused:
+            headers = deadletter_headers("sink", r.reason, r.detail, r.source, r.partial)
             self.producer.produce(
                 topics.quarantine if r.quarantine else topics.deadletter,
                 key=r.message.key(),
                 value=r.message.value(),
-                headers=deadletter_headers("sink", r.reason, r.detail, r.source, r.partial),
+                # produce() only reads the list; its stub's invariant List rejects the
+                # narrower (name, bytes) pairs.
+                headers=cast("list[tuple[str, str | bytes | None]]", headers),
             )
             if r.quarantine:
                 metrics.QUARANTINED.labels(r.reason).inc()
@@ -364,13 +379,18 @@ class RegionSink:
         metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
         metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
 
-    def _catch_up_registry(self, batch: PartitionBatch) -> None:
+    def _catch_up_registry(self, batch: PartitionBatch[Message]) -> None:
         """Read the registry copy up to the revisions the worker decided this batch with."""
         wanted: dict[str, int] = {}
         for m in batch.items:
             revision = _header(m, h.REGISTRY_REVISION)
-            if revision and revision.isdigit() and m.key() and _header(m, h.CONTROL) is None:
-                vin = m.key().decode(errors="replace")
+            if (
+                revision
+                and revision.isdigit()
+                and (key := m.key())
+                and _header(m, h.CONTROL) is None
+            ):
+                vin = key.decode(errors="replace")
                 wanted[vin] = max(wanted.get(vin, 0), int(revision))
         try:
             changed = self.registry.wait_for(wanted, self.settings.sink_registry_wait_s)
@@ -379,10 +399,12 @@ class RegionSink:
         if changed:
             log.info(
                 "%d vehicles' registrations changed after the worker routed them (e.g. %s); "
-                "deciding with the registry as it is now", len(changed), changed[0],
-            )  # fmt: skip
+                "deciding with the registry as it is now",
+                len(changed),
+                changed[0],
+            )
 
-    def _insert_uploads(self, batch: PartitionBatch) -> list[Refused]:
+    def _insert_uploads(self, batch: PartitionBatch[Message]) -> list[Refused]:
         self._catch_up_registry(batch)
         good, refused = classify(batch.items, self.region, self.registry)
         horizons = self._erasure_horizons({up.owner_id for up in good})
@@ -391,10 +413,14 @@ class RegionSink:
         fresh, resends, skipped = sort_against_stored(good, self._stored(good))
         resent = {up.offset: up for up in resends}  # an upload's pieces are one message
         refused += [
-            Refused(self._message_of(batch, up), "duplicate_upload",
-                    f"upload {up.record['upload_id']} is already stored", up.raw_source)
+            Refused(
+                self._message_of(batch, up),
+                "duplicate_upload",
+                f"upload {up.record['upload_id']} is already stored",
+                up.raw_source,
+            )
             for up in resent.values()
-        ]  # fmt: skip
+        ]
         record_pairs(
             self.warehouse, self.pseudonym_key, {(up.owner_id, up.record["vin"]) for up in fresh}
         )
@@ -408,8 +434,8 @@ class RegionSink:
         metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
         return refused
 
-    def _insert_aggregates(self, batch: PartitionBatch) -> list[Refused]:
-        records: list[dict] = []
+    def _insert_aggregates(self, batch: PartitionBatch[Message]) -> list[Refused]:
+        records: list[dict[str, Any]] = []
         messages: list[Message] = []
         refused: list[Refused] = []
         horizons = self._erasure_horizons(_owners_named(batch.items))
@@ -441,8 +467,8 @@ class RegionSink:
         return refused
 
     def _aggregate_verdict(
-        self, record: dict, horizons: dict[str, int]
-    ) -> str | tuple[str, str] | None:
+        self, record: dict[str, Any], horizons: dict[str, int]
+    ) -> Literal["keep"] | tuple[str, str] | None:
         """ "keep", a (reason, detail) refusal, or None (dropped: erased)."""
         if not all(isinstance(record.get(k), str) for k in ("kind", "vin", "owner_id", "region")):
             return "malformed_aggregate", "kind, vin, owner_id and region must be text"
@@ -459,14 +485,14 @@ class RegionSink:
             return None
         return "keep"
 
-    def _registered_for(self, record: dict) -> bool:
+    def _registered_for(self, record: dict[str, Any]) -> bool:
         vin, owner = record.get("vin"), record.get("owner_id")
         if not isinstance(vin, str) or not isinstance(owner, str) or not owner:
             return False
         return held_by_owner(record, self.registry.get(vin), self.region)
 
     @staticmethod
-    def _message_of(batch: PartitionBatch, up: rowlib.StoredUpload) -> Message:
+    def _message_of(batch: PartitionBatch[Message], up: rowlib.StoredUpload) -> Message:
         return batch.items[batch.offsets.index(up.offset)]
 
 
@@ -483,7 +509,9 @@ def _owners_named(messages: list[Message]) -> set[str]:
     return owners
 
 
-def _fitting_tables(records: list[dict]) -> tuple[dict[str, pa.Table], list[tuple[int, str]]]:
+def _fitting_tables(
+    records: list[dict[str, Any]],
+) -> tuple[dict[str, pa.Table], list[tuple[int, str]]]:
     """The records as tables, and (index, why) of those that fit none: one odd record is
     dead-lettered, not a reason to stop. The whole batch is tried first; only when it
     fails is each record tried alone."""

@@ -54,7 +54,7 @@ class SinkSupervisor:
         if self._sink is not None:
             self._sink.stop()
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, str | int]:
         return {"state": self.state, "error": self.error, "restarts": self.restarts}
 
     def _set(self, state: str, error: str) -> None:

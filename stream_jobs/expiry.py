@@ -35,7 +35,8 @@ def is_quiet(touched_ms: int | None, now_ms: int, ttl_ms: int) -> bool:
 def key_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner gives ``key``: the one the
     vehicle's messages, and so its table entries, live on."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key)  # aiokafka has no annotations
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 class QuietSweep:
@@ -65,7 +66,7 @@ def sweep_interval_s(ttl_s: float) -> float:
 
 
 async def forget_quiet(
-    table: faust.Table,
+    table: faust.Table[bytes, bytes],
     sweep: QuietSweep,
     *,
     ttl_ms: int,

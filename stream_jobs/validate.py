@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from schemas import (
     MAX_ID_CHARS,
     MAX_SAMPLES_PER_UPLOAD,
     MAX_UPLOAD_BYTES,
     FramingError,
+    Schema,
     SchemaStore,
 )
 from schemas.registry import VIN_PATTERN, Registration, refusal
@@ -104,7 +106,7 @@ class SeenUploads:
 
 
 def check_record(
-    record: dict, signals: Mapping[str, Signal], received_ms: int, limits: Limits
+    record: Mapping[str, Any], signals: Mapping[str, Signal], received_ms: int, limits: Limits
 ) -> DeadLettered | None:
     """Content rules of one decoded upload; None when it is valid."""
     vin = record["vin"]
@@ -213,14 +215,17 @@ _SIGNALS_CACHE: dict[bytes, dict[str, Signal]] = {}
 
 def _ranges(signals: Mapping[str, Signal]) -> list[tuple[str, float, float]]:
     return [
-        (s.name, s.minimum if s.minimum is not None else float("-inf"),
-         s.maximum if s.maximum is not None else float("inf"))
+        (
+            s.name,
+            s.minimum if s.minimum is not None else float("-inf"),
+            s.maximum if s.maximum is not None else float("inf"),
+        )
         for s in signals.values()
         if s.kind in ("float", "double", "int", "long")
-    ]  # fmt: skip
+    ]
 
 
-def _signals(writer, store: SchemaStore) -> dict[str, Signal]:
+def _signals(writer: Schema, store: SchemaStore) -> dict[str, Signal]:
     signals = _SIGNALS_CACHE.get(writer.fingerprint)
     if signals is None:
         signals = _SIGNALS_CACHE[writer.fingerprint] = sample_signals(writer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
 
 from deploy.broker import with_local_broker
@@ -207,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--region", help=f"the region ({', '.join(REGIONS)}); default $VTP_REGION"
     )
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, parents=[regional])
         p.set_defaults(func=func)
         return p
@@ -271,8 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         from vtp.core.warehouse import WarehouseError
         from vtp.serve import ServeError
 
-        known = (BrokerError, WarehouseError, SinkError, ServeError, TopicError, KeyFileError,
-                 RegistryUnavailable)  # fmt: skip
+        known = (
+            BrokerError,
+            WarehouseError,
+            SinkError,
+            ServeError,
+            TopicError,
+            KeyFileError,
+            RegistryUnavailable,
+        )
         if isinstance(exc, known):
             print(f"vtp: {exc}", file=sys.stderr)
             return 1

@@ -24,7 +24,7 @@ from producers.publish import (
     publishers_for,
     register_fleet,
 )
-from producers.simulator import Vehicle, build_fleet
+from producers.simulator import GroundTruth, Vehicle, build_fleet
 from schemas.registry import Period
 from vtp.core.keys import load_keyring
 from vtp.core.regions import REGIONS
@@ -84,9 +84,13 @@ def fleet_with_changes(
     sold = next(v for v in fleet if v.region == "eu")
     moved = next(v for v in fleet if v.region == "cn")
     changed = {
-        "sold": replace(sold, history=(Period(0, sold.owner_id, "eu"), Period(halfway, "owner-9001", "eu"))),
-        "moved": replace(moved, history=(Period(0, moved.owner_id, "cn"), Period(halfway, moved.owner_id, "eu"))),
-    }  # fmt: skip
+        "sold": replace(
+            sold, history=(Period(0, sold.owner_id, "eu"), Period(halfway, "owner-9001", "eu"))
+        ),
+        "moved": replace(
+            moved, history=(Period(0, moved.owner_id, "cn"), Period(halfway, moved.owner_id, "eu"))
+        ),
+    }
     by_vin = {v.vin: v for v in changed.values()}
     return [by_vin.get(v.vin, v) for v in fleet], changed
 
@@ -102,18 +106,27 @@ def _run_on_brokers(stacks: dict[str, Settings], seed: int, minutes: float) -> i
             started, urls[region] = start_region(settings)
             processes += started
             register_fleet(settings, registered)
-            say(f"{region}: vtp worker, vtp serve (sink + owner API at {urls[region]}), "
-                f"{sum(region in v.regions for v in registered)} vehicles in its registry")  # fmt: skip
+            say(
+                f"{region}: vtp worker, vtp serve (sink + owner API at {urls[region]}), "
+                f"{sum(region in v.regions for v in registered)} vehicles in its registry"
+            )
         sold, moved = changed["sold"], changed["moved"]
-        say(f"fleet: {len({v.owner_id for v in fleet})} owners, {len(fleet)} vehicles, each publishing "
+        say(
+            f"fleet: {len({v.owner_id for v in fleet})} owners, {len(fleet)} vehicles, each publishing "
             f"to its own region's broker; {len(unregistered)} not in any registry; halfway "
-            f"{sold.vin} is sold (eu) and {moved.vin} moves from cn to eu")  # fmt: skip
+            f"{sold.vin} is sold (eu) and {moved.vin} moves from cn to eu"
+        )
 
         publishers = publishers_for(stacks)
         published = publish_fleet(
-            stacks, fleet, seed=seed, duration_s=minutes * 60, start_ms=start_ms,
-            publishers=publishers, collect_positions=True,
-        )  # fmt: skip
+            stacks,
+            fleet,
+            seed=seed,
+            duration_s=minutes * 60,
+            start_ms=start_ms,
+            publishers=publishers,
+            collect_positions=True,
+        )
         eu_vehicle = next(v for v in registered if v.region == "eu" and not v.history)
         stranger = next(v for v in unregistered if v.region == "eu")
         faults = fault_messages(
@@ -126,18 +139,20 @@ def _run_on_brokers(stacks: dict[str, Settings], seed: int, minutes: float) -> i
         report = flush_all(publishers)
         produced = dict(published.uploads_by_region)
         produced["eu"] += len(faults)
-        say(f"produced: {published.uploads} uploads with {published.samples} samples "
+        say(
+            f"produced: {published.uploads} uploads with {published.samples} samples "
             f"({minutes:g} simulated minutes) + {len(faults)} bad messages (eu): "
             + ", ".join(f"{r} {n} messages" for r, n in sorted(produced.items()))
-            + f"; {report.delivered} delivered, {len(report.failed)} failed")  # fmt: skip
+            + f"; {report.delivered} delivered, {len(report.failed)} failed"
+        )
 
-        started = time.monotonic()
+        since = time.monotonic()
         try:
             wait_drained(list(stacks.values()), processes, timeout=240)
         except NotDrained as exc:
             say(str(exc))
             return 1
-        say(f"drained {time.monotonic() - started:.1f} s after the last upload was acknowledged")
+        say(f"drained {time.monotonic() - since:.1f} s after the last upload was acknowledged")
         owners = {r: _most_active_owner(published.truth, registered, r) for r in stacks}
         for region, settings in stacks.items():
             _show_owner_api(settings, urls[region], owners[region])
@@ -146,8 +161,8 @@ def _run_on_brokers(stacks: dict[str, Settings], seed: int, minutes: float) -> i
         for p in processes:
             p.stop()
 
-    balanced = all([_reconcile(settings) for settings in stacks.values()])
-    clean = all([_scan(stacks, r, fleet, published.positions) for r in stacks])
+    balanced = all(_reconcile(settings) for settings in stacks.values())
+    clean = all(_scan(stacks, r, fleet, published.positions) for r in stacks)
     for region, settings in stacks.items():
         owner = owners[region]
         wh = open_warehouse(settings)
@@ -170,32 +185,49 @@ def _reconcile(settings: Settings) -> bool:
     produced = topic_message_count(settings, settings.topics.uploads)
     outcomes = read_outcomes(settings)
     wh = open_warehouse(settings)
+    stored: int
+    samples: int
     try:
-        (stored, samples), = rows(wh.query(
-            "SELECT uniqExact(upload_id), (SELECT count() FROM samples) FROM uploads"))  # fmt: skip
+        ((stored, samples),) = rows(
+            wh.query("SELECT uniqExact(upload_id), (SELECT count() FROM samples) FROM uploads")
+        )
     finally:
         wh.close()
     accounted = stored + outcomes.deadlettered_total + outcomes.quarantined_total
-    say(f"{region}: stored {stored} uploads ({samples} samples); dead-lettered "
+    say(
+        f"{region}: stored {stored} uploads ({samples} samples); dead-lettered "
         f"{outcomes.deadlettered_total} {dict(outcomes.deadlettered)}; quarantined "
         f"{outcomes.quarantined_total} {dict(outcomes.quarantined)}"
-        + (f", and {sum(outcomes.partial.values())} samples of stored uploads {dict(outcomes.partial)}"
-           if outcomes.partial else ""))  # fmt: skip
-    say(f"{region}: reconciliation: produced {produced} = stored {stored} + dead-lettered "
+        + (
+            f", and {sum(outcomes.partial.values())} samples of stored uploads {dict(outcomes.partial)}"
+            if outcomes.partial
+            else ""
+        )
+    )
+    say(
+        f"{region}: reconciliation: produced {produced} = stored {stored} + dead-lettered "
         f"{outcomes.deadlettered_total} + quarantined {outcomes.quarantined_total} -> "
-        f"{'OK' if accounted == produced else f'MISMATCH ({accounted})'}")  # fmt: skip
+        f"{'OK' if accounted == produced else f'MISMATCH ({accounted})'}"
+    )
     return accounted == produced
 
 
-def _scan(stacks: dict[str, Settings], region: str, fleet, positions) -> bool:
+def _scan(
+    stacks: dict[str, Settings],
+    region: str,
+    fleet: list[Vehicle],
+    positions: dict[str, set[float]],
+) -> bool:
     """Nothing of the other region anywhere in this one: topics, tables, files."""
     settings = stacks[region]
     started = time.monotonic()
     ids = foreign_to(region, fleet, positions)
     report = scan_region(settings, ids)
-    say(f"{region}: separation scan for {len(ids.strings)} VINs/owner ids and "
+    say(
+        f"{region}: separation scan for {len(ids.strings)} VINs/owner ids and "
         f"{len(ids.positions)} positions of other regions: {report.summary()} "
-        f"({time.monotonic() - started:.1f} s)")  # fmt: skip
+        f"({time.monotonic() - started:.1f} s)"
+    )
     for hit in report.hits[:5]:
         say(f"    found {hit.identifier} in {hit.place}")
     return not report.hits
@@ -214,25 +246,34 @@ def _show_owner_api(settings: Settings, url: str, owner: str) -> None:
         export = api.get("/v1/export", params={"format": "parquet"})
         took = time.monotonic() - started
         manifest = json.loads(zipfile.ZipFile(io.BytesIO(export.content)).read("manifest.json"))
-        grant = api.post("/v1/grants", json={"party": "Insurer", "scopes": ["driving"],
-                                             "expires_in_s": 3600}).json()  # fmt: skip
-    say(f"\nowner API {region}, {owner}: GET /v1/vehicles -> {len(vehicles)} vehicles; "
+        grant = api.post(
+            "/v1/grants", json={"party": "Insurer", "scopes": ["driving"], "expires_in_s": 3600}
+        ).json()
+    say(
+        f"\nowner API {region}, {owner}: GET /v1/vehicles -> {len(vehicles)} vehicles; "
         f"GET /v1/export?format=parquet -> {len(export.content) / 1024:.0f} KiB in {took:.2f} s, "
-        f"manifest {manifest['row_counts']}")  # fmt: skip
+        f"manifest {manifest['row_counts']}"
+    )
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {grant['token']}"}) as party:
         vin = vehicles[0]["vin"]
         speed = party.get(f"/v1/vehicles/{vin}/samples", params={"signals": "speed", "limit": 5})
         where = party.get(f"/v1/vehicles/{vin}/samples", params={"signals": "latitude"})
         trips = party.get("/v1/trips", params={"limit": 1})
     trip_columns = sorted(trips.json()["trips"][0]) if trips.json()["trips"] else []
-    say(f"  grant to 'Insurer' (scope driving): speed -> {speed.status_code} "
+    say(
+        f"  grant to 'Insurer' (scope driving): speed -> {speed.status_code} "
         f"({len(speed.json()['samples'])} samples), latitude -> {where.status_code} "
-        f"{where.json()['error']}, a trip shows {trip_columns}")  # fmt: skip
+        f"{where.json()['error']}, a trip shows {trip_columns}"
+    )
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as api:
         log = api.get("/v1/audit").json()["entries"]
-    say(f"  access log: {len(log)} entries, e.g. " + "; ".join(
-        f"{e['actor']} {e['action']} {e['resource']} ({e['rows']} rows, {e['status']})" for e in log[:3]
-    ))  # fmt: skip
+    say(
+        f"  access log: {len(log)} entries, e.g. "
+        + "; ".join(
+            f"{e['actor']} {e['action']} {e['resource']} ({e['rows']} rows, {e['status']})"
+            for e in log[:3]
+        )
+    )
 
 
 def _show_sale(settings: Settings, url: str, sold: Vehicle) -> None:
@@ -254,12 +295,16 @@ def _show_sale(settings: Settings, url: str, sold: Vehicle) -> None:
             len(trips),
         )
     sale_at = time.strftime("%H:%M:%S", time.gmtime(sold.periods[1].from_ms / 1000))
-    say(f"  sale of {sold.vin} at {sale_at} UTC: " + "; ".join(
-        f"{o} sees {n} samples from {first} to {last}, {t} trips" for o, (n, first, last, t) in seen.items()
-    ))  # fmt: skip
+    say(
+        f"  sale of {sold.vin} at {sale_at} UTC: "
+        + "; ".join(
+            f"{o} sees {n} samples from {first} to {last}, {t} trips"
+            for o, (n, first, last, t) in seen.items()
+        )
+    )
 
 
-def _most_active_owner(truth, registered, region: str) -> str:
+def _most_active_owner(truth: GroundTruth, registered: list[Vehicle], region: str) -> str:
     """The owner with the most vehicles, then the most distance: the richest report."""
     owners = {v.owner_id for v in registered if v.region == region and not v.history}
     return max(

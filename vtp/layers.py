@@ -102,7 +102,7 @@ def modules(root: Path = ROOT) -> Iterator[tuple[str, Path]]:
 def imports_of(module: str, path: Path) -> set[str]:
     """First-party modules ``module`` imports, anywhere in its body (lazy imports too)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

@@ -7,6 +7,7 @@ prints the comparison table).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from producers.simulator import GroundTruth
 from vtp.core.warehouse import Warehouse, rows
@@ -59,25 +60,29 @@ class Comparison:
     def table(self) -> str:
         return "\n".join(
             [
-                "| vehicles | trips expected/found | charges expected/found | days expected/found "
-                "| max trip distance err | max trip energy err | max charge energy err "
-                "| max day distance err | max day energy err | max start/end offset |",
+                (
+                    "| vehicles | trips expected/found | charges expected/found | days expected/found "
+                    "| max trip distance err | max trip energy err | max charge energy err "
+                    "| max day distance err | max day energy err | max start/end offset |"
+                ),
                 "|---|---|---|---|---|---|---|---|---|---|",
-                f"| {self.vehicles} | {self.trips_expected}/{self.trips_found} "
-                f"| {self.charges_expected}/{self.charges_found} | {self.days_expected}/{self.days_found} "
-                f"| {self.max_trip_distance_error:.3%} | {self.max_trip_energy_error:.3%} "
-                f"| {self.max_charge_energy_error:.3%} | {self.max_day_distance_error:.3%} "
-                f"| {self.max_day_energy_error:.3%} | {self.max_start_end_offset_ms / 1000:.0f} s |",
+                (
+                    f"| {self.vehicles} | {self.trips_expected}/{self.trips_found} "
+                    f"| {self.charges_expected}/{self.charges_found} | {self.days_expected}/{self.days_found} "
+                    f"| {self.max_trip_distance_error:.3%} | {self.max_trip_energy_error:.3%} "
+                    f"| {self.max_charge_energy_error:.3%} | {self.max_day_distance_error:.3%} "
+                    f"| {self.max_day_energy_error:.3%} | {self.max_start_end_offset_ms / 1000:.0f} s |"
+                ),
             ]
         )
 
 
 def compare(warehouse: Warehouse, truth: GroundTruth, vins: list[str]) -> Comparison:
     params = {"vins": vins}
-    trips: dict[str, list] = {}
+    trips: dict[str, list[tuple[Any, ...]]] = {}
     for vin, start, end, km, kwh in rows(warehouse.query(TRIPS_SQL, params)):
         trips.setdefault(vin, []).append((start, end, km, kwh))
-    charges: dict[str, list] = {}
+    charges: dict[str, list[tuple[Any, ...]]] = {}
     for vin, start, end, kwh in rows(warehouse.query(CHARGES_SQL, params)):
         charges.setdefault(vin, []).append((start, end, kwh))
     days = {(vin, d): rest for vin, d, *rest in rows(warehouse.query(DAYS_SQL, params))}
@@ -109,11 +114,11 @@ def compare(warehouse: Warehouse, truth: GroundTruth, vins: list[str]) -> Compar
                 f"{vin}: {len(t.charges)} charges expected, {len(found_charges)} found"
             )
         else:
-            for (_, _, kwh), want in zip(found_charges, t.charges, strict=True):
+            for (_, _, kwh), want_charge in zip(found_charges, t.charges, strict=True):
                 c.max_charge_energy_error = max(
-                    c.max_charge_energy_error, _rel(kwh, want.energy_kwh, 1.0)
+                    c.max_charge_energy_error, _rel(kwh, want_charge.energy_kwh, 1.0)
                 )
-        for date, want in t.daily().items():
+        for date, want_day in t.daily().items():
             c.days_expected += 1
             got = days.get((vin, date))
             if got is None:
@@ -122,7 +127,7 @@ def compare(warehouse: Warehouse, truth: GroundTruth, vins: list[str]) -> Compar
             c.days_found += 1
             km, used, charged, drain, n_trips, n_charges = got
             c.max_day_distance_error = max(
-                c.max_day_distance_error, _rel(km, want.get("distance_km", 0.0), 1.0)
+                c.max_day_distance_error, _rel(km, want_day.get("distance_km", 0.0), 1.0)
             )
             for value, key in (
                 (used, "energy_used_kwh"),
@@ -130,11 +135,11 @@ def compare(warehouse: Warehouse, truth: GroundTruth, vins: list[str]) -> Compar
                 (drain, "idle_drain_kwh"),
             ):
                 c.max_day_energy_error = max(
-                    c.max_day_energy_error, _rel(value, want.get(key, 0.0), 1.0)
+                    c.max_day_energy_error, _rel(value, want_day.get(key, 0.0), 1.0)
                 )
-            if (n_trips, n_charges) != (want.get("trips", 0), want.get("charges", 0)):
+            if (n_trips, n_charges) != (want_day.get("trips", 0), want_day.get("charges", 0)):
                 c.day_count_mismatches += 1
                 c.problems.append(
-                    f"{vin} {date}: trips/charges {(n_trips, n_charges)} != {(want.get('trips', 0), want.get('charges', 0))}"
+                    f"{vin} {date}: trips/charges {(n_trips, n_charges)} != {(want_day.get('trips', 0), want_day.get('charges', 0))}"
                 )
     return c

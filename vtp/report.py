@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from vtp.core.warehouse import Warehouse, rows
 
@@ -61,7 +62,7 @@ def format_report(owner_id: str, region: str, vehicles: list[VehicleSummary]) ->
     return "\n".join(lines)
 
 
-def recent_trips(warehouse: Warehouse, owner_id: str, limit: int = 10) -> list[tuple]:
+def recent_trips(warehouse: Warehouse, owner_id: str, limit: int = 10) -> list[tuple[Any, ...]]:
     """Closed trips and the trip each vehicle is on now ("open"), newest first."""
     return rows(
         warehouse.query(
@@ -87,7 +88,7 @@ def recent_trips(warehouse: Warehouse, owner_id: str, limit: int = 10) -> list[t
     )
 
 
-def recent_charges(warehouse: Warehouse, owner_id: str, limit: int = 5) -> list[tuple]:
+def recent_charges(warehouse: Warehouse, owner_id: str, limit: int = 5) -> list[tuple[Any, ...]]:
     return rows(
         warehouse.query(
             """
@@ -112,7 +113,7 @@ def recent_charges(warehouse: Warehouse, owner_id: str, limit: int = 5) -> list[
     )
 
 
-def last_days(warehouse: Warehouse, owner_id: str, days: int = 7) -> list[tuple]:
+def last_days(warehouse: Warehouse, owner_id: str, days: int = 7) -> list[tuple[Any, ...]]:
     """Per vehicle and local day, the owner's last ``days`` days with data."""
     return rows(
         warehouse.query(
@@ -130,11 +131,13 @@ def last_days(warehouse: Warehouse, owner_id: str, days: int = 7) -> list[tuple]
     )
 
 
-def _num(value, fmt: str, unit: str = "") -> str:
+def _num(value: object, fmt: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{unit}"
 
 
-def format_activity(trips: list[tuple], charges: list[tuple], days: list[tuple]) -> str:
+def format_activity(
+    trips: list[tuple[Any, ...]], charges: list[tuple[Any, ...]], days: list[tuple[Any, ...]]
+) -> str:
     lines = ["  Recent trips:"] if trips else ["  Recent trips: none yet"]
     for vin, start, end, km, seconds, vmax, kwh, state in trips:
         lines.append(

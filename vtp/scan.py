@@ -17,13 +17,18 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from schemas import FramingError, default_store
 from vtp.core.kafka import retry_kafka
+from vtp.core.settings import Settings
 from vtp.core.warehouse import Warehouse, rows
+
+if TYPE_CHECKING:
+    from producers.simulator import Vehicle
 
 _NUMBER = re.compile(rb"-?\d{1,3}\.\d{4,6}(?!\d)")
 
@@ -32,6 +37,8 @@ _NUMBER = re.compile(rb"-?\d{1,3}\.\d{4,6}(?!\d)")
 class Identifiers:
     strings: frozenset[str]
     positions: frozenset[float]  # six-decimal latitudes and longitudes
+    _pattern: re.Pattern[bytes] | None = field(init=False, repr=False, compare=False)
+    _doubles: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Values with fewer than four decimals could be a speed or a state of charge.
@@ -42,9 +49,9 @@ class Identifiers:
         object.__setattr__(self, "_doubles", np.array(sorted(precise), dtype="<f8"))
 
     def strings_in(self, data: bytes) -> set[str]:
-        if self._pattern is None:  # type: ignore[attr-defined]
+        if self._pattern is None:
             return set()
-        return {m.group().decode() for m in self._pattern.finditer(data)}  # type: ignore[attr-defined]
+        return {m.group().decode() for m in self._pattern.finditer(data)}
 
     def position_texts_in(self, data: bytes) -> set[float]:
         # Exact: a position written as text reads back as the same double; a 32-bit
@@ -52,7 +59,7 @@ class Identifiers:
         return {v for m in _NUMBER.finditer(data) if (v := float(m.group())) in self.positions}
 
     def position_doubles_in(self, data: bytes) -> set[float]:
-        doubles = self._doubles  # type: ignore[attr-defined]
+        doubles = self._doubles
         if not len(doubles) or len(data) < 8:
             return set()
         found: set[float] = set()
@@ -93,7 +100,7 @@ class Hit:
 
 @dataclass
 class ScanReport:
-    read: Counter = field(default_factory=Counter)  # what was looked at, by kind
+    read: Counter[str] = field(default_factory=Counter)  # what was looked at, by kind
     hits: list[Hit] = field(default_factory=list)
 
     def add(self, place: str, found: Iterable[str]) -> None:
@@ -114,9 +121,10 @@ def _decoded(value: bytes) -> object | None:
     except FramingError:
         pass
     try:
-        return json.loads(value)
+        decoded: object = json.loads(value)
     except (ValueError, UnicodeDecodeError):
         return None
+    return decoded
 
 
 def scan_bytes(ids: Identifiers, data: bytes) -> set[str]:
@@ -127,25 +135,32 @@ def scan_bytes(ids: Identifiers, data: bytes) -> set[str]:
     return found
 
 
-def scan_topics(bootstrap: str, ids: Identifiers, extra: dict | None = None) -> ScanReport:
+def scan_topics(
+    bootstrap: str, ids: Identifiers, extra: dict[str, Any] | None = None
+) -> ScanReport:
     """Every message of every topic (internal ones included), from the beginning."""
     report = ScanReport()
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"vtp-scan-{time.monotonic_ns()}",
-         "enable.auto.commit": False, "enable.partition.eof": True, **(extra or {})}
-    )  # fmt: skip
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"vtp-scan-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            **(extra or {}),
+        }
+    )
     try:
         meta = retry_kafka(lambda: consumer.list_topics(timeout=10), "list topics")
         ends: dict[tuple[str, int], int] = {}
         for name, topic in meta.topics.items():
             report.read["topics"] += 1
             for p in topic.partitions:
-                low, high = retry_kafka(
-                    lambda n=name, p=p: consumer.get_watermark_offsets(
-                        TopicPartition(n, p), timeout=10
-                    ),
-                    "watermarks",
-                )
+                # A def, not a lambda with defaults: mypy cannot infer those against
+                # retry_kafka's Callable[[], T].
+                def watermarks(n: str = name, p: int = p) -> tuple[int, int]:
+                    return consumer.get_watermark_offsets(TopicPartition(n, p), timeout=10)
+
+                low, high = retry_kafka(watermarks, "watermarks")
                 if high > low:
                     ends[(name, p)] = high
         consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends])
@@ -154,17 +169,24 @@ def scan_topics(bootstrap: str, ids: Identifiers, extra: dict | None = None) -> 
             for m in consumer.consume(2000, timeout=1.0):
                 if m.error():
                     continue
-                where = (m.topic(), m.partition())
+                topic_name, partition, offset = m.topic(), m.partition(), m.offset()
+                # The stub makes them optional; a message that is not an error has all three.
+                assert topic_name is not None and partition is not None and offset is not None
+                where = (topic_name, partition)
                 report.read["messages"] += 1
-                found = set()
-                for part in (m.key(), m.value(), *(v for _, v in m.headers() or [])):
+                found: set[str] = set()
+                # A consumed message's headers are a list of pairs; the stub's type also
+                # admits the dict a producer may be given.
+                headers = cast("list[tuple[str, bytes | None]] | None", m.headers())
+                value = m.value()
+                for part in (m.key(), value, *(v for _, v in headers or [])):
                     if part:
                         found |= scan_bytes(ids, part)
-                decoded = _decoded(m.value()) if m.value() else None
+                decoded = _decoded(value) if value else None
                 if decoded is not None:
                     found |= ids.in_value(decoded)
-                report.add(f"topic {m.topic()}:{m.partition()}:{m.offset()}", found)
-                if m.offset() + 1 >= ends.get(where, 0):
+                report.add(f"topic {topic_name}:{partition}:{offset}", found)
+                if offset + 1 >= ends.get(where, 0):
                     ends.pop(where, None)
         if ends:
             raise RuntimeError(f"the scan did not reach the end of {sorted(ends)[:3]}")
@@ -176,7 +198,9 @@ def scan_topics(bootstrap: str, ids: Identifiers, extra: dict | None = None) -> 
 def scan_warehouse(warehouse: Warehouse, ids: Identifiers) -> ScanReport:
     """Every row of every table and view of the region's warehouse, as text."""
     report = ScanReport()
-    for (table,) in rows(warehouse.query("SELECT name FROM system.tables WHERE database = currentDatabase()")):  # fmt: skip
+    for (table,) in rows(
+        warehouse.query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+    ):
         report.read["tables"] += 1
         data = warehouse.query_raw(f"SELECT * FROM `{table}`", None, "TSV")
         report.read["table rows"] += data.count(b"\n")
@@ -199,7 +223,9 @@ def scan_files(root: Path, ids: Identifiers) -> ScanReport:
     return report
 
 
-def foreign_to(region: str, vehicles: Iterable, positions: dict[str, set[float]]) -> Identifiers:
+def foreign_to(
+    region: str, vehicles: Iterable[Vehicle], positions: dict[str, set[float]]
+) -> Identifiers:
     """What must never be found in ``region``: VINs and owners never registered there,
     and positions of samples that went to another region (``vehicles`` are simulator
     Vehicles with their registration history)."""
@@ -213,7 +239,7 @@ def foreign_to(region: str, vehicles: Iterable, positions: dict[str, set[float]]
     return Identifiers(frozenset(strings), frozenset(elsewhere - positions.get(region, set())))
 
 
-def scan_region(settings, ids: Identifiers) -> ScanReport:
+def scan_region(settings: Settings, ids: Identifiers) -> ScanReport:
     """Everything one region keeps: its broker's topics, its warehouse, its folder.
     (The warehouse is opened here, so no process of the region may hold it.)"""
     from vtp.core.warehouse import open_warehouse

@@ -17,7 +17,9 @@ from vtp.core.warehouse import WarehouseBusy, open_warehouse
 from vtp.serve import address_file
 
 
-def query_locally_or_via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
+def query_locally_or_via_service(
+    settings: Settings, sql: str
+) -> tuple[list[str], list[list[object]]]:
     """`vtp sql`: open the region's warehouse, or, when `vtp serve` owns it (embedded
     mode), send the query to that service with a short-lived analyst token."""
     try:
@@ -32,7 +34,7 @@ def query_locally_or_via_service(settings: Settings, sql: str) -> tuple[list[str
         warehouse.close()
 
 
-def _via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
+def _via_service(settings: Settings, sql: str) -> tuple[list[str], list[list[object]]]:
     path = address_file(settings)
     if not path.exists():
         raise AnalystQueryError(
@@ -42,9 +44,11 @@ def _via_service(settings: Settings, sql: str) -> tuple[list[str], list[list]]:
     url = json.loads(path.read_text())["url"]
     token = issue(load_keyring(settings), analyst_claims("vtp-sql", settings.region, 300))
     response = httpx.post(
-        f"{url}/v1/analyst/sql", json={"sql": sql},
-        headers={"Authorization": f"Bearer {token}"}, timeout=300,
-    )  # fmt: skip
+        f"{url}/v1/analyst/sql",
+        json={"sql": sql},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=300,
+    )
     try:
         body = response.json()
     except ValueError:

@@ -74,8 +74,10 @@ def test_a_day_of_23_hours_holds_23_hours():
     assert day["parked_s"] == 23 * 3600
     clock = DayClock(zone)
     assert day_shares(clock, at("2026-03-28T12:00:00", zone), at("2026-03-30T12:00:00", zone)) == [
-        ("2026-03-28", 12 * 3_600_000), ("2026-03-29", 23 * 3_600_000), ("2026-03-30", 12 * 3_600_000)
-    ]  # fmt: skip
+        ("2026-03-28", 12 * 3_600_000),
+        ("2026-03-29", 23 * 3_600_000),
+        ("2026-03-30", 12 * 3_600_000),
+    ]
 
 
 def _final_records(uploads, fleet, batch: int) -> list[dict]:

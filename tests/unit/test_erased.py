@@ -9,8 +9,11 @@ HORIZON = 1_000_000
 
 
 def _upload(owner: str, times: list[int], received: int = HORIZON + 60_000) -> StoredUpload:
-    record = {"vin": "V", "upload_id": f"u{times[0]}",
-              "samples": [{"event_time_ms": t, "seq": i} for i, t in enumerate(times)]}  # fmt: skip
+    record = {
+        "vin": "V",
+        "upload_id": f"u{times[0]}",
+        "samples": [{"event_time_ms": t, "seq": i} for i, t in enumerate(times)],
+    }
     return StoredUpload(record, owner, "eu", 1, received, "src", "t", 0, 0)
 
 

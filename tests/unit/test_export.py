@@ -47,16 +47,20 @@ def test_a_client_that_goes_away_leaves_what_it_was_sent_on_record():
 
 
 def test_a_warehouse_failing_midway_is_on_record_and_raised():
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="warehouse went away"):
         run([("samples", text_pages(5, fail_at=2)), ("trips", text_pages(1))])
 
 
 def test_the_failure_names_what_was_sent_before_it():
     ended: list = []
     stream = stream_export(
-        "o", "eu", "jsonl", [("samples", text_pages(5, fail_at=2))], "now",
+        "o",
+        "eu",
+        "jsonl",
+        [("samples", text_pages(5, fail_at=2))],
+        "now",
         lambda c, e: ended.append((dict(c), e)),
-    )  # fmt: skip
-    with pytest.raises(OSError):
+    )
+    with pytest.raises(OSError, match="warehouse went away"):
         list(stream)
     assert ended == [({"samples": 20}, "failed: OSError: warehouse went away")]

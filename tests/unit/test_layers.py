@@ -67,8 +67,12 @@ def test_the_readme_layout_names_every_unit_and_only_paths_that_exist():
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```")[1]
-    named = {w.rstrip("/,") for line in block.splitlines() for w in line.split()
-             if w.endswith((".py", "/", "/,"))}  # fmt: skip
+    named = {
+        w.rstrip("/,")
+        for line in block.splitlines()
+        for w in line.split()
+        if w.endswith((".py", "/", "/,"))
+    }
     assert named and all((ROOT / n).exists() for n in named), sorted(
         n for n in named if not (ROOT / n).exists()
     )

@@ -64,15 +64,28 @@ def test_a_regions_view_never_holds_another_regions_owners():
 
 
 def test_history_round_trips_and_old_v1_entries_hold_from_the_beginning():
-    reg = view_for_region(VIN, HISTORY, "eu", model="ID.4", battery_capacity_kwh=77.0,
-                          time_zone="Europe/Berlin", revision=4)  # fmt: skip
+    reg = view_for_region(
+        VIN,
+        HISTORY,
+        "eu",
+        model="ID.4",
+        battery_capacity_kwh=77.0,
+        time_zone="Europe/Berlin",
+        revision=4,
+    )
     assert decode_registration(encode_registration(reg)) == reg
     store = default_store()
     v1 = store.encode(
-        {"vin": VIN, "owner_id": "o-1", "region": "EU", "model": "M",
-         "battery_capacity_kwh": 75.0, "time_zone": "Europe/Paris"},
+        {
+            "vin": VIN,
+            "owner_id": "o-1",
+            "region": "EU",
+            "model": "M",
+            "battery_capacity_kwh": 75.0,
+            "time_zone": "Europe/Paris",
+        },
         store.get("VehicleRegistration", 1),
-    )  # fmt: skip
+    )
     old = decode_registration(v1)
     assert old.periods == (Period(0, "o-1", "eu"),) and old.revision == 0
     assert old.here("eu", 1) and old.battery_capacity_kwh == 75.0
@@ -86,15 +99,21 @@ def test_a_v1_reader_sees_the_current_owner_and_region_of_a_v2_entry():
 
 
 def test_periods_out_of_order_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not in time order"):
         Registration(VIN, (HISTORY[1], HISTORY[0]))
     store = default_store()
     bad = store.encode(
-        {"vin": VIN, "owner_id": "", "region": "", "periods": [
-            {"from_ms": 5, "owner_id": "a", "region": "eu"},
-            {"from_ms": 1, "owner_id": "b", "region": "eu"}]},
+        {
+            "vin": VIN,
+            "owner_id": "",
+            "region": "",
+            "periods": [
+                {"from_ms": 5, "owner_id": "a", "region": "eu"},
+                {"from_ms": 1, "owner_id": "b", "region": "eu"},
+            ],
+        },
         store.get("VehicleRegistration", 2),
-    )  # fmt: skip
+    )
     with pytest.raises(FramingError) as caught:
         decode_registration(bad)
     assert caught.value.reason == "invalid_registration"

@@ -18,10 +18,15 @@ def test_strings_and_positions_are_found_as_text_as_doubles_and_in_records():
     }
     store = default_store()
     upload = store.encode(
-        {"vin": VIN, "upload_id": "u", "sent_at_ms": 1, "gateway_firmware": "f",
-         "samples": [{"event_time_ms": 1, "seq": 1, "latitude": LAT}]},
+        {
+            "vin": VIN,
+            "upload_id": "u",
+            "sent_at_ms": 1,
+            "gateway_firmware": "f",
+            "samples": [{"event_time_ms": 1, "seq": 1, "latitude": LAT}],
+        },
         store.get("VehicleUpload", 1),
-    )  # fmt: skip
+    )
     assert scan_bytes(IDS, upload) == {VIN, f"position {LAT}"}
     assert IDS.in_value({"a": [{"b": LAT}], "c": OWNER}) == {f"position {LAT}", OWNER}
 

@@ -63,7 +63,7 @@ def test_v2_data_read_by_v1_reader_drops_the_new_field():
 
 
 @pytest.mark.parametrize(
-    "data, reason",
+    ("data", "reason"),
     [
         (b"", "not_single_object"),
         (b"hello world, not avro", "not_single_object"),
@@ -93,7 +93,7 @@ def test_signals_carry_vss_names_and_units():
 
 
 @pytest.mark.parametrize(
-    "sample, fragment",
+    ("sample", "fragment"),
     [
         ({"speed": 401.0}, "outside"),
         ({"speed": float("nan")}, "outside"),

@@ -30,8 +30,15 @@ def test_routes_show_a_subset_of_the_export_and_never_owner_or_bookkeeping_colum
 
 def test_a_caller_sees_only_the_columns_of_their_scopes():
     assert visible_columns("trips", ["driving"]) == [
-        "vin", "start_time", "end_time", "duration_s", "distance_km", "avg_speed_kmh",
-        "max_speed_kmh", "start_odometer", "end_odometer",
-    ]  # fmt: skip
+        "vin",
+        "start_time",
+        "end_time",
+        "duration_s",
+        "distance_km",
+        "avg_speed_kmh",
+        "max_speed_kmh",
+        "start_odometer",
+        "end_odometer",
+    ]
     assert "start_lat" in visible_columns("trips", ["driving", "location"])
     assert visible_columns("samples", []) == ["event_time", "seq"]

@@ -20,7 +20,7 @@ def test_valid_samples_are_buffered(publisher):
 
 
 @pytest.mark.parametrize(
-    "vin, sample, fragment",
+    ("vin", "sample", "fragment"),
     [
         ("SHORT", {"event_time_ms": 1, "seq": 1}, "17-character VIN"),
         ("LRW3E7EK4NC00000I", {"event_time_ms": 1, "seq": 1}, "17-character VIN"),
@@ -50,7 +50,7 @@ def test_an_upload_that_does_not_fit_the_schema_is_rejected(publisher):
 
 
 def test_max_samples_must_be_positive():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_samples must be 1 to"):
         TelemetryPublisher("127.0.0.1:9", "t", max_samples=0)
 
 
@@ -60,8 +60,13 @@ def test_an_upload_heavier_than_the_pipeline_takes_is_refused_at_the_call():
     from producers.sdk import InvalidSample, TelemetryPublisher
 
     publisher = TelemetryPublisher("127.0.0.1:9", "unused", kafka_extra={"log_level": 0})
-    upload = {"vin": "LRW3E7EK4NC000001", "upload_id": "u", "sent_at_ms": 1, "gateway_firmware": "f",
-              "samples": [{"event_time_ms": i, "seq": i, "dtcs": ["P" * 100] * 10} for i in range(600)]}  # fmt: skip
+    upload = {
+        "vin": "LRW3E7EK4NC000001",
+        "upload_id": "u",
+        "sent_at_ms": 1,
+        "gateway_firmware": "f",
+        "samples": [{"event_time_ms": i, "seq": i, "dtcs": ["P" * 100] * 10} for i in range(600)],
+    }
     with pytest.raises(InvalidSample, match="the pipeline takes at most"):
         publisher.publish_upload(upload)
     with pytest.raises(ValueError, match="max_samples"):

@@ -27,12 +27,22 @@ class Car:
 
     def sample(self, gear="PARK", speed=0.0, charging=False, power=None, mode=None):
         self.seq += 1
-        self.samples.append({
-            "event_time_ms": self.t, "seq": self.seq, "speed": speed, "odometer": round(self.odo, 3),
-            "soc": round(self.soc, 3), "latitude": 31.2, "longitude": 121.4, "gear": gear,
-            "is_charging": charging, "charge_power": power, "charge_mode": mode,
-            "outside_temperature": 10.0,
-        })  # fmt: skip
+        self.samples.append(
+            {
+                "event_time_ms": self.t,
+                "seq": self.seq,
+                "speed": speed,
+                "odometer": round(self.odo, 3),
+                "soc": round(self.soc, 3),
+                "latitude": 31.2,
+                "longitude": 121.4,
+                "gear": gear,
+                "is_charging": charging,
+                "charge_power": power,
+                "charge_mode": mode,
+                "outside_temperature": 10.0,
+            }
+        )
 
     def park(self, seconds: int, every: int = 60, drain_per_hour: float = 0.02):
         for _ in range(seconds // every):
@@ -276,9 +286,11 @@ def test_aggregation_knows_an_upload_by_where_it_first_reached_kafka():
     from stream_jobs.aggregate import _raw_position
 
     routed = SimpleNamespace(
-        topic="vtp.validated.eu", partition=1, offset=900,
+        topic="vtp.validated.eu",
+        partition=1,
+        offset=900,
         headers=[("vtp-region", b"eu"), ("vtp-source", b"vtp.uploads:3:1234")],
-    )  # fmt: skip
+    )
     assert _raw_position(routed) == ("vtp.uploads:3", 1234)
     untagged = SimpleNamespace(topic="vtp.validated.eu", partition=1, offset=900, headers=[])
     assert _raw_position(untagged) == ("vtp.validated.eu:1", 900)

@@ -27,9 +27,14 @@ def test_defaults_run_locally_and_a_region_has_its_own_folder_and_topics():
 
 def test_environment_overrides():
     s = load_settings(
-        {"VTP_REGION": "eu", "VTP_SINK_BATCH_MESSAGES": "10", "VTP_TOPIC_PREFIX": "x",
-         "VTP_KAFKA_EXTRA": '{"security.protocol": "SSL"}', "VTP_KAFKA_BOOTSTRAP": "h:1"}
-    )  # fmt: skip
+        {
+            "VTP_REGION": "eu",
+            "VTP_SINK_BATCH_MESSAGES": "10",
+            "VTP_TOPIC_PREFIX": "x",
+            "VTP_KAFKA_EXTRA": '{"security.protocol": "SSL"}',
+            "VTP_KAFKA_BOOTSTRAP": "h:1",
+        }
+    )
     assert s.region == "eu" and s.sink_batch_messages == 10
     assert s.topics.uploads == "x.eu.uploads"
     assert s.kafka_extra == {"security.protocol": "SSL"}
@@ -43,7 +48,7 @@ def test_reading_settings_writes_nothing_to_the_environment():
 
 
 @pytest.mark.parametrize(
-    "env, fragment",
+    ("env", "fragment"),
     [
         ({"VTP_SINK_BATCH_MESSAGES": "many"}, "not a whole number"),
         ({"VTP_SINK_BATCH_MESSAGES": "0"}, "at least 1"),

@@ -55,9 +55,9 @@ def test_fleet_shape():
         assert VIN_PATTERN.match(v.vin) and vin_check_digit(v.vin) == v.vin[8]
 
 
-@pytest.mark.parametrize("owners, vehicles", [(30, 29), (10, 31), (1, 1)])
+@pytest.mark.parametrize(("owners", "vehicles"), [(30, 29), (10, 31), (1, 1)])
 def test_impossible_fleets_are_refused(owners, vehicles):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot"):
         build_fleet(1, owners=owners, vehicles=vehicles, regions=("cn", "eu"))
 
 

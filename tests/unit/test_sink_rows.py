@@ -17,7 +17,7 @@ def stored(upload_id="u-1", raw_source="vtp.uploads:0:5", offset=1, samples=2, v
                 "dtcs": ["P0A80"] if i == 0 else [],
             }
             for i in range(samples)
-        ],  # fmt: skip
+        ],
     }
     return StoredUpload(
         record, "owner-1", "cn", version, 6_000, raw_source, "vtp.validated.cn", 0, offset

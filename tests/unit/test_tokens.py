@@ -37,8 +37,15 @@ def signed(ring, payload: dict, kind: str = "owner", kid: str | None = None) -> 
 
 def base(**claims) -> dict:
     now = int(time.time())
-    return {"iss": "vtp", "aud": audience("eu"), "sub": "o", "kind": "owner", "iat": now,
-            "exp": now + 60, **claims}  # fmt: skip
+    return {
+        "iss": "vtp",
+        "aud": audience("eu"),
+        "sub": "o",
+        "kind": "owner",
+        "iat": now,
+        "exp": now + 60,
+        **claims,
+    }
 
 
 def test_an_owner_token_round_trips_with_every_scope(eu):
@@ -57,7 +64,7 @@ def test_a_grant_token_carries_its_grant_party_and_scopes(eu):
 
 
 def test_each_kind_and_each_region_has_keys_of_its_own(eu, tmp_path):
-    settings, ring = eu
+    _settings, ring = eu
     cn_ring = load_keyring(Settings(data_dir=tmp_path, region="cn"))
     owner = issue(ring, owner_claims("o", "eu", 60))
     with pytest.raises(TokenError) as other_region:

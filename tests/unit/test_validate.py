@@ -150,8 +150,11 @@ def test_duplicates_in_one_batch_and_from_stored_history():
     seen = SeenUploads(load=lambda vin: stored.get(vin, {}))
     outcomes = route_batch(
         [raw(offset=1), raw(offset=2), raw(upload(upload_id="u-old"), offset=3)],
-        STORE, REGISTRY, seen, LIMITS,
-    )  # fmt: skip
+        STORE,
+        REGISTRY,
+        seen,
+        LIMITS,
+    )
     assert [type(o).__name__ for o in outcomes] == ["Routed", "DeadLettered", "DeadLettered"]
     assert seen.changed == {VIN}
     assert set(seen.by_vin[VIN]) == {"u-old", "u-1"}

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 
 log = logging.getLogger("vtp.kafka")
 T = TypeVar("T")
@@ -39,16 +39,25 @@ def producer_config(bootstrap: str, extra: dict[str, Any] | None = None) -> dict
 
 TRANSIENT = frozenset(
     {
-        KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._WAIT_COORD, KafkaError._UNKNOWN_PARTITION, KafkaError._RESOLVE,
-        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION,
-        KafkaError.REBALANCE_IN_PROGRESS, KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._WAIT_COORD,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._RESOLVE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.NOT_ENOUGH_REPLICAS,
         KafkaError.UNSTABLE_OFFSET_COMMIT,
     }
-)  # fmt: skip
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -58,6 +67,15 @@ def is_transient(exc: BaseException) -> bool:
     if not isinstance(error, KafkaError):
         return False
     return error.retriable() or error.code() in TRANSIENT
+
+
+def coordinates(message: Message) -> tuple[str, int, int]:
+    """A consumed message's topic, partition and offset. librdkafka sets all three on every
+    message and partition-EOF event a consumer hands out; the stubs allow None because a
+    Message may also be built by hand."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
 
 
 def retry_kafka(call: Callable[[], T], what: str, attempts: int = 20, backoff_s: float = 0.25) -> T:

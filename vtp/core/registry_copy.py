@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from schemas import FramingError
 from schemas.registry import Registration, decode_registration
-from vtp.core.kafka import retry_kafka
+from vtp.core.kafka import coordinates, retry_kafka
 from vtp.core.settings import Settings
 
 log = logging.getLogger("vtp.sink")
@@ -56,12 +56,7 @@ class RegistryCopy(Mapping[str, Registration]):
         partitions = self._partitions = sorted(topic.partitions)
         ends = {}
         for p in partitions:
-            low, high = retry_kafka(
-                lambda p=p: self._consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, p), timeout=10
-                ),
-                "registry watermarks",
-            )
+            low, high = self._watermarks(p)
             if high > low:
                 ends[p] = high
         self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -83,23 +78,24 @@ class RegistryCopy(Mapping[str, Registration]):
             err = m.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    applied[m.partition()] = max(applied.get(m.partition(), -1), m.offset() - 1)
-                    self._read_to[m.partition()] = max(
-                        self._read_to.get(m.partition(), 0), m.offset()
-                    )
+                    _, partition, offset = coordinates(m)
+                    applied[partition] = max(applied.get(partition, -1), offset - 1)
+                    self._read_to[partition] = max(self._read_to.get(partition, 0), offset)
                 elif err.fatal():
                     raise RegistryUnavailable(f"registry consumer failed: {err}")
                 continue
-            self._read_to[m.partition()] = m.offset() + 1
+            _, partition, offset = coordinates(m)
+            self._read_to[partition] = offset + 1
             vin = (m.key() or b"").decode(errors="replace")
-            if m.value() is None:
+            value = m.value()
+            if value is None:
                 self._by_vin.pop(vin, None)
             else:
                 try:
-                    self._by_vin[vin] = decode_registration(m.value())
+                    self._by_vin[vin] = decode_registration(value)
                 except FramingError:
                     self.invalid += 1  # the worker dead-letters it; the vehicle stays as it was
-            applied[m.partition()] = m.offset()
+            applied[partition] = offset
         return applied
 
     def refresh(self) -> None:
@@ -108,15 +104,18 @@ class RegistryCopy(Mapping[str, Registration]):
     def _at_end(self) -> bool:
         """Has the copy read everything the registry topic holds right now?"""
         for p in self._partitions:
-            _, high = retry_kafka(
-                lambda p=p: self._consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, p), timeout=10
-                ),
-                "registry watermarks",
-            )
+            _, high = self._watermarks(p)
             if self._read_to.get(p, 0) < high:
                 return False
         return True
+
+    def _watermarks(self, partition: int) -> tuple[int, int]:
+        return retry_kafka(
+            lambda: self._consumer.get_watermark_offsets(
+                TopicPartition(self.topic, partition), timeout=10
+            ),
+            "registry watermarks",
+        )
 
     def wait_for(self, wanted: dict[str, int], timeout: float) -> list[str]:
         """Read on until each VIN's registration has at least the wanted revision, or
@@ -148,7 +147,7 @@ class RegistryCopy(Mapping[str, Registration]):
     def __getitem__(self, vin: str) -> Registration:
         return self._by_vin[vin]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._by_vin)
 
     def __len__(self) -> int:

@@ -216,7 +216,7 @@ class Settings:
     def shown(self, name: str) -> str:
         """One setting's value as it may be printed or logged: secrets masked."""
         value = getattr(self, name)
-        mask = _FIELDS[name].metadata["secret"]
+        mask: Callable[[object], str] | None = _FIELDS[name].metadata["secret"]
         if mask is not None:
             return mask(value)
         return json.dumps(value) if isinstance(value, dict) else str(value)
@@ -332,8 +332,13 @@ class SettingDoc:
     secret: bool
 
 
-_TYPE_NAMES = {"Path": "path", "str": "text", "int": "integer", "float": "number",
-               "dict[str, Any]": "JSON object"}  # fmt: skip
+_TYPE_NAMES = {
+    "Path": "path",
+    "str": "text",
+    "int": "integer",
+    "float": "number",
+    "dict[str, Any]": "JSON object",
+}
 
 
 def documented_settings() -> list[SettingDoc]:

@@ -10,7 +10,13 @@ never decides how late or early its data is.
 
 from __future__ import annotations
 
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from functools import partial
+
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported without __all__
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
 
 from vtp.core.kafka import retry_kafka
 from vtp.core.regions import REGIONS
@@ -78,7 +84,9 @@ def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         for name, config in specs.items()
         if name not in existing
     ]
-    for _name, future in (admin.create_topics(missing, request_timeout=timeout) if missing else {}).items():  # fmt: skip
+    for _name, future in (
+        admin.create_topics(missing, request_timeout=timeout) if missing else {}
+    ).items():
         try:
             future.result()
         except Exception as exc:  # a concurrent creator is fine; it is checked below
@@ -104,7 +112,7 @@ def check_topics(
             )
     resources = [ConfigResource("topic", name) for name, config in specs.items() if config]
     for resource, future in (admin.describe_configs(resources) if resources else {}).items():
-        found = retry_kafka(lambda f=future: f.result(timeout), f"describe {resource.name}")
+        found = retry_kafka(partial(future.result, timeout), f"describe {resource.name}")
         for key, wanted in specs[resource.name].items():
             actual = found[key].value if key in found else None
             if actual != wanted:

@@ -10,16 +10,21 @@ formatted into SQL text.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
 from vtp.core.settings import Settings
+
+if TYPE_CHECKING:
+    from chdb.state.sqlitelike import StreamingInserter
+    from clickhouse_connect.driver.client import Client
 
 
 class WarehouseError(RuntimeError):
@@ -53,7 +58,7 @@ class Warehouse(Protocol):
     def close(self) -> None: ...
 
 
-def rows(table: pa.Table) -> list[tuple]:
+def rows(table: pa.Table) -> list[tuple[Any, ...]]:
     """An Arrow result as a list of row tuples."""
     columns = [c.to_pylist() for c in table.columns]
     return list(zip(*columns, strict=True)) if columns else []
@@ -83,9 +88,27 @@ def _param_literal(value: Any) -> str:
     return _param_text(value)
 
 
+class _ChdbResult(Protocol):
+    def bytes(self) -> bytes: ...
+
+
+class _ChdbSession(Protocol):
+    """What vtp uses of chdb's Session, which chdb leaves unannotated."""
+
+    def query(
+        self, sql: str, fmt: str = ..., *, params: dict[str, str] | None = ...
+    ) -> _ChdbResult: ...
+
+    def send_insert(self, query: str, fmt: str = ...) -> StreamingInserter: ...
+
+    def close(self) -> None: ...
+
+
 class ChdbWarehouse:
+    _session: _ChdbSession
+
     def __init__(self, path: Path):
-        from chdb import session
+        from chdb.session import Session
 
         path.mkdir(parents=True, exist_ok=True)
         self.description = f"chdb:{path}"
@@ -96,7 +119,7 @@ class ChdbWarehouse:
                 "or point VTP_WAREHOUSE at a ClickHouse server"
             )
         try:
-            self._session = session.Session(str(path))
+            self._session = Session(str(path))  # type: ignore[no-untyped-call]  # chdb: untyped
         except Exception as exc:
             raise WarehouseError(f"cannot open the embedded warehouse {path}: {exc}") from None
         self._path = path
@@ -104,7 +127,7 @@ class ChdbWarehouse:
         # request threads, one statement at a time.
         self._lock = threading.RLock()
 
-    def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> Any:
+    def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
         bound = {k: _param_text(v) for k, v in (params or {}).items()}
         with self._lock:
             try:
@@ -116,10 +139,8 @@ class ChdbWarehouse:
     def _drain(self) -> None:
         """chdb 4.4 hands what a failed statement had output to the next statement on the
         same connection (another caller's answer would begin with it): read it away."""
-        try:
+        with contextlib.suppress(Exception):  # the original error is what the caller needs
             self._session.query("SELECT 1", "CSV")
-        except Exception:  # the original error is what the caller needs
-            pass
 
     def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
         self._run(sql, "CSV", params)
@@ -127,7 +148,8 @@ class ChdbWarehouse:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
         from chdb.state.sqlitelike import to_arrowTable
 
-        return to_arrowTable(self._run(sql, "Arrow", params))
+        result = self._run(sql, "Arrow", params)
+        return to_arrowTable(result)  # type: ignore[no-untyped-call]  # chdb: untyped
 
     def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
         return self._run(sql, fmt, params).bytes()
@@ -153,18 +175,19 @@ class ChdbWarehouse:
             except Exception as exc:
                 self._drain()
                 raise WarehouseError(f"insert into {table} failed: {exc}") from None
-        return data.num_rows
+        inserted: int = data.num_rows  # pyarrow has no annotations
+        return inserted
 
     def analyst_query(
         self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
     ) -> pa.Table:
-        import chdb
+        from chdb.state import connect
 
         options = "&".join(f"{k}={v}" for k, v in settings.items())
         bound = {k: _param_text(v) for k, v in (params or {}).items()}
         # A fresh connection per query: its settings are fixed from the start, and a
         # failed query's leftovers die with it.
-        connection = chdb.connect(f"{self._path}?{options}")
+        connection = connect(f"{self._path}?{options}")
         try:
             return connection.query(sql, "ArrowTable", params=bound)
         except Exception as exc:
@@ -175,6 +198,17 @@ class ChdbWarehouse:
     def close(self) -> None:
         with self._lock:
             self._session.close()
+
+
+class _ClientArgs(TypedDict, total=False):
+    """The arguments of clickhouse_connect.get_client that vtp passes."""
+
+    host: str | None
+    port: int
+    username: str
+    password: str
+    secure: bool
+    database: str
 
 
 class ServerWarehouse:
@@ -189,7 +223,7 @@ class ServerWarehouse:
                 "the region, e.g. VTP_WAREHOUSE=http://user:pass@host:8123/vtp_{region}"
             )
         self.description = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}/{database}"
-        self._connect = {
+        self._connect: _ClientArgs = {
             "host": parsed.hostname,
             "port": parsed.port or (8443 if parsed.scheme == "https" else 8123),
             "username": unquote(parsed.username or "default"),
@@ -199,7 +233,7 @@ class ServerWarehouse:
         # A client (a session) per thread: one session used by two requests at once
         # answers SESSION_IS_LOCKED.
         self._local = threading.local()
-        self._clients: list[Any] = []
+        self._clients: list[Client] = []
         self._clients_lock = threading.Lock()
         try:
             admin = clickhouse_connect.get_client(**self._connect)
@@ -211,8 +245,8 @@ class ServerWarehouse:
             raise WarehouseError(f"cannot reach ClickHouse at {self.description}: {exc}") from None
 
     @property
-    def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
+    def _client(self) -> Client:
+        client: Client | None = getattr(self._local, "client", None)
         if client is None:
             import clickhouse_connect
 
@@ -255,7 +289,8 @@ class ServerWarehouse:
             self._client.insert_arrow(table, data, settings=settings)
         except Exception as exc:
             raise WarehouseError(f"insert into {table} failed: {exc}") from None
-        return data.num_rows
+        inserted: int = data.num_rows  # pyarrow has no annotations
+        return inserted
 
     def close(self) -> None:
         with self._clients_lock:
