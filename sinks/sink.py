@@ -32,8 +32,7 @@ from sinks import rows as rowlib
 from sinks.aggregate_rows import aggregate_tables
 from sinks.batching import Batcher, PartitionBatch
 from sinks.erased import drop_erased_samples, held_by_owner, keep_aggregate
-from sinks.migrations import migrate
-from sinks.pseudonyms import backfill, record_pairs
+from sinks.store import SinkStore, StoredCopies, WarehouseSinkStore
 from vtp.core import headers as h
 from vtp.core import metrics
 from vtp.core.headers import deadletter_headers
@@ -42,7 +41,7 @@ from vtp.core.keys import pseudonym_key
 from vtp.core.registry_copy import RegistryCopy, RegistryUnavailable
 from vtp.core.settings import Settings
 from vtp.core.topics import check_cluster_region
-from vtp.core.warehouse import Warehouse, WarehouseError, open_warehouse, rows
+from vtp.core.warehouse import Warehouse, WarehouseError, open_warehouse
 
 log = logging.getLogger("vtp.sink")
 
@@ -179,28 +178,37 @@ WRITE_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class RegionSink:
+    """The sink of one region. Its Kafka consumer and producer, its registry copy and its
+    store are made from the settings unless handed in (tests hand in doubles)."""
+
     def __init__(
         self,
         settings: Settings,
         warehouse: Warehouse | None = None,
         write_lock: threading.RLock | None = None,
+        *,
+        store: SinkStore | None = None,
+        consumer: Consumer | None = None,
+        producer: Producer | None = None,
+        registry: RegistryCopy | None = None,
     ):
         self.settings = settings
         self.region = settings.need_region()
         self.topic = settings.topics.validated
         self.aggregates_topic = settings.topics.aggregates
-        check_cluster_region(settings)
-        self._owns_warehouse = warehouse is None  # one handed in stays open for its owner
-        self.warehouse = warehouse or open_warehouse(settings)
-        migrate(self.warehouse)
-        self.pseudonym_key = pseudonym_key(settings)
-        backfill(self.warehouse, self.pseudonym_key)
-        bootstrap = settings.bootstrap()
+        if consumer is None:
+            check_cluster_region(settings)
+        if store is None:
+            store = WarehouseSinkStore(
+                warehouse or open_warehouse(settings), pseudonym_key(settings), warehouse is None
+            )
+        self.store = store
+        self.store.prepare()
         self.group = settings.topics.sink_group
-        self.registry = RegistryCopy(settings)
-        self.consumer = Consumer(
+        self.registry = registry if registry is not None else RegistryCopy(settings)
+        self.consumer = consumer or Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                "bootstrap.servers": settings.bootstrap(),
                 "group.id": self.group,
                 # Static membership: a restarted sink takes its partitions back at once
                 # instead of waiting out the dead member's session timeout.
@@ -210,8 +218,12 @@ class RegionSink:
                 **settings.kafka_extra,
             }
         )
-        self.producer = Producer(
-            {"bootstrap.servers": bootstrap, "enable.idempotence": True, **settings.kafka_extra}
+        self.producer = producer or Producer(
+            {
+                "bootstrap.servers": settings.bootstrap(),
+                "enable.idempotence": True,
+                **settings.kafka_extra,
+            }
         )
         self.batcher: Batcher[Message] = Batcher(
             settings.sink_batch_messages, settings.sink_flush_ms / 1000, self._recorded_end
@@ -230,7 +242,7 @@ class RegionSink:
     def run(self, should_stop: Callable[[], bool] | None = None) -> None:
         self.registry.start()
         self.consumer.subscribe([self.topic, self.aggregates_topic], on_revoke=self._on_revoke)
-        log.info("sink %s: %s -> %s", self.region, self.topic, self.warehouse.description)
+        log.info("sink %s: %s -> %s", self.region, self.topic, self.store.description)
         try:
             while not self._stop and not (should_stop and should_stop()):
                 messages = self.consumer.consume(num_messages=5000, timeout=0.2)
@@ -254,8 +266,7 @@ class RegionSink:
             self.consumer.close()
             self.registry.close()
             self.producer.flush(10)
-            if self._owns_warehouse:
-                self.warehouse.close()
+            self.store.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for topic in (self.topic, self.aggregates_topic):
@@ -276,34 +287,19 @@ class RegionSink:
 
     # -- warehouse side ---------------------------------------------------------
     def _recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:
-        found = rows(
-            self.warehouse.query(
-                "SELECT last_offset FROM sink_batches WHERE topic = {t:String} "
-                "AND partition = {p:UInt32} AND first_offset = {f:UInt64} "
-                "ORDER BY recorded_at DESC LIMIT 1",
-                {"t": topic, "p": partition, "f": first_offset},
-            )
-        )
-        if found:
-            log.info(
-                "replaying recorded batch %s-%s-%s..%s", topic, partition, first_offset, found[0][0]
-            )
-        return found[0][0] if found else None
+        end = self.store.recorded_end(topic, partition, first_offset)
+        if end is not None:
+            log.info("replaying recorded batch %s-%s-%s..%s", topic, partition, first_offset, end)
+        return end
 
-    def _stored(self, uploads: list[rowlib.StoredUpload]) -> dict[str, tuple[str, str, int, int]]:
+    def _stored(self, uploads: list[rowlib.StoredUpload]) -> StoredCopies:
         if not uploads:
             return {}
-        result = self.warehouse.query(
-            "SELECT upload_id, raw_source, topic, partition, offset FROM uploads "
-            "WHERE owner_id IN {owners:Array(String)} AND vin IN {vins:Array(String)} "
-            "AND upload_id IN {ids:Array(String)}",
-            {
-                "owners": sorted({u.owner_id for u in uploads}),
-                "vins": sorted({u.record["vin"] for u in uploads}),
-                "ids": [u.record["upload_id"] for u in uploads],
-            },
+        return self.store.stored_copies(
+            sorted({u.owner_id for u in uploads}),
+            sorted({u.record["vin"] for u in uploads}),
+            [u.record["upload_id"] for u in uploads],
         )
-        return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows(result)}
 
     def _write(self, batch: PartitionBatch[Message]) -> None:
         """Write a batch, trying again through warehouse errors: every step is idempotent
@@ -327,29 +323,13 @@ class RegionSink:
                 time.sleep(pause)
 
     def _erasure_horizons(self, owners: set[str]) -> dict[str, int]:
-        """The latest erasure of each of ``owners`` (read by the primary key, never stale)."""
-        if not owners:
-            return {}
-        found = self.warehouse.query(
-            "SELECT owner_id, toUnixTimestamp64Milli(max(requested_at)) FROM erasures "
-            "WHERE owner_id IN {o:Array(String)} GROUP BY owner_id",
-            {"o": sorted(owners)},
-        )
-        return {owner: int(ms) for owner, ms in rows(found)}
+        return self.store.erasure_horizons(sorted(owners)) if owners else {}
 
     def _write_locked(self, batch: PartitionBatch[Message]) -> None:
         started = time.perf_counter()
         if batch.forced_last is None:
-            self.warehouse.execute(
-                "INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
-                "VALUES ({t:String}, {p:UInt32}, {f:UInt64}, {l:UInt64}, {n:UInt32})",
-                {
-                    "t": batch.topic,
-                    "p": batch.partition,
-                    "f": batch.first_offset,
-                    "l": batch.last_offset,
-                    "n": len(batch),
-                },
+            self.store.record_batch(
+                batch.topic, batch.partition, batch.first_offset, batch.last_offset, len(batch)
             )
         if batch.topic == self.aggregates_topic:
             refused = self._insert_aggregates(batch)
@@ -421,12 +401,10 @@ class RegionSink:
             )
             for up in resent.values()
         ]
-        record_pairs(
-            self.warehouse, self.pseudonym_key, {(up.owner_id, up.record["vin"]) for up in fresh}
-        )
+        self.store.record_pseudonyms({(up.owner_id, up.record["vin"]) for up in fresh})
         samples = rowlib.samples_table(fresh)
-        self.warehouse.insert_arrow("samples", samples, batch.token)
-        self.warehouse.insert_arrow("uploads", rowlib.uploads_table(fresh), batch.token)
+        self.store.insert("samples", samples, batch.token)
+        self.store.insert("uploads", rowlib.uploads_table(fresh), batch.token)
         stored_messages = len({up.offset for up in fresh})
         self.stored_uploads += stored_messages
         metrics.SINK_UPLOADS.labels(self.region).inc(stored_messages)
@@ -459,11 +437,9 @@ class RegionSink:
             )
         bad = {i for i, _ in misfits}
         records = [r for i, r in enumerate(records) if i not in bad]
-        record_pairs(
-            self.warehouse, self.pseudonym_key, {(r["owner_id"], r["vin"]) for r in records}
-        )
+        self.store.record_pseudonyms({(r["owner_id"], r["vin"]) for r in records})
         for table, data in sorted(tables.items()):
-            self.warehouse.insert_arrow(table, data, batch.token)
+            self.store.insert(table, data, batch.token)
         return refused
 
     def _aggregate_verdict(

@@ -75,7 +75,7 @@ def test_config_lists_every_variable_and_prints_no_secret(tmp_path):
         VTP_KAFKA_EXTRA='{"sasl.password": "hunter3", "security.protocol": "SASL_SSL"}',
     )
     assert out.returncode == 0, out.stderr
-    assert "VTP_REGION=cn  (default ; the region this process serves" in out.stdout
+    assert "VTP_REGION=cn  (text, default (empty); the region this process serves" in out.stdout
     assert "VTP_WAREHOUSE=http://vtp:***@ch.example:8123/vtp_{region}" in out.stdout
     assert "SASL_SSL" in out.stdout and "hunter" not in out.stdout
 

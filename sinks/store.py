@@ -1,0 +1,112 @@
+"""What the sink needs of its warehouse, in the sink's own words.
+
+``RegionSink`` speaks to a ``SinkStore``: ``WarehouseSinkStore`` is the real one (the SQL
+of the sink, over the ClickHouse engine or server); tests put an in-memory store in its
+place to drive the sink's flow (commit after insert, replay after a crash, refusals)
+without a warehouse.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import pyarrow as pa
+
+from sinks.migrations import migrate
+from sinks.pseudonyms import backfill, record_pairs
+from vtp.core.warehouse import Warehouse, rows
+
+# upload_id -> (raw_source, topic, partition, offset) of the copy already stored
+StoredCopies = dict[str, tuple[str, str, int, int]]
+
+
+class SinkStore(Protocol):
+    description: str
+
+    def prepare(self) -> None:
+        """Bring the schema up to date before the first batch."""
+
+    def recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:
+        """The last offset of the batch recorded as starting at ``first_offset``, if any:
+        a replay after a crash covers the same range, so it carries the same token."""
+
+    def record_batch(
+        self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int
+    ) -> None: ...
+
+    def stored_copies(
+        self, owners: list[str], vins: list[str], upload_ids: list[str]
+    ) -> StoredCopies: ...
+
+    def erasure_horizons(self, owners: list[str]) -> dict[str, int]:
+        """The latest erasure time (ms) of each of ``owners`` that erased."""
+
+    def record_pseudonyms(self, pairs: set[tuple[str, str]]) -> None:
+        """(owner, vin) pairs the analyst views need pseudonyms for."""
+
+    def insert(self, table: str, data: pa.Table, token: str) -> None:
+        """Insert once: a second insert with the same token is a no-op."""
+
+    def close(self) -> None: ...
+
+
+class WarehouseSinkStore:
+    def __init__(self, warehouse: Warehouse, pseudonym_key: bytes, owns: bool):
+        self.warehouse = warehouse
+        self.description = warehouse.description
+        self._key = pseudonym_key
+        self._owns = owns  # a warehouse handed in stays open for its owner
+
+    def prepare(self) -> None:
+        migrate(self.warehouse)
+        backfill(self.warehouse, self._key)
+
+    def recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:
+        found = rows(
+            self.warehouse.query(
+                "SELECT last_offset FROM sink_batches WHERE topic = {t:String} "
+                "AND partition = {p:UInt32} AND first_offset = {f:UInt64} "
+                "ORDER BY recorded_at DESC LIMIT 1",
+                {"t": topic, "p": partition, "f": first_offset},
+            )
+        )
+        return int(found[0][0]) if found else None
+
+    def record_batch(
+        self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int
+    ) -> None:
+        self.warehouse.execute(
+            "INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
+            "VALUES ({t:String}, {p:UInt32}, {f:UInt64}, {l:UInt64}, {n:UInt32})",
+            {"t": topic, "p": partition, "f": first_offset, "l": last_offset, "n": messages},
+        )
+
+    def stored_copies(
+        self, owners: list[str], vins: list[str], upload_ids: list[str]
+    ) -> StoredCopies:
+        result = self.warehouse.query(
+            "SELECT upload_id, raw_source, topic, partition, offset FROM uploads "
+            "WHERE owner_id IN {owners:Array(String)} AND vin IN {vins:Array(String)} "
+            "AND upload_id IN {ids:Array(String)}",
+            {"owners": owners, "vins": vins, "ids": upload_ids},
+        )
+        return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows(result)}
+
+    def erasure_horizons(self, owners: list[str]) -> dict[str, int]:
+        # Read by the primary key: never stale, and the table stays small (a year's TTL).
+        found = self.warehouse.query(
+            "SELECT owner_id, toUnixTimestamp64Milli(max(requested_at)) FROM erasures "
+            "WHERE owner_id IN {o:Array(String)} GROUP BY owner_id",
+            {"o": owners},
+        )
+        return {owner: int(ms) for owner, ms in rows(found)}
+
+    def record_pseudonyms(self, pairs: set[tuple[str, str]]) -> None:
+        record_pairs(self.warehouse, self._key, pairs)
+
+    def insert(self, table: str, data: pa.Table, token: str) -> None:
+        self.warehouse.insert_arrow(table, data, token)
+
+    def close(self) -> None:
+        if self._owns:
+            self.warehouse.close()

@@ -1,0 +1,147 @@
+"""The sink's flow over in-memory doubles (tests/unit/sink_doubles.py): a batch is
+committed only after it is stored, a crash replays the same range and stores each row
+once, and what may not be stored is refused with its reason, the batch still committed.
+tests/integration/test_sink.py runs the same sink against the real broker and engine."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+
+from producers.simulator import build_fleet, new_truth, simulate
+from schemas import default_store
+from sinks.sink import RegionSink, SinkError
+from tests.unit.sink_doubles import Crash, MemoryKafka, MemoryStore, StaticRegistry
+from vtp.core.settings import load_settings
+
+START_MS = 1_790_000_000_000
+SETTINGS = load_settings({}).with_(region="eu", sink_batch_messages=10, sink_flush_ms=0)
+VALIDATED = SETTINGS.topics.validated
+
+
+@pytest.fixture(scope="module")
+def uploads():
+    fleet = build_fleet(3, owners=3, vehicles=4, regions=("eu",))
+    truth = new_truth(fleet)
+    made = list(simulate(fleet, seed=3, start_ms=START_MS, duration_s=300, truth=truth))
+    registry = {v.vin: v.registration_in("eu") for v in fleet}
+    return made, registry
+
+
+def publish(kafka: MemoryKafka, uploads: list[dict], region: str = "eu") -> None:
+    store, v1 = default_store(), default_store().get("VehicleUpload", 1)
+    for i, upload in enumerate(uploads):
+        kafka.append(
+            VALIDATED,
+            zlib.crc32(upload["vin"].encode()) % kafka.partitions,  # stable across runs
+            upload["vin"].encode(),
+            store.encode(upload, v1),
+            [("vtp-region", region.encode()), ("vtp-source", f"raw:0:{i}".encode())],
+        )
+
+
+def sink_over(kafka: MemoryKafka, store: MemoryStore, registry: dict) -> RegionSink:
+    return RegionSink(
+        SETTINGS,
+        store=store,
+        consumer=kafka.consumer(),
+        producer=kafka.producer(),
+        registry=StaticRegistry(registry),
+    )
+
+
+def run_until_drained(sink: RegionSink) -> None:
+    sink.run(should_stop=sink.consumer.drained)
+
+
+def test_each_batch_is_committed_only_after_it_is_stored(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka()
+    store = MemoryStore(kafka.events)
+    publish(kafka, made)
+    run_until_drained(sink_over(kafka, store, registry))
+    assert len(store.tables["uploads"]) == len(made)
+    assert len(store.tables["samples"]) == sum(len(u["samples"]) for u in made)
+    ends = {tp: len(log) for tp, log in kafka.logs.items()}
+    assert kafka.committed == ends and not kafka.produced
+    commits = [i for i, e in enumerate(kafka.events) if e.startswith("commit")]
+    assert len(commits) > 2  # several batches
+    for i in commits:  # each commit follows its batch's samples, then uploads
+        assert kafka.events[i - 2].startswith("insert samples")
+        assert kafka.events[i - 1].startswith("insert uploads")
+
+
+def test_a_crash_between_samples_and_uploads_replays_the_range_and_stores_each_row_once(
+    uploads,
+):
+    made, registry = uploads
+    kafka = MemoryKafka()
+    store = MemoryStore(kafka.events)
+    publish(kafka, made)
+    inserts = {"uploads": 0}
+
+    def die_at_the_second_uploads_insert(table: str) -> None:
+        if table == "uploads":
+            inserts["uploads"] += 1
+            if inserts["uploads"] == 2:
+                raise Crash("after the samples insert")
+
+    store.fail_on = die_at_the_second_uploads_insert
+    with pytest.raises(Crash):
+        run_until_drained(sink_over(kafka, store, registry))
+    committed_before = dict(kafka.committed)
+    assert sum(committed_before.values()) == 10  # only the first batch
+    store.fail_on = lambda table: None
+    run_until_drained(sink_over(kafka, store, registry))  # a restarted sink
+    assert len(store.tables["uploads"]) == len(made)
+    assert len(store.tables["samples"]) == sum(len(u["samples"]) for u in made)
+    replayed = [e for e in kafka.events if e.endswith("(deduplicated)")]
+    assert replayed and all(e.startswith("insert samples") for e in replayed)
+
+
+def test_what_may_not_be_stored_is_refused_with_its_reason_and_the_batch_still_commits(
+    uploads,
+):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    good, resent, stranger = made[0], dict(made[1]), dict(made[2])
+    stranger["vin"] = "WVWZZZ1KZAW000999"  # registered nowhere here
+    stranger["samples"] = [dict(s) for s in made[2]["samples"]]
+    encoded = default_store().encode(good, default_store().get("VehicleUpload", 1))
+    publish(kafka, [good, made[1]])
+    kafka.append(VALIDATED, 0, b"x", encoded, [("vtp-source", b"raw:0:90")])  # untagged
+    kafka.append(VALIDATED, 0, b"x", encoded, [("vtp-region", b"cn"), ("vtp-source", b"r:0:91")])
+    kafka.append(VALIDATED, 0, b"x", b"\x00junk", [("vtp-region", b"eu")])
+    publish(kafka, [stranger])
+    # the same upload id again from another raw message: a resend, not a replay
+    kafka.append(VALIDATED, 0, b"x", default_store().encode(resent, default_store().get(
+        "VehicleUpload", 1)), [("vtp-region", b"eu"), ("vtp-source", b"raw:0:99")])  # fmt: skip
+    kafka.append(VALIDATED, 0, b"x", b"", [("vtp-control", b"registry")])  # not data
+    run_until_drained(sink_over(kafka, store, registry))
+    reasons = sorted(
+        (topic.rsplit(".", 1)[1], headers["vtp-reason"].decode())
+        for topic, _, _, headers in kafka.produced
+    )
+    assert reasons == [
+        ("deadletter", "duplicate_upload"),
+        ("deadletter", "not_single_object"),
+        ("deadletter", "residency_mismatch"),
+        ("deadletter", "untagged"),
+        ("quarantine", "unknown_vin"),
+    ]
+    assert {r["upload_id"] for r in store.tables["uploads"]} == {
+        good["upload_id"],
+        made[1]["upload_id"],
+    }
+    assert kafka.committed == {(VALIDATED, 0): len(kafka.logs[(VALIDATED, 0)])}
+
+
+def test_dead_letters_the_broker_does_not_acknowledge_stop_the_sink_uncommitted(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1, unacknowledged=1)
+    publish(kafka, [made[0]], region="cn")  # refused: tagged for another region
+    with pytest.raises(SinkError, match="did not acknowledge"):
+        run_until_drained(sink_over(kafka, MemoryStore(kafka.events), registry))
+    assert kafka.committed == {}
