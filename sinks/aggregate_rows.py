@@ -1,4 +1,5 @@
-"""Aggregate records (JSON from the aggregation job) -> Arrow tables, one per table. Pure."""
+"""Aggregate records (schemas.aggregates, from the aggregation job) -> Arrow tables, one per
+table. Pure."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ A crash anywhere replays the range with the same token: no loss, no duplicate.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -27,6 +26,7 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from schemas import FramingError, default_store
+from schemas.aggregates import decode_aggregate
 from schemas.registry import Registration, refusal
 from sinks import rows as rowlib
 from sinks.aggregate_rows import aggregate_tables
@@ -231,6 +231,7 @@ class RegionSink:
         self._stop = False
         self._last_lag_report = 0.0
         self.stored_uploads = 0
+        self._schemas = default_store()
         # Held while a batch is written; an erasure in the same process takes it so no
         # batch that was filtered before the erasure lands after its deletes.
         self.write_lock = write_lock or threading.RLock()
@@ -416,15 +417,26 @@ class RegionSink:
         records: list[dict[str, Any]] = []
         messages: list[Message] = []
         refused: list[Refused] = []
-        horizons = self._erasure_horizons(_owners_named(batch.items))
+        decoded: list[tuple[Message, dict[str, Any] | str]] = []
         for m in batch.items:
-            source = f"{m.topic()}:{m.partition()}:{m.offset()}"
             try:
-                record = json.loads(m.value() or b"")
-                verdict = self._aggregate_verdict(record, horizons)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                verdict = ("malformed_aggregate", f"{type(exc).__name__}: {exc}"[:500])
+                decoded.append((m, decode_aggregate(m.value() or b"", self._schemas)))
+            except ValueError as exc:
+                decoded.append((m, f"{type(exc).__name__}: {exc}"[:500]))
+        named = (r.get("owner_id") for _, r in decoded if isinstance(r, dict))
+        horizons = self._erasure_horizons({o for o in named if isinstance(o, str)})
+        for m, record in decoded:
+            source = f"{m.topic()}:{m.partition()}:{m.offset()}"
+            verdict: Literal["keep"] | tuple[str, str] | None
+            if isinstance(record, str):
+                verdict = ("malformed_aggregate", record)
+            else:
+                try:
+                    verdict = self._aggregate_verdict(record, horizons)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    verdict = ("malformed_aggregate", f"{type(exc).__name__}: {exc}"[:500])
             if verdict == "keep":
+                assert isinstance(record, dict)
                 records.append(record)
                 messages.append(m)
             elif verdict is not None:
@@ -470,19 +482,6 @@ class RegionSink:
     @staticmethod
     def _message_of(batch: PartitionBatch[Message], up: rowlib.StoredUpload) -> Message:
         return batch.items[batch.offsets.index(up.offset)]
-
-
-def _owners_named(messages: list[Message]) -> set[str]:
-    """The owner ids aggregate records name (those that are readable)."""
-    owners = set()
-    for m in messages:
-        try:
-            owner = json.loads(m.value() or b"").get("owner_id")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(owner, str):
-            owners.add(owner)
-    return owners
 
 
 def _fitting_tables(

@@ -19,13 +19,13 @@ compaction drops every earlier value that held it.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 
 from schemas import FramingError, default_store
+from schemas.aggregates import encode_aggregate
 from schemas.registry import Registration
 from stream_jobs import session_state
 from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
@@ -128,7 +128,7 @@ def add_aggregation(
             metrics.AGGREGATE_RECORDS.labels(region, rec["kind"], str(rec["final"])).inc()
             pending.append(
                 await app.producer.send(
-                    topics.aggregates, vin.encode(), json.dumps(rec).encode(), None, None, None
+                    topics.aggregates, vin.encode(), encode_aggregate(rec, store), None, None, None
                 )
             )
 

@@ -93,8 +93,10 @@ class MemoryConsumer:
         return [TopicPartition(t, p) for t, p in sorted(self.positions)]
 
     def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
-        return [TopicPartition(tp.topic, tp.partition, self.positions[(tp.topic, tp.partition)])
-                for tp in tps]  # fmt: skip
+        return [
+            TopicPartition(tp.topic, tp.partition, self.positions[(tp.topic, tp.partition)])
+            for tp in tps
+        ]
 
     def get_watermark_offsets(self, tp: TopicPartition, **_: Any) -> tuple[int, int]:
         return 0, len(self.kafka.logs.get((tp.topic, tp.partition), []))

@@ -5,13 +5,16 @@ tests/integration/test_sink.py runs the same sink against the real broker and en
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import pytest
 
 from producers.simulator import build_fleet, new_truth, simulate
 from schemas import default_store
+from schemas.aggregates import encode_aggregate
 from sinks.sink import RegionSink, SinkError
+from stream_jobs.sessions import SessionConfig, advance, flush, ingest, new_state
 from tests.unit.sink_doubles import Crash, MemoryKafka, MemoryStore, StaticRegistry
 from vtp.core.settings import load_settings
 
@@ -116,8 +119,9 @@ def test_what_may_not_be_stored_is_refused_with_its_reason_and_the_batch_still_c
     kafka.append(VALIDATED, 0, b"x", b"\x00junk", [("vtp-region", b"eu")])
     publish(kafka, [stranger])
     # the same upload id again from another raw message: a resend, not a replay
-    kafka.append(VALIDATED, 0, b"x", default_store().encode(resent, default_store().get(
-        "VehicleUpload", 1)), [("vtp-region", b"eu"), ("vtp-source", b"raw:0:99")])  # fmt: skip
+    v1 = default_store().get("VehicleUpload", 1)
+    resend = default_store().encode(resent, v1)
+    kafka.append(VALIDATED, 0, b"x", resend, [("vtp-region", b"eu"), ("vtp-source", b"raw:0:99")])
     kafka.append(VALIDATED, 0, b"x", b"", [("vtp-control", b"registry")])  # not data
     run_until_drained(sink_over(kafka, store, registry))
     reasons = sorted(
@@ -145,3 +149,33 @@ def test_dead_letters_the_broker_does_not_acknowledge_stop_the_sink_uncommitted(
     with pytest.raises(SinkError, match="did not acknowledge"):
         run_until_drained(sink_over(kafka, MemoryStore(kafka.events), registry))
     assert kafka.committed == {}
+
+
+def test_aggregates_in_avro_and_from_older_workers_in_json_are_stored_junk_refused(uploads):
+    made, registry = uploads
+    config, records = SessionConfig(), []
+    states = {}
+    for upload in made:
+        vin = upload["vin"]
+        reg = registry[vin]
+        state = states.setdefault(vin, new_state(vin, "eu", reg.time_zone, 60.0))
+        ingest(state, upload, config, reg)
+        records += advance(state, config, reg)
+    for vin, state in states.items():
+        records += flush(state, config, registry[vin])
+    kafka = MemoryKafka(partitions=1)
+    aggregates = SETTINGS.topics.aggregates
+    for i, record in enumerate(records):
+        old_worker = i % 5 == 0
+        value = json.dumps(record).encode() if old_worker else encode_aggregate(record)
+        kafka.append(aggregates, 0, record["vin"].encode(), value)
+    kafka.append(aggregates, 0, b"x", b"\xc3\x01junk")
+    store = MemoryStore(kafka.events)
+    run_until_drained(sink_over(kafka, store, registry))
+    stored = {table: len(rows) for table, rows in store.tables.items()}
+    by_kind = {k: sum(r["kind"] == k for r in records) for k in ("trip", "charge", "day")}
+    assert stored["trips"] == by_kind["trip"] > 0
+    assert stored["daily_summaries"] == by_kind["day"] > 0
+    assert stored.get("charges", 0) == by_kind["charge"]
+    assert stored["open_sessions"] == sum(r["kind"].startswith("open_") for r in records)
+    assert [h["vtp-reason"] for *_, h in kafka.produced] == [b"malformed_aggregate"]

@@ -1,0 +1,81 @@
+"""Aggregate records on the wire (``AggregateRecord.v1.avsc``, single-object Avro), and
+back to the flat records the aggregation emits and the sink stores.
+
+The flat record is the base (kind, vin, owner_id, region, final, version), then the
+fields of its trip, charge or day, then for an open slot ``active`` and ``as_of_ms``; on
+the wire the fields sit in a nested record per kind, so each kind's fields are typed and
+required where they always exist. Messages written as JSON by a worker before vtp 0.4
+are still read.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+from schemas.codec import FramingError, Schema, SchemaStore, default_store
+
+BASE = ("kind", "vin", "owner_id", "region", "final", "version")
+PART = {
+    "trip": "trip",
+    "open_trip": "trip",
+    "charge": "charge",
+    "open_charge": "charge",
+    "day": "day",
+}
+OPEN_SLOT = ("active", "as_of_ms")
+
+
+@cache
+def _schema() -> Schema:
+    return default_store().get("AggregateRecord", 1)
+
+
+@cache
+def _part_fields() -> dict[str, tuple[str, ...]]:
+    out = {}
+    for f in _schema().definition["fields"]:
+        if f["name"] in ("trip", "charge", "day"):
+            out[f["name"]] = tuple(g["name"] for g in f["type"][1]["fields"])
+    return out
+
+
+def encode_aggregate(record: dict[str, Any], store: SchemaStore | None = None) -> bytes:
+    """One flat aggregate record as a framed AggregateRecord; a record that does not fit
+    the schema raises (KeyError, ValueError, TypeError): a bug in the aggregation."""
+    kind = record["kind"]
+    part = PART[kind]
+    is_open = kind.startswith("open_")
+    wire: dict[str, Any] = {k: record[k] for k in BASE}
+    wire.update(
+        active=record["active"] if is_open else None,
+        as_of_ms=record["as_of_ms"] if is_open else None,
+        trip=None,
+        charge=None,
+        day=None,
+    )
+    if not is_open or record["active"]:
+        wire[part] = {name: record[name] for name in _part_fields()[part]}
+    return (store or default_store()).encode(wire, _schema())
+
+
+def decode_aggregate(data: bytes, store: SchemaStore | None = None) -> dict[str, Any]:
+    """The flat record of a framed AggregateRecord (or of a JSON one from an older
+    worker). Raises FramingError (a ValueError) when it is neither."""
+    if data[:1] == b"{":
+        try:
+            record = json.loads(data)
+        except ValueError as exc:
+            raise FramingError("malformed_json", str(exc)) from None
+        if not isinstance(record, dict):
+            raise FramingError("malformed_json", f"a JSON {type(record).__name__}")
+        return record
+    wire, _ = (store or default_store()).decode(data)
+    record = {k: wire[k] for k in BASE}
+    nested = wire[PART[record["kind"]]]
+    if nested is not None:
+        record.update(nested)
+    if record["kind"].startswith("open_"):
+        record.update((k, wire[k]) for k in OPEN_SLOT)
+    return record
