@@ -211,11 +211,23 @@ def _pid_is_broker(pid: int) -> bool:
     return b"kafka.Kafka" in cmdline
 
 
+# Brokers this process launched, by pid: the broker outlives start_broker (its state file
+# names it), and a Popen dropped while its process runs is a leak Python warns about.
+_LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _reap(pid: int, timeout: float = 10.0) -> None:
     """Collect the exit status when the broker is our own child (tests, demo).
 
     Its cmdline empties while it is still exiting, before it becomes a zombie, so one
     WNOHANG wait can come too early and leave the zombie behind: wait until it is reaped."""
+    launched = _LAUNCHED.pop(pid, None)
+    if launched is not None:
+        try:
+            launched.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _LAUNCHED[pid] = launched  # still exiting: the next stop reaps it
+        return
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -468,6 +480,7 @@ def start_broker(settings: Settings, timeout: float = 90.0) -> BrokerState:
         except BaseException:  # Ctrl-C included: no orphan JVM without a state file
             _kill(process)
             raise
+        _LAUNCHED[process.pid] = process
         state = BrokerState(
             pid=process.pid,
             bootstrap=bootstrap,
