@@ -11,10 +11,101 @@ are still read.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from schemas.codec import FramingError, Schema, SchemaStore, default_store
+
+Kind = Literal["trip", "charge", "day", "open_trip", "open_charge"]
+
+
+class RecordBase(TypedDict):
+    kind: Kind
+    vin: str
+    owner_id: str  # registered here at the record's time
+    region: str
+    final: bool  # False: provisional, a later record of the same key replaces it
+    version: int  # grows with every emission of the vehicle: the newest row wins
+
+
+class TripFields(TypedDict):
+    start_ms: int  # the trip's key
+    end_ms: int
+    duration_s: float
+    start_lat: float | None
+    start_lon: float | None
+    end_lat: float | None
+    end_lon: float | None
+    start_odometer: float | None
+    end_odometer: float | None
+    distance_km: float
+    avg_speed_kmh: float
+    max_speed_kmh: float
+    start_soc: float | None
+    end_soc: float | None
+    soc_used: float | None
+    energy_kwh: float | None
+    outside_temp_avg: float | None
+
+
+class ChargeFields(TypedDict):
+    start_ms: int  # the session's key
+    end_ms: int
+    duration_s: float
+    lat: float | None
+    lon: float | None
+    start_soc: float | None
+    end_soc: float | None
+    energy_added_kwh: float
+    energy_metered_kwh: float
+    peak_power_kw: float
+    avg_power_kw: float
+    mode: str | None
+
+
+class DayFields(TypedDict):
+    date: str  # local date, ISO 8601
+    time_zone: str
+    samples: int
+    distance_km: float
+    driving_s: float
+    energy_used_kwh: float | None
+    energy_charged_kwh: float | None
+    idle_drain_kwh: float | None
+    parked_s: float
+    trips: int
+    charges: int
+    efficiency_wh_per_km: float | None
+
+
+class SlotFields(TypedDict):
+    active: bool  # does the vehicle's open slot hold a session
+    as_of_ms: int | None  # the newest event time the slot speaks for
+
+
+class TripRecord(RecordBase, TripFields): ...
+
+
+class ChargeRecord(RecordBase, ChargeFields): ...
+
+
+class DayRecord(RecordBase, DayFields): ...
+
+
+class OpenTripRecord(RecordBase, TripFields, SlotFields): ...
+
+
+class OpenChargeRecord(RecordBase, ChargeFields, SlotFields): ...
+
+
+class EmptySlotRecord(RecordBase, SlotFields): ...
+
+
+# What the aggregation emits and the sink stores, flat.
+AggregateRecord = (
+    TripRecord | ChargeRecord | DayRecord | OpenTripRecord | OpenChargeRecord | EmptySlotRecord
+)
 
 BASE = ("kind", "vin", "owner_id", "region", "final", "version")
 PART = {
@@ -41,7 +132,7 @@ def _part_fields() -> dict[str, tuple[str, ...]]:
     return out
 
 
-def encode_aggregate(record: dict[str, Any], store: SchemaStore | None = None) -> bytes:
+def encode_aggregate(record: Mapping[str, Any], store: SchemaStore | None = None) -> bytes:
     """One flat aggregate record as a framed AggregateRecord; a record that does not fit
     the schema raises (KeyError, ValueError, TypeError): a bug in the aggregation."""
     kind = record["kind"]
@@ -62,7 +153,8 @@ def encode_aggregate(record: dict[str, Any], store: SchemaStore | None = None) -
 
 def decode_aggregate(data: bytes, store: SchemaStore | None = None) -> dict[str, Any]:
     """The flat record of a framed AggregateRecord (or of a JSON one from an older
-    worker). Raises FramingError (a ValueError) when it is neither."""
+    worker), untrusted: the sink checks its fields. Raises FramingError (a ValueError)
+    when it is neither."""
     if data[:1] == b"{":
         try:
             record = json.loads(data)

@@ -25,7 +25,7 @@ from typing import Any
 import faust
 
 from schemas import FramingError, default_store
-from schemas.aggregates import encode_aggregate
+from schemas.aggregates import AggregateRecord, encode_aggregate
 from schemas.registry import Registration
 from stream_jobs import session_state
 from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
@@ -123,7 +123,7 @@ def add_aggregation(
             vin, region, reg.time_zone if reg else "UTC", reg.battery_capacity_kwh if reg else None
         )
 
-    async def emit(vin: str, records: list[dict], pending: list) -> None:
+    async def emit(vin: str, records: list[AggregateRecord], pending: list) -> None:
         for rec in records:
             metrics.AGGREGATE_RECORDS.labels(region, rec["kind"], str(rec["final"])).inc()
             pending.append(

@@ -41,13 +41,24 @@ import bisect
 from dataclasses import dataclass, replace
 from typing import Any
 
+from schemas.aggregates import (
+    AggregateRecord,
+    ChargeRecord,
+    DayRecord,
+    EmptySlotRecord,
+    Kind,
+    OpenChargeRecord,
+    OpenTripRecord,
+    RecordBase,
+    TripRecord,
+)
 from schemas.registry import Period, Registration
 from stream_jobs.session_state import Charge, DayTotals, Sample, Trip, VehicleState
 from vtp.core.days import DayClock, day_shares
 
 # What advance() and flush() emit: trip, charge, day and open-slot records, as the
 # aggregates topic carries them (schemas/AggregateRecord.v1.avsc).
-Record = dict[str, Any]
+Record = AggregateRecord
 
 
 @dataclass(frozen=True)
@@ -456,19 +467,23 @@ def _open_records(preview: VehicleState) -> list[Record]:
     every day not yet final."""
     if preview.owner_id is None:
         return []
-    slots = [
-        _trip_record(preview, preview.trip, final=False)
-        if preview.trip
-        else _base(preview, "trip", final=False),
-        _charge_record(preview, preview.charge, final=False)
-        if preview.charge
-        else _base(preview, "charge", final=False),
-    ]
-    for rec, active in zip(slots, (preview.trip, preview.charge), strict=True):
-        rec["kind"] = f"open_{rec['kind']}"
-        rec["active"] = active is not None
-        rec["as_of_ms"] = preview.max_t  # what an empty slot is about: the state then
-    return slots + [_day_record(preview, day, final=False) for day in preview.days.values()]
+    as_of = preview.max_t  # what an empty slot is about: the state then
+    trip_slot: OpenTripRecord | EmptySlotRecord
+    charge_slot: OpenChargeRecord | EmptySlotRecord
+    if preview.trip is not None:
+        trip = _trip_record(preview, preview.trip, final=False)
+        trip_slot = {**trip, "kind": "open_trip", "active": True, "as_of_ms": as_of}
+    else:
+        base = _base(preview, "open_trip", final=False)
+        trip_slot = {**base, "active": False, "as_of_ms": as_of}
+    if preview.charge is not None:
+        charge = _charge_record(preview, preview.charge, final=False)
+        charge_slot = {**charge, "kind": "open_charge", "active": True, "as_of_ms": as_of}
+    else:
+        base = _base(preview, "open_charge", final=False)
+        charge_slot = {**base, "active": False, "as_of_ms": as_of}
+    days: list[Record] = [_day_record(preview, day, final=False) for day in preview.days.values()]
+    return [trip_slot, charge_slot, *days]
 
 
 def _kwh(state: VehicleState, soc_points: float | None) -> float | None:
@@ -477,7 +492,8 @@ def _kwh(state: VehicleState, soc_points: float | None) -> float | None:
     return soc_points / 100 * state.capacity_kwh
 
 
-def _base(state: VehicleState, kind: str, final: bool) -> Record:
+def _base(state: VehicleState, kind: Kind, final: bool) -> RecordBase:
+    assert state.owner_id is not None  # nothing is emitted for a state without an owner
     return {
         "kind": kind,
         "vin": state.vin,
@@ -488,7 +504,7 @@ def _base(state: VehicleState, kind: str, final: bool) -> Record:
     }
 
 
-def _trip_record(state: VehicleState, trip: Trip, final: bool) -> Record:
+def _trip_record(state: VehicleState, trip: Trip, final: bool) -> TripRecord:
     first, last = trip.first, trip.last
     duration_s = (last.t - first.t) / 1000
     distance = (
@@ -497,69 +513,66 @@ def _trip_record(state: VehicleState, trip: Trip, final: bool) -> Record:
         else 0.0
     )
     soc_used = first.soc - last.soc if first.soc is not None and last.soc is not None else None
-    rec = _base(state, "trip", final)
-    rec.update(
-        start_ms=first.t,
-        end_ms=last.t,
-        duration_s=duration_s,
-        start_lat=first.lat,
-        start_lon=first.lon,
-        end_lat=last.lat,
-        end_lon=last.lon,
-        start_odometer=first.odometer,
-        end_odometer=last.odometer,
-        distance_km=distance,
-        avg_speed_kmh=distance / (duration_s / 3600) if duration_s > 0 else 0.0,
-        max_speed_kmh=trip.max_speed,
-        start_soc=first.soc,
-        end_soc=last.soc,
-        soc_used=soc_used,
-        energy_kwh=_kwh(state, soc_used),
-        outside_temp_avg=trip.outside_sum / trip.outside_n if trip.outside_n else None,
-    )
-    return rec
+    return {
+        **_base(state, "trip", final),
+        "start_ms": first.t,
+        "end_ms": last.t,
+        "duration_s": duration_s,
+        "start_lat": first.lat,
+        "start_lon": first.lon,
+        "end_lat": last.lat,
+        "end_lon": last.lon,
+        "start_odometer": first.odometer,
+        "end_odometer": last.odometer,
+        "distance_km": distance,
+        "avg_speed_kmh": distance / (duration_s / 3600) if duration_s > 0 else 0.0,
+        "max_speed_kmh": trip.max_speed,
+        "start_soc": first.soc,
+        "end_soc": last.soc,
+        "soc_used": soc_used,
+        "energy_kwh": _kwh(state, soc_used),
+        "outside_temp_avg": trip.outside_sum / trip.outside_n if trip.outside_n else None,
+    }
 
 
-def _charge_record(state: VehicleState, charge: Charge, final: bool) -> Record:
+def _charge_record(state: VehicleState, charge: Charge, final: bool) -> ChargeRecord:
     first, last = charge.first, charge.last
     duration_s = (last.t - first.t) / 1000
     soc_added = last.soc - first.soc if first.soc is not None and last.soc is not None else None
     energy = _kwh(state, soc_added)
-    rec = _base(state, "charge", final)
-    rec.update(
-        start_ms=first.t,
-        end_ms=last.t,
-        duration_s=duration_s,
-        lat=first.lat,
-        lon=first.lon,
-        start_soc=first.soc,
-        end_soc=last.soc,
-        energy_added_kwh=energy if energy is not None else charge.metered_kwh,
-        energy_metered_kwh=charge.metered_kwh,
-        peak_power_kw=charge.peak_kw,
-        avg_power_kw=charge.metered_kwh / (duration_s / 3600) if duration_s > 0 else 0.0,
-        mode=charge.mode,
-    )
-    return rec
+    return {
+        **_base(state, "charge", final),
+        "start_ms": first.t,
+        "end_ms": last.t,
+        "duration_s": duration_s,
+        "lat": first.lat,
+        "lon": first.lon,
+        "start_soc": first.soc,
+        "end_soc": last.soc,
+        "energy_added_kwh": energy if energy is not None else charge.metered_kwh,
+        "energy_metered_kwh": charge.metered_kwh,
+        "peak_power_kw": charge.peak_kw,
+        "avg_power_kw": charge.metered_kwh / (duration_s / 3600) if duration_s > 0 else 0.0,
+        "mode": charge.mode,
+    }
 
 
-def _day_record(state: VehicleState, day: DayTotals, final: bool) -> Record:
+def _day_record(state: VehicleState, day: DayTotals, final: bool) -> DayRecord:
     used = _kwh(state, day.soc_used)
-    rec = _base(state, "day", final)
-    rec.update(
-        date=day.date,
-        time_zone=state.time_zone,
-        samples=day.samples,
-        distance_km=day.distance_km,
-        driving_s=day.driving_ms / 1000,
-        energy_used_kwh=used,
-        energy_charged_kwh=_kwh(state, day.soc_charged),
-        idle_drain_kwh=_kwh(state, day.soc_idle_drain),
-        parked_s=day.parked_ms / 1000,
-        trips=day.trips,
-        charges=day.charges,
-        efficiency_wh_per_km=used * 1000 / day.distance_km
-        if used is not None and day.distance_km > 0.1
-        else None,
-    )
-    return rec
+    return {
+        **_base(state, "day", final),
+        "date": day.date,
+        "time_zone": state.time_zone,
+        "samples": day.samples,
+        "distance_km": day.distance_km,
+        "driving_s": day.driving_ms / 1000,
+        "energy_used_kwh": used,
+        "energy_charged_kwh": _kwh(state, day.soc_charged),
+        "idle_drain_kwh": _kwh(state, day.soc_idle_drain),
+        "parked_s": day.parked_ms / 1000,
+        "trips": day.trips,
+        "charges": day.charges,
+        "efficiency_wh_per_km": (
+            used * 1000 / day.distance_km if used is not None and day.distance_km > 0.1 else None
+        ),
+    }
