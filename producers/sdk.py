@@ -37,6 +37,8 @@ class DeliveryReport:
 
 
 def producer_config(bootstrap: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The vehicle side's producer settings. The server's producers use the same ones from
+    vtp.core.kafka; the SDK keeps its own copy because it ships without the server."""
     return {
         "bootstrap.servers": bootstrap,
         # Idempotence: a retried send never duplicates a message in the partition.
