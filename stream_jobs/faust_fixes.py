@@ -31,6 +31,7 @@ from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 
 FIXED_VERSION = "0.15.3"
+FIXED_AIOKAFKA_VERSION = "0.14.0"
 # The originals, taken at import (before install() replaces them): the tests show what
 # each one does wrong, so a library upgrade that fixes it shows up as a failing test.
 _faust_on_recovery_completed = Recovery.on_recovery_completed
@@ -105,29 +106,28 @@ async def _recovery_completed_seeking_first(self: Recovery, generation_id: int =
 
 
 def install() -> None:
-    """Apply the fixes that replace library methods; refuses any other Faust or aiokafka
-    than the ones they were written against."""
+    """Apply the fixes that replace library methods; refuses (before patching anything)
+    any other Faust or aiokafka than the ones they were written against."""
     if faust.__version__ != FIXED_VERSION:
         raise RuntimeError(
             f"stream_jobs/faust_fixes.py patches faust-streaming {FIXED_VERSION}, found "
             f"{faust.__version__}: check whether Recovery.on_recovery_completed still resumes "
             "stream partitions before seeking them, then update or drop the fix"
         )
-    Recovery.on_recovery_completed = _recovery_completed_seeking_first  # type: ignore[method-assign]
-    Consumer._add_gap = _add_gap_unless_gapless  # type: ignore[method-assign]
-    Consumer._new_offset = _new_offset_from_committed  # type: ignore[method-assign]
     if aiokafka.__version__ != FIXED_AIOKAFKA_VERSION:
         raise RuntimeError(
             f"stream_jobs/faust_fixes.py patches aiokafka {FIXED_AIOKAFKA_VERSION}, found "
             f"{aiokafka.__version__}: check whether a send still leaves a topic the "
             "metadata knows out of the client's refreshed topics, then update or drop that fix"
         )
+    Recovery.on_recovery_completed = _recovery_completed_seeking_first  # type: ignore[method-assign]
+    Consumer._add_gap = _add_gap_unless_gapless  # type: ignore[method-assign]
+    Consumer._new_offset = _new_offset_from_committed  # type: ignore[method-assign]
     AIOKafkaClient._wait_on_metadata = _wait_on_metadata_tracking
 
 
 # -- producer tracks every topic --------------------------------------------------
 
-FIXED_AIOKAFKA_VERSION = "0.14.0"
 _aiokafka_wait_on_metadata = AIOKafkaClient._wait_on_metadata  # unpatched, at import
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,17 +53,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 OPEN_WITHIN_LAYER = {"application"}  # the application composes; stages stay apart
 ONLY_SCHEMAS = {"producers.sdk": ("schemas",)}  # the vehicle side
-FIRST_PARTY = (
-    "vtp",
-    "schemas",
-    "producers",
-    "stream_jobs",
-    "sinks",
-    "owner_api",
-    "deploy",
-    "bench",
-    "tests",
-)
+
+
+def packages(root: Path = ROOT) -> list[str]:
+    """Every top-level package of the tree (a folder with an ``__init__.py``): one that no
+    layer names is reported, not skipped."""
+    return sorted(
+        d.name for d in root.iterdir() if (d / "__init__.py").is_file() and d.name[0] != "."
+    )
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,8 @@ class Broken:
     rule: str
 
     def __str__(self) -> str:
-        return f"{self.importer} -> {self.imported}: {self.rule}"
+        arrow = f" -> {self.imported}" if self.imported else ""
+        return f"{self.importer}{arrow}: {self.rule}"
 
 
 def unit_of(module: str) -> str | None:
@@ -93,14 +91,15 @@ def layer_of(unit: str) -> int:
 
 
 def modules(root: Path = ROOT) -> Iterator[tuple[str, Path]]:
-    for top in FIRST_PARTY:
+    for top in packages(root):
         for path in sorted((root / top).rglob("*.py")):
             parts = path.relative_to(root).with_suffix("").parts
             yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts), path
 
 
-def imports_of(module: str, path: Path) -> set[str]:
+def imports_of(module: str, path: Path, first_party: Collection[str] | None = None) -> set[str]:
     """First-party modules ``module`` imports, anywhere in its body (lazy imports too)."""
+    first_party = packages() if first_party is None else first_party
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -117,15 +116,16 @@ def imports_of(module: str, path: Path) -> set[str]:
             names = [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
-        found.update(n for n in names if n.split(".")[0] in FIRST_PARTY)
+        found.update(n for n in names if n.split(".")[0] in first_party)
     return found
 
 
 def graph(root: Path = ROOT) -> dict[str, set[str]]:
     known = dict(modules(root))
     edges: dict[str, set[str]] = {}
+    tops = packages(root)
     for module, path in known.items():
-        found = {_known_prefix(m, known) for m in imports_of(module, path)}
+        found = {_known_prefix(m, known) for m in imports_of(module, path, tops)}
         edges[module] = {m for m in found if m and m != module}
     return edges
 
@@ -155,7 +155,9 @@ def check(edges: dict[str, set[str]]) -> list[Broken]:
                 broken.append(Broken(importer, imported, f"the {name} layer imports upward"))
             elif theirs == mine and name not in OPEN_WITHIN_LAYER:
                 broken.append(Broken(importer, imported, f"one {name[:-1]} imports another"))
-    return broken + [Broken(" -> ".join(c), c[0], "import circle") for c in circles(edges)]
+    return broken + [
+        Broken(", ".join(c), "", "import circle among these modules") for c in circles(edges)
+    ]
 
 
 def circles(edges: dict[str, set[str]]) -> list[list[str]]:

@@ -6,15 +6,29 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import aiokafka
 import faust
 import pytest
 from aiokafka.client import AIOKafkaClient
 from faust.tables.recovery import Recovery
+from faust.transport.consumer import Consumer
 from faust.types import TP
 from intervaltree import IntervalTree
 
 from stream_jobs import faust_fixes
 from stream_jobs.faust_fixes import _recovery_completed_seeking_first
+
+
+@pytest.fixture(autouse=True)
+def unpatched_after_each_test(monkeypatch):
+    """install() patches library classes: each test gives them back as they were."""
+    for owner, name in [
+        (Recovery, "on_recovery_completed"),
+        (Consumer, "_add_gap"),
+        (Consumer, "_new_offset"),
+        (AIOKafkaClient, "_wait_on_metadata"),
+    ]:
+        monkeypatch.setattr(owner, name, getattr(owner, name))
 
 
 class _Table:
@@ -111,7 +125,6 @@ def test_a_newer_rebalance_leaves_the_streams_alone():
 
 
 def test_install_replaces_the_method_and_refuses_other_faust_versions(monkeypatch):
-    monkeypatch.setattr(Recovery, "on_recovery_completed", Recovery.on_recovery_completed)
     faust_fixes.install()
     assert Recovery.on_recovery_completed is _recovery_completed_seeking_first
     monkeypatch.setattr(faust, "__version__", "0.16.0")
@@ -262,3 +275,11 @@ def test_unpatched_aiokafka_forgets_a_topic_the_metadata_already_knows():
 
     # left out: the next refresh of other topics drops it, and its batches wait forever
     assert asyncio.run(send_to_a_known_topic()) == set()
+
+
+def test_install_patches_nothing_when_aiokafka_is_another_version(monkeypatch):
+    monkeypatch.setattr(aiokafka, "__version__", "0.15.0")
+    with pytest.raises(RuntimeError, match=r"patches aiokafka 0\.14\.0, found 0\.15\.0"):
+        faust_fixes.install()
+    assert Recovery.on_recovery_completed is faust_fixes._faust_on_recovery_completed
+    assert Consumer._new_offset is faust_fixes._faust_new_offset

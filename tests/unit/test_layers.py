@@ -59,7 +59,7 @@ def test_a_package_outside_every_layer_is_refused_until_placed():
 
 def test_an_import_circle_is_refused_even_inside_one_unit():
     edges = {"owner_api.app": {"owner_api.analyst"}, "owner_api.analyst": {"owner_api.app"}}
-    assert rules(edges) == ["import circle"]
+    assert rules(edges) == ["import circle among these modules"]
 
 
 def test_the_readme_layout_names_every_unit_and_only_paths_that_exist():
@@ -81,3 +81,17 @@ def test_the_readme_layout_names_every_unit_and_only_paths_that_exist():
             if unit != "vtp":
                 path = unit.replace(".", "/")
                 assert path in named or f"{path}.py" in named, f"{unit} missing from the layout"
+
+
+def test_a_new_top_level_package_is_found_and_refused_until_placed(tmp_path):
+    for package, body in [
+        ("sinks", "import alerts\n"),
+        ("alerts", "import vtp.harness\n"),
+        ("vtp", ""),
+    ]:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(body)
+    (tmp_path / "vtp" / "harness.py").write_text("")
+    assert main([str(tmp_path)]) == 1
+    broken = {str(b) for b in check(graph(tmp_path))}
+    assert "alerts: belongs to no layer (place it in vtp/layers.py)" in broken

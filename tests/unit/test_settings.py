@@ -93,13 +93,44 @@ def test_the_readme_table_is_the_declaration():
 def test_secrets_are_masked_wherever_settings_are_shown():
     s = Settings(
         warehouse="https://vtp:hunter2@clickhouse.cn.internal:8443",
-        kafka_extra={"sasl.password": "hunter3", "ssl.key.pem": "-----BEGIN", "acks": "all"},
+        kafka_extra={
+            "sasl.password": "hunter3",
+            "ssl.key.pem": "-----BEGIN",
+            "sasl.jaas.config": 'org.apache...PlainLoginModule password="hunter4";',
+            "sasl.oauthbearer.config": "clientId=vtp clientSecret=hunter5",
+            "a.key.librdkafka.adds.next.year": "hunter6",
+            "security.protocol": "SASL_SSL",
+        },
     )
     for shown in (repr(s), s.shown("warehouse"), s.shown("kafka_extra")):
         assert "hunter" not in shown and "BEGIN" not in shown
-    assert "vtp:***@clickhouse.cn.internal" in repr(s) and '"acks": "all"' in repr(s)
+    assert "vtp:***@clickhouse.cn.internal" in repr(
+        s
+    ) and '"security.protocol": "SASL_SSL"' in repr(s)
     secret = {d.variable for d in documented_settings() if d.secret}
     assert secret == {"VTP_WAREHOUSE", "VTP_KAFKA_EXTRA"}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://u:p@ss@h:8123/db", "http://u:***@h:8123/db"),
+        ("http://:s3cret@h/db", "http://:***@h/db"),
+        ("https://h:8443/vtp_{region}", "https://h:8443/vtp_{region}"),
+        ("chdb", "chdb"),
+    ],
+)
+def test_a_warehouse_url_is_shown_without_its_password_however_written(url, shown):
+    assert Settings(warehouse=url).shown("warehouse") == shown
+
+
+def test_a_bad_warehouse_setting_is_refused_without_printing_its_password(tmp_path):
+    from vtp.core.warehouse import WarehouseError, open_warehouse
+
+    s = Settings(warehouse="clickhouse://u:s3cret@h:9000/vtp", region="eu", data_dir=tmp_path)
+    with pytest.raises(WarehouseError, match=r"clickhouse://u:\*\*\*@h:9000/vtp") as refused:
+        open_warehouse(s)
+    assert "s3cret" not in str(refused.value)
 
 
 def test_an_installed_vtp_keeps_its_state_outside_site_packages(tmp_path, monkeypatch):

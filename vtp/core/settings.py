@@ -1,9 +1,9 @@
 """The one settings object, read from ``VTP_*`` environment variables.
 
-Each setting is declared once below, with its default and what it means; the parser
-follows the default's type. Every default runs locally: the broker address comes from
-the state file that ``vtp stack up`` writes, the warehouse is the embedded ClickHouse
-engine (chdb) in the region's folder under the data directory.
+Each setting is declared once below, with its default, what it means and whether it may
+hold a secret; the parser follows the default's type. Every default runs locally: the
+`vtp` commands find the broker ``vtp stack up`` started (deploy.broker), the warehouse is
+the embedded ClickHouse engine (chdb) in the region's folder under the data directory.
 
 A process serves one region (``VTP_REGION``, or ``--region`` on the command line); its
 local state lives in ``<data_dir>/<region>``. Secrets (token keys, the pseudonym key)
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -38,19 +37,53 @@ class SettingsError(ValueError):
     """A ``VTP_*`` variable has a value that cannot be used."""
 
 
-_SECRET_KEY = re.compile(r"password|secret|token|key|credential", re.IGNORECASE)
-
-
 def mask_url_password(value: object) -> str:
-    """``scheme://user:***@host``: the URL without its password."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", str(value))
+    """The URL with everything between ``://`` and the last ``@`` of its authority shown
+    as ``user:***`` (the password, however it is written, never appears)."""
+    text = str(value)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    authority, slash, path = rest.partition("/")
+    user_info, at, host = authority.rpartition("@")
+    if not at:
+        return text
+    user = user_info.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
+
+
+# librdkafka keys whose values say nothing secret; every other passthrough value is
+# masked when shown (an allow-list: sasl.jaas.config, sasl.oauthbearer.config and keys
+# that do not exist yet may all hold credentials).
+SHOWN_KAFKA_KEYS = frozenset(
+    {
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.mechanisms",
+        "sasl.username",
+        "ssl.ca.location",
+        "ssl.certificate.location",
+        "ssl.endpoint.identification.algorithm",
+        "client.id",
+        "acks",
+        "compression.type",
+        "linger.ms",
+        "batch.size",
+        "log_level",
+        "debug",
+        "socket.timeout.ms",
+        "request.timeout.ms",
+        "message.max.bytes",
+        "enable.idempotence",
+        "partitioner",
+    }
+)  # fmt: skip  -- a paragraph of names
 
 
 def mask_secret_keys(value: object) -> str:
-    """A passthrough mapping with the values of password-, secret- and key-like keys
-    masked (``sasl.password``, ``ssl.key.pem``, ``sasl.oauthbearer.client.secret``)."""
+    """A passthrough mapping with every value masked but those of SHOWN_KAFKA_KEYS."""
     assert isinstance(value, dict)
-    return json.dumps({k: ("***" if _SECRET_KEY.search(k) else v) for k, v in value.items()})
+    return json.dumps({k: (v if k in SHOWN_KAFKA_KEYS else "***") for k, v in value.items()})
 
 
 def setting(
@@ -73,12 +106,12 @@ class Settings:
     data_dir: Path = setting(
         local_root("var", "XDG_DATA_HOME", ".local/share"),
         "local state; each region's in `<data_dir>/<region>`",
-        shown_default="`./var` in a checkout, else `$XDG_DATA_HOME/vtp`",
+        shown_default="`var/` in the source checkout, else `$XDG_DATA_HOME/vtp`",
     )
     cache_dir: Path = setting(
         local_root(".cache", "XDG_CACHE_HOME", ".cache"),
         "Kafka jars",
-        shown_default="`./.cache` in a checkout, else `$XDG_CACHE_HOME/vtp`",
+        shown_default="`.cache/` in the source checkout, else `$XDG_CACHE_HOME/vtp`",
     )
     region: str = setting("", f"the region this process serves: one of {', '.join(REGIONS)}")
     kafka_bootstrap: str = setting(

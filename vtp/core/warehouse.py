@@ -325,6 +325,7 @@ def open_warehouse(settings: Settings) -> Warehouse:
         return ChdbWarehouse(settings.warehouse_path)
     if settings.warehouse.startswith(("http://", "https://")):
         return ServerWarehouse(settings.warehouse, region)
+    shown = settings.shown("warehouse")
     raise WarehouseError(
-        f"VTP_WAREHOUSE={settings.warehouse!r}: use 'chdb' or an http(s):// URL of a ClickHouse server"
+        f"VTP_WAREHOUSE={shown!r}: use 'chdb' or an http(s):// URL of a ClickHouse server"
     )
