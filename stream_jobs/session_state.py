@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """The fields of a sample the state machines use."""
+class Sample(NamedTuple):
+    """The fields of a sample the state machines use (a tuple: the state holds one per
+    buffered sample, and a frozen dataclass costs several times more to build)."""
 
     t: int  # event time, ms since the epoch
     seq: int
@@ -33,21 +33,25 @@ class Sample:
 
     @classmethod
     def of(cls, sample: dict[str, Any]) -> Sample:
-        """From a decoded upload's sample."""
-        speed = sample.get("speed")
-        return cls(
-            t=sample["event_time_ms"],
-            seq=sample["seq"],
-            speed=speed,
-            odometer=sample.get("odometer"),
-            soc=sample.get("soc"),
-            lat=sample.get("latitude"),
-            lon=sample.get("longitude"),
-            moving=sample.get("gear") not in (None, "PARK") or (speed or 0) > 0,
-            charging=bool(sample.get("is_charging")),
-            power_kw=sample.get("charge_power"),
-            charge_mode=sample.get("charge_mode"),
-            outside_temp=sample.get("outside_temperature"),
+        """From a decoded upload's sample (built as a plain tuple: this runs per sample)."""
+        get = sample.get
+        speed = get("speed")
+        return tuple.__new__(
+            cls,
+            (
+                sample["event_time_ms"],
+                sample["seq"],
+                speed,
+                get("odometer"),
+                get("soc"),
+                get("latitude"),
+                get("longitude"),
+                get("gear") not in (None, "PARK") or (speed or 0) > 0,
+                bool(get("is_charging")),
+                get("charge_power"),
+                get("charge_mode"),
+                get("outside_temperature"),
+            ),
         )
 
 
@@ -111,42 +115,18 @@ class VehicleState:
 
 # -- stored form -------------------------------------------------------------------
 
-# (stored key, field): the stored form keeps the short keys vtp has always written.
-_SAMPLE_KEYS = (
-    ("t", "t"),
-    ("seq", "seq"),
-    ("v", "speed"),
-    ("odo", "odometer"),
-    ("soc", "soc"),
-    ("lat", "lat"),
-    ("lon", "lon"),
-    ("mv", "moving"),
-    ("chg", "charging"),
-    ("pw", "power_kw"),
-    ("mode", "charge_mode"),
-    ("out", "outside_temp"),
-)
+# The stored keys of a sample's fields, in Sample's field order: the stored form keeps
+# the short keys vtp has always written.
+_SAMPLE_KEYS = ("t", "seq", "v", "odo", "soc", "lat", "lon", "mv", "chg", "pw", "mode", "out")
+assert len(_SAMPLE_KEYS) == len(Sample._fields)
 
 
 def _sample_out(s: Sample) -> dict[str, Any]:
-    return {key: getattr(s, name) for key, name in _SAMPLE_KEYS}
+    return dict(zip(_SAMPLE_KEYS, s))  # noqa: B905 - lengths checked once, above
 
 
 def _sample_in(d: dict[str, Any]) -> Sample:
-    return Sample(
-        d["t"],
-        d["seq"],
-        d["v"],
-        d["odo"],
-        d["soc"],
-        d["lat"],
-        d["lon"],
-        d["mv"],
-        d["chg"],
-        d["pw"],
-        d["mode"],
-        d["out"],
-    )
+    return tuple.__new__(Sample, map(d.__getitem__, _SAMPLE_KEYS))
 
 
 def _trip_out(trip: Trip | None) -> dict[str, Any] | None:

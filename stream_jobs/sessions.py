@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from typing import Any
 
 from schemas.aggregates import (
@@ -80,8 +81,9 @@ def _clock(zone: str) -> DayClock:
     return clock
 
 
-def _order(sample: Sample) -> tuple[int, int]:
-    return sample.t, sample.seq
+# A sample's place in the reorder buffer: (event time, seq), its first two fields.
+_order = itemgetter(0, 1)
+_event_time = itemgetter(0)
 
 
 def new_state(vin: str, region: str, time_zone: str, capacity_kwh: float | None) -> VehicleState:
@@ -188,7 +190,7 @@ def _released_frontier(
     if state.max_t is None:
         return released_t
     watermark = state.max_t - config.allowed_lateness_ms
-    i = bisect.bisect_right(state.buffer, watermark, key=lambda sample: sample.t)
+    i = bisect.bisect_right(state.buffer, watermark, key=_event_time)
     if i == 0:
         return released_t
     newest = state.buffer[i - 1].t
