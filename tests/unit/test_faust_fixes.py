@@ -283,3 +283,31 @@ def test_install_patches_nothing_when_aiokafka_is_another_version(monkeypatch):
         faust_fixes.install()
     assert Recovery.on_recovery_completed is faust_fixes._faust_on_recovery_completed
     assert Consumer._new_offset is faust_fixes._faust_new_offset
+
+
+def test_unpatched_faust_acks_the_batch_of_an_agent_that_raised():
+    # Faust's own test harness for an agent: no broker is contacted.
+    app = faust.App("vtp-test-ack", broker="kafka://127.0.0.1:9", store="memory://")
+    topic = app.topic("in", value_type=bytes, value_serializer="raw")
+    taken: list = []
+
+    @app.agent(topic)
+    async def failing(stream) -> None:
+        async for events in stream.take_events(10, within=0.1):
+            taken.extend(e.message for e in events)
+            raise TypeError("a bug in the batch body")
+
+    async def put_one() -> None:
+        async with failing.test_context() as agent:
+            await agent.put(b"upload")
+            await asyncio.sleep(0.3)
+
+    loop = asyncio.new_event_loop()
+    app.loop = loop  # Faust's objects bind to the app's loop: one the test closes
+    try:
+        loop.run_until_complete(put_one())
+    finally:
+        loop.close()
+        # and the loop of the consumer thread Faust made for it, never started here
+        faust_fixes.internals(app.consumer)._thread.thread_loop.close()
+    assert len(taken) == 1 and taken[0].acked  # processed by nobody, yet acked: lost
