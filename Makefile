@@ -39,7 +39,8 @@ test-integration: $(STAMP) kafka-jars ## integration tests only (real broker and
 test-e2e: $(STAMP) kafka-jars ## end-to-end tests only (processes as users run them)
 	$(BIN)/pytest -q -ra tests/e2e
 
-bench: $(STAMP) kafka-jars ## measure pipeline throughput and owner API latency
+bench: $(STAMP) kafka-jars ## measure throughput (vtp against a raw baseline), stages, owner API
+	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.owner_api
 

@@ -85,7 +85,7 @@ EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
 # Bookkeeping no route shows: deduplication versions, Kafka positions, raw records.
 INTERNAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "samples": (),
-    "uploads": ("raw_source", "topic", "partition", "offset"),
+    "uploads": ("raw_source", "topic", "partition", "offset", "stored_at"),
     "trips": ("version",),
     "charges": ("version",),
     "daily_summaries": ("version",),

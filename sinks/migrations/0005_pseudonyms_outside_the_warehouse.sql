@@ -1,6 +1,6 @@
 -- The pseudonym key leaves the warehouse: nothing the engine can read may let anyone
 -- recompute a pseudonym. The sink computes each (owner, vehicle) pair's pseudonyms in
--- Python with the key from the region's keys folder (vtp.keys) and stores only the
+-- Python with the key from the region's keys folder (vtp.core.keys) and stores only the
 -- results here; the analyst views join them. Analysts never read this table itself.
 DROP VIEW IF EXISTS analyst_samples;
 DROP VIEW IF EXISTS analyst_trips;
