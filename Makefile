@@ -42,7 +42,7 @@ test-e2e: $(STAMP) kafka-jars ## end-to-end tests only (processes as users run t
 bench: $(STAMP) kafka-jars ## measure throughput (vtp against a raw baseline), stages, owner API
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.e2e
-	$(BIN)/python -m bench.owner_api
+	$(BIN)/python -m bench.owner_api --fleet 40000 --fleet-samples 100000000
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .

@@ -1,18 +1,22 @@
-"""Owner API latency: a one-vehicle 30-day read and full exports of a large owner.
+"""Owner API latency: a one-vehicle 30-day read and full exports of a large owner, and
+with --fleet, first pages of random vehicles and small reads from 32 clients at once.
 
 Fills an embedded warehouse with synthetic samples (ClickHouse generates them: one
-owner with --vehicles vehicles at one sample per 2 s for 30 days, plus other owners),
-starts `vtp serve --no-sink` on it, and times the reads over HTTP. Prints the server's
-peak RSS after each export, to show that exporting does not hold the owner in memory.
+owner with --vehicles vehicles at one sample per 2 s for 30 days, other owners, and a
+fleet of --fleet vehicles sharing --fleet-samples samples), starts `vtp serve --no-sink`
+on it, and times the reads over HTTP. Prints the server's peak RSS after each export, to
+show that exporting does not hold the owner in memory.
 
-    python -m bench.owner_api [--vehicles 1] [--others 20]
+    python -m bench.owner_api [--vehicles 1] [--others 20] [--fleet 40000 --fleet-samples 100000000]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from deploy.broker import fetch_jars, start_broker, stop_broker
 from owner_api.tokens import issue, owner_claims
 from sinks.migrations import migrate
 from vtp.core.keys import load_keyring
-from vtp.core.settings import load_settings
+from vtp.core.settings import Settings, load_settings
 from vtp.core.topics import create_topics
 from vtp.core.warehouse import ChdbWarehouse, rows
 from vtp.harness import start_process
@@ -46,6 +50,33 @@ SELECT {owner:String}, {vin:String},
        fromUnixTimestamp64Milli(toInt64({start:Int64} + number * {step_ms:UInt32}), 'UTC')
 FROM numbers({n:UInt64})
 """
+# A fleet of other vehicles in one statement: `vehicles` of them, `per_vehicle` samples
+# each, one every `step_ms`, two vehicles per owner.
+FILL_FLEET = """
+INSERT INTO samples (owner_id, vin, event_time, seq, upload_id, speed, latitude, longitude,
+                     heading, odometer, soc, is_charging, battery_temperature,
+                     outside_temperature, gear, dtcs, region, schema_version, received_at)
+SELECT concat('owner-f', toString(intDiv(v, 2))), concat('WBAFLEET', leftPad(toString(v), 9, '0')),
+       fromUnixTimestamp64Milli(toInt64({start:Int64} + k * {step_ms:UInt32}), 'UTC'),
+       k, concat('u', toString(intDiv(k, 10))),
+       toFloat32(abs(sin(k / 50)) * 120), 48 + v / 10000, 2 + v / 10000, toFloat32(k % 360),
+       10000 + k * 0.1, toFloat32(20 + 60 * abs(cos(k / 4000))), k % 7 = 0, toFloat32(25),
+       toFloat32(10), 'DRIVE', [], 'eu', 1,
+       fromUnixTimestamp64Milli(toInt64({start:Int64} + k * {step_ms:UInt32}), 'UTC')
+FROM (SELECT number % {vehicles:UInt64} AS v, intDiv(number, {vehicles:UInt64}) AS k
+      FROM numbers({n:UInt64}))
+"""
+
+# One upload row per fleet vehicle: what the API knows an owner's vehicles by.
+FLEET_UPLOADS = """
+INSERT INTO uploads (owner_id, vin, upload_id, sent_at, received_at, first_event_time,
+                     last_event_time, sample_count, gateway_firmware, schema_version, region,
+                     raw_source, topic, partition, offset)
+SELECT owner_id, vin, 'fleet', max(event_time), max(event_time), min(event_time),
+       max(event_time), count(), '3.2.1', 1, 'eu', '', 'bench', 0, 0
+FROM samples WHERE startsWith(vin, 'WBAFLEET') GROUP BY owner_id, vin
+"""
+
 UPLOADS = """
 INSERT INTO uploads (owner_id, vin, upload_id, sent_at, received_at, first_event_time,
                      last_event_time, sample_count, gateway_firmware, schema_version, region,
@@ -56,7 +87,9 @@ FROM samples WHERE owner_id = {owner:String} GROUP BY owner_id, vin, upload_id
 """
 
 
-def fill(path: Path, vehicles: int, others: int) -> tuple[str, list[str], int]:
+def fill(
+    path: Path, vehicles: int, others: int, fleet: int = 0, fleet_samples: int = 0
+) -> tuple[str, list[str], int]:
     wh = ChdbWarehouse(path)
     migrate(wh)
     per_vehicle = DAYS * 86400 // SAMPLE_EVERY_S
@@ -84,6 +117,18 @@ def fill(path: Path, vehicles: int, others: int) -> tuple[str, list[str], int]:
                 "n": DAYS * 1440,
             },
         )
+    if fleet:
+        per = fleet_samples // fleet
+        wh.execute(
+            FILL_FLEET,
+            {
+                "start": START_MS,
+                "step_ms": DAYS * 86_400_000 // per,
+                "vehicles": fleet,
+                "n": per * fleet,
+            },
+        )
+        wh.execute(FLEET_UPLOADS)
     wh.execute(UPLOADS, {"owner": owner})
     total = rows(wh.query("SELECT count() FROM samples"))[0][0]
     print(
@@ -92,6 +137,54 @@ def fill(path: Path, vehicles: int, others: int) -> tuple[str, list[str], int]:
     )
     wh.close()
     return owner, vins, per_vehicle * vehicles
+
+
+def percentiles(ms: list[float]) -> str:
+    ms = sorted(ms)
+    return (
+        f"p50 {ms[len(ms) // 2]:6.1f} ms, p99 {ms[min(len(ms) - 1, int(0.99 * len(ms)))]:6.1f} ms"
+    )
+
+
+def fleet_reads(settings: Settings, url: str, fleet: int, window: dict[str, str]) -> None:
+    """First pages of random fleet vehicles, one at a time, then small reads from 32
+    clients at once for 10 s: what an owner app's requests meet at this size."""
+    keyring = load_keyring(settings)
+    rng = random.Random(5)
+
+    def client(v: int) -> tuple[httpx.Client, str]:
+        token = issue(keyring, owner_claims(f"owner-f{v // 2}", "eu", 3600))
+        headers = {"Authorization": f"Bearer {token}"}
+        return httpx.Client(base_url=url, headers=headers, timeout=60), f"WBAFLEET{v:09d}"
+
+    took = []
+    for v in rng.sample(range(fleet), 200):
+        api, vin = client(v)
+        t = time.perf_counter()
+        api.get(f"/v1/vehicles/{vin}/samples", params={**window, "limit": 1000}).raise_for_status()
+        took.append((time.perf_counter() - t) * 1000)
+        api.close()
+    print(f"first page of 1000, 200 random vehicles of {fleet:,}: {percentiles(took)}")
+
+    done: list[float] = []
+    stop_at = time.monotonic() + 10
+
+    def reader(seed: int) -> None:
+        local = random.Random(seed)
+        api, vin = client(local.randrange(fleet))
+        while time.monotonic() < stop_at:
+            t = time.perf_counter()
+            params = {**window, "limit": 100, "signals": "speed,soc"}
+            api.get(f"/v1/vehicles/{vin}/samples", params=params).raise_for_status()
+            done.append((time.perf_counter() - t) * 1000)
+        api.close()
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(32)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    print(f"32 clients, a page of 100 samples: {len(done) / 10:,.0f} reads/s, {percentiles(done)}")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -105,10 +198,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vehicles", type=int, default=1)
     parser.add_argument("--others", type=int, default=20)
+    parser.add_argument("--fleet", type=int, default=0, help="other vehicles in one statement")
+    parser.add_argument("--fleet-samples", type=int, default=0, help="their samples in all")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="vtp-bench-api-"))
     settings = load_settings().with_(data_dir=data_dir, region="eu")
-    owner, vins, expected = fill(settings.warehouse_path, args.vehicles, args.others)
+    owner, vins, expected = fill(
+        settings.warehouse_path, args.vehicles, args.others, args.fleet, args.fleet_samples
+    )
     fetch_jars(settings)
     # A broker of its own: an erasure completes once the worker has been told (no worker
     # runs here; the notice only has to be taken by Kafka).
@@ -153,6 +250,8 @@ def main() -> None:
                 f"export {fmt:8} {expected:,} samples: {took:6.1f} s, {size / 2**20:7.1f} MiB, "
                 f"server peak RSS {peak_rss_mib(server.pid):,.0f} MiB"
             )
+        if args.fleet:
+            fleet_reads(settings, url, args.fleet, window)
         t = time.perf_counter()
         erasure = api.post("/v1/erasure").json()["erasure"]
         while erasure["status"] != "completed":
