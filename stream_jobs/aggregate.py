@@ -44,6 +44,31 @@ def changelog_configs(settings: Settings) -> dict[str, str]:
     return {"max.compaction.lag.ms": str(int(settings.changelog_compaction_lag_s * 1000))}
 
 
+# Every topic the worker reads or writes carries bytes it encodes and decodes itself.
+RAW_TOPIC: dict[str, Any] = {
+    "key_type": bytes,
+    "value_type": bytes,
+    "key_serializer": "raw",
+    "value_serializer": "raw",
+}
+
+
+def bytes_table(
+    app: faust.App, name: str, settings: Settings, use_partitioner: bool = True
+) -> faust.Table[bytes, bytes]:
+    """A worker table keyed by VIN, its values bytes the worker encodes itself.
+    ``use_partitioner``: its changelog writes go to the partition of their key's source
+    messages (put_durably names it)."""
+    return app.Table(  # type: ignore[return-value]  # Faust types app.Table as TableT
+        name,
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        use_partitioner=use_partitioner,
+        extra_topic_configs=changelog_configs(settings),
+    )
+
+
 def session_config(settings: Settings) -> SessionConfig:
     return SessionConfig(
         trip_gap_ms=int(settings.trip_gap_s * 1000),
@@ -96,20 +121,7 @@ def add_aggregation(
     """Add the agent; returns what the registry agent awaits after applying a change."""
     region = settings.need_region()
     topics = settings.topics
-    raw: dict[str, Any] = {
-        "key_type": bytes,
-        "value_type": bytes,
-        "key_serializer": "raw",
-        "value_serializer": "raw",
-    }
-    states: faust.Table[bytes, bytes] = app.Table(  # type: ignore[assignment]  # TableT
-        "vehicle_sessions",
-        default=None,
-        key_type=bytes,
-        value_type=bytes,
-        use_partitioner=True,
-        extra_topic_configs=changelog_configs(settings),
-    )
+    states = bytes_table(app, "vehicle_sessions", settings)
     quiet_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
     store = default_store()
     config = session_config(settings)
@@ -223,7 +235,7 @@ def add_aggregation(
             closing=close_quiet,
         )
 
-    app.agent(app.topic(topics.validated, **raw), name="aggregate")(
+    app.agent(app.topic(topics.validated, **RAW_TOPIC), name="aggregate")(
         exit_on_error(aggregate_sessions)
     )
 

@@ -28,7 +28,7 @@ from faust.types import TP, EventT
 from schemas import FramingError, default_store
 from schemas.registry import Registration, decode_registration
 from stream_jobs import faust_fixes, flow_log
-from stream_jobs.aggregate import add_aggregation, changelog_configs
+from stream_jobs.aggregate import RAW_TOPIC, add_aggregation, bytes_table
 from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
 from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.validate import (
@@ -168,34 +168,15 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
         web_enabled=False,
         datadir=str(_made(settings.home / "faust" / app_id)),
     )
-    raw: dict[str, Any] = {
-        "key_type": bytes,
-        "value_type": bytes,
-        "key_serializer": "raw",
-        "value_serializer": "raw",
-    }
-    uploads_topic = app.topic(topics.uploads, **raw)
-    registry_topic = app.topic(topics.vehicles, **raw)
-    deadletter = app.topic(topics.deadletter, **raw)
+    uploads_topic = app.topic(topics.uploads, **RAW_TOPIC)
+    registry_topic = app.topic(topics.vehicles, **RAW_TOPIC)
+    deadletter = app.topic(topics.deadletter, **RAW_TOPIC)
 
     # Both tables are keyed by VIN, as are both source topics (same partition count,
     # murmur2 partitioner), so a worker holds the registry entries and the dedup
     # state of exactly the vehicles whose uploads it is assigned.
-    vehicles: faust.Table[bytes, bytes] = app.Table(  # type: ignore[assignment]  # TableT
-        "vehicles",
-        default=None,
-        key_type=bytes,
-        value_type=bytes,
-        extra_topic_configs=changelog_configs(settings),
-    )
-    seen_table: faust.Table[bytes, bytes] = app.Table(  # type: ignore[assignment]  # TableT
-        "seen_uploads",
-        default=None,
-        key_type=bytes,
-        value_type=bytes,
-        use_partitioner=True,
-        extra_topic_configs=changelog_configs(settings),
-    )
+    vehicles = bytes_table(app, "vehicles", settings, use_partitioner=False)
+    seen_table = bytes_table(app, "seen_uploads", settings)
     seen_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
     registry = RegistryView(vehicles)
     gate = RegistryGate(settings, app_id)
