@@ -3,9 +3,10 @@
 The worker keeps per-vehicle state (open trips, days, last positions) in changelog-backed
 tables keyed by VIN. An erasure is by owner, so the job finds the owner's vehicles (those
 with stored uploads, and every vehicle the registry ever gave the owner in this region)
-and sends one control message per vehicle to the region's validated topic, keyed by VIN:
-it reaches the aggregation agent on the vehicle's partition, in order with its uploads.
-The sink ignores control messages.
+and sends one control message per vehicle to the region's control topic, keyed by VIN:
+it reaches the worker that holds the vehicle's state (the topic is partitioned as the
+uploads are). The state remembers the erasure's horizon, so an upload of the erased time
+that the worker meets later (a replay, a late delivery) is not taken in again.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class WorkerNotice:
 
         for vin in vins:
             producer.produce(
-                settings.topics.validated, b"", vin.encode(), headers=headers, on_delivery=delivered
+                settings.topics.control, b"", vin.encode(), headers=headers, on_delivery=delivered
             )
             producer.poll(0)
         left = producer.flush(30)

@@ -1,34 +1,40 @@
-"""The aggregation agent: the region's validated uploads -> trips, charges, daily summaries.
+"""Aggregation in the worker: accepted uploads -> trips, charges, daily summaries.
 
-Per-vehicle session state lives in a changelog-backed Faust table keyed by VIN, so a
-restarted worker continues where it was. Each batch ingests every upload, advances
-each touched vehicle once, stores its state, and emits records (JSON, keyed by VIN)
-to the region's aggregates topic. Samples that arrive after their time was released
-are dead-lettered (reason too_late, stage aggregate) with the upload's bytes; the
-samples themselves are still stored by the sink.
+The validate agent hands each batch's accepted uploads here, already decoded, in the same
+pass (an upload is read from Kafka and decoded once). Per-vehicle session state lives in
+a changelog-backed Faust table keyed by VIN, so a restarted worker continues where it
+was; the states of the vehicles in use are also kept decoded in memory, so a batch pays
+for encoding the states it changed, not for decoding them. Each batch ingests every
+upload, advances each touched vehicle once, stores its state, and emits records (Avro,
+keyed by VIN) to the region's aggregates topic. Samples that arrive after their time was
+released are dead-lettered (reason too_late, stage aggregate) with the upload's bytes;
+the samples themselves are still stored by the sink.
 
-Every sample is aggregated for the owner registered at its event time. A registry
-change (sale, move, deregistration) reaches this agent as a control message on the
-validated topic, in order with the vehicle's uploads, so the old owner's sessions
-close even when no more samples of the vehicle come to this region. An owner's erasure
-reaches it the same way (one control message per vehicle the owner had here, sent by the
-erasure job): the state is rewritten without the owner's data, so the changelog's
-compaction drops every earlier value that held it.
+Every sample is aggregated for the owner registered at its event time. A registry change
+(sale, move, deregistration) is applied by the registry agent of the same worker (the
+registry topic is partitioned as the uploads are), between two batches of uploads, so the
+old owner's sessions close even when no more samples of the vehicle come to this region.
+An owner's erasure reaches the worker on the region's control topic (one notice per
+vehicle the owner had here, sent by the erasure job): the state is rewritten without the
+owner's data, so the changelog's compaction drops every earlier value that held it.
+
+One lock orders the three writers of the state (uploads, registry changes, erasures): each
+holds it from reading a vehicle's state to its changelog write being acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import faust
 
-from schemas import FramingError, default_store
+from schemas import default_store
 from schemas.aggregates import AggregateRecord, encode_aggregate
 from schemas.registry import Registration
 from stream_jobs import session_state
-from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
+from stream_jobs.expiry import QuietSweep, forget_quiet, key_partition, sweep_interval_s
 from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.session_state import VehicleState
 from stream_jobs.sessions import SessionConfig, advance, flush, forget_owner, ingest, new_state
@@ -77,180 +83,208 @@ def session_config(settings: Settings) -> SessionConfig:
     )
 
 
-def _raw_position(message) -> tuple[str, int]:
-    """Where the upload first reached Kafka (vtp-source, "topic:partition:offset").
-
-    After a worker restart the validate agent routes a stretch of raw uploads again, so
-    the same upload can reach aggregation at two validated offsets; by its raw position
-    the second copy is a replay, skipped, rather than a late arrival."""
-    source = h.header(_headers(message), h.SOURCE)
-    if source:
-        topic_partition, _, offset = source.rpartition(":")
-        if topic_partition and offset.isdigit():
-            return topic_partition, int(offset)
-    return f"{message.topic}:{message.partition}", message.offset
-
-
-def _received_ms(message) -> int | None:
-    received = h.header(_headers(message), h.RECEIVED_MS)
-    return int(received) if received and received.isdigit() else None
-
-
 def _headers(message: Any) -> list[tuple[str, bytes | None]]:
     """A consumed record's headers: aiokafka gives (name, value) pairs."""
     return list(message.headers or ())
 
 
-def _forget(
-    state: VehicleState, headers: list[tuple[str, bytes | None]], registration: Registration | None
-) -> None:
-    owner = h.header(headers, h.ERASED_OWNER)
-    horizon = h.header(headers, h.ERASURE_HORIZON_MS)
-    if (
-        owner
-        and horizon
-        and horizon.isdigit()
-        and forget_owner(state, owner, int(horizon), registration)
+class Accepted:
+    """An upload the validate agent routed: its bytes, decoded record and raw position."""
+
+    __slots__ = ("key", "offset", "partition", "received_ms", "record", "value")
+
+    def __init__(
+        self,
+        key: bytes,
+        value: bytes,
+        record: dict[str, Any],
+        partition: int,
+        offset: int,
+        received_ms: int,
     ):
-        metrics.STATES_SCRUBBED.inc()
+        self.key, self.value, self.record = key, value, record
+        self.partition, self.offset, self.received_ms = partition, offset, received_ms
 
 
-def add_aggregation(
-    app: faust.App, settings: Settings, registry: Callable[[str], Registration | None]
-) -> Callable[[bytes, int], Awaitable[None]]:
-    """Add the agent; returns what the registry agent awaits after applying a change."""
-    region = settings.need_region()
-    topics = settings.topics
-    states = bytes_table(app, "vehicle_sessions", settings)
-    quiet_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
-    store = default_store()
-    config = session_config(settings)
+Send = Callable[
+    [str, bytes | None, bytes | None, list[tuple[str, bytes]] | None], Awaitable[Awaitable[Any]]
+]
 
-    def state_for(vin: str) -> VehicleState:
-        stored = states.get(vin.encode())
-        if stored:
-            return session_state.from_json(stored)
-        reg = registry(vin)
-        return new_state(
-            vin, region, reg.time_zone if reg else "UTC", reg.battery_capacity_kwh if reg else None
+
+class Sessions:
+    """The worker's per-vehicle session state and what changes it."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        registry: Callable[[str], Registration | None],
+        send: Send,
+    ):
+        self.region = settings.need_region()
+        self.settings = settings
+        self.topics = settings.topics
+        self.table = bytes_table(app, "vehicle_sessions", settings)
+        self.registry = registry
+        self.config = session_config(settings)
+        self.lock = asyncio.Lock()
+        self._app = app
+        self._send = send
+        self._store = default_store()
+        self._decoded: dict[bytes, VehicleState] = {}
+        self._sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
+
+    def forget_decoded(self) -> None:
+        """Partitions moved: what the table holds now is the truth, not what was decoded."""
+        self._decoded.clear()
+
+    def _state(self, key: bytes) -> VehicleState:
+        state = self._decoded.get(key)
+        if state is None:
+            stored = self.table.get(key)
+            if stored:
+                state = session_state.from_json(stored)
+            else:
+                vin = key.decode()
+                reg = self.registry(vin)
+                state = new_state(
+                    vin,
+                    self.region,
+                    reg.time_zone if reg else "UTC",
+                    reg.battery_capacity_kwh if reg else None,
+                )
+            self._decoded[key] = state
+        return state
+
+    async def _emit(self, vin: str, records: list[AggregateRecord], pending: list) -> None:
+        for rec in records:
+            metrics.AGGREGATE_RECORDS.labels(self.region, rec["kind"], str(rec["final"])).inc()
+            pending.append(
+                await self._send(
+                    self.topics.aggregates, vin.encode(), encode_aggregate(rec, self._store), None
+                )
+            )
+
+    async def _store_states(self, keys: Iterable[bytes]) -> None:
+        """Durable: a state is acknowledged by Kafka before the batch that made it is acked."""
+        partitions = self.settings.topic_partitions
+        await asyncio.gather(
+            *(
+                put_durably(
+                    self.table,
+                    key,
+                    session_state.to_json(self._decoded[key]),
+                    key_partition(key, partitions),
+                )
+                for key in keys
+            )
         )
 
-    async def emit(vin: str, records: list[AggregateRecord], pending: list) -> None:
-        for rec in records:
-            metrics.AGGREGATE_RECORDS.labels(region, rec["kind"], str(rec["final"])).inc()
-            pending.append(
-                await app.producer.send(
-                    topics.aggregates, vin.encode(), encode_aggregate(rec, store), None, None, None
-                )
+    async def take(self, uploads: list[Accepted], pending: list) -> list[bytes]:
+        """Aggregate a batch's accepted uploads; returns the vehicles whose state changed.
+        The caller holds ``lock``, and awaits ``pending`` before it ``store``s them."""
+        touched: dict[bytes, VehicleState] = {}
+        source_topic = self.topics.uploads
+        for up in uploads:
+            state = touched.get(up.key) or self._state(up.key)
+            touched[up.key] = state
+            vin = up.record["vin"]
+            result = ingest(
+                state,
+                up.record,
+                self.config,
+                self.registry(vin),
+                (f"{source_topic}:{up.partition}", up.offset),
+                up.received_ms,
             )
-
-    async def aggregate_sessions(stream: faust.Stream[Any]) -> None:
-        async for events in stream.take_events(1000, within=0.2):
-            touched: dict[str, VehicleState] = {}
-            ended: set[str] = set()  # vehicles whose registration changed
-            partition_of: dict[str, int] = {}
-            pending = []
-            for event in events:
-                message = event.message
-                control = h.header(_headers(message), h.CONTROL)
-                if control is not None:
-                    vin = (message.key or b"").decode(errors="replace")
-                    if states.get(message.key or b"") is None and vin not in touched:
-                        continue  # nothing aggregated for it here
-                    state = touched[vin] = touched.get(vin) or state_for(vin)
-                    partition_of[vin] = message.partition
-                    if control == h.REGISTRY_CONTROL.decode():
-                        ended.add(vin)
-                    elif control == h.ERASURE_CONTROL.decode():
-                        _forget(state, _headers(message), registry(vin))
-                    continue
-                try:
-                    record, _ = store.decode(message.value or b"")
-                except FramingError:
-                    continue  # the sink dead-letters undecodable messages; nothing to aggregate
-                if h.header(_headers(message), h.REGION) != region:
-                    continue  # the sink refuses it too
-                vin = record["vin"]
-                state = touched.get(vin) or state_for(vin)
-                touched[vin] = state
-                partition_of[vin] = message.partition
-                result = ingest(
-                    state,
-                    record,
-                    config,
-                    registry(vin),
-                    _raw_position(message),
-                    _received_ms(message),
+            if result.too_late:
+                metrics.AGGREGATE_TOO_LATE.labels(self.region).inc(len(result.too_late))
+                detail = (
+                    f"{len(result.too_late)} samples older than the released time; "
+                    f"seq {result.too_late[:20]}"
                 )
-                if result.too_late:
-                    metrics.AGGREGATE_TOO_LATE.labels(region).inc(len(result.too_late))
-                    detail = f"{len(result.too_late)} samples older than the released time; seq {result.too_late[:20]}"
-                    source = (
-                        h.header(_headers(message), h.SOURCE)
-                        or f"{message.topic}:{message.partition}:{message.offset}"
+                source = f"{source_topic}:{up.partition}:{up.offset}"
+                pending.append(
+                    await self._send(
+                        self.topics.deadletter,
+                        up.key,
+                        up.value,
+                        deadletter_headers("aggregate", "too_late", detail, source),
                     )
-                    pending.append(
-                        await app.producer.send(
-                            topics.deadletter,
-                            message.key,
-                            message.value,
-                            None,
-                            None,
-                            deadletter_headers("aggregate", "too_late", detail, source),
-                        )
-                    )
-            for vin, state in touched.items():
-                await emit(vin, advance(state, config, registry(vin), vin in ended), pending)
+                )
+        for key, state in touched.items():
+            vin = key.decode()
+            await self._emit(vin, advance(state, self.config, self.registry(vin)), pending)
+        return list(touched)
+
+    async def store(self, touched: list[bytes], busy: set[bytes]) -> None:
+        """Make the states ``take`` changed durable, then forget vehicles gone quiet
+        (``busy``: the batch's vehicles, never forgotten in the middle of it)."""
+        await self._store_states(touched)
+        await self._forget_quiet(busy)
+
+    async def registration_changed(self, changed: list[tuple[bytes, int]]) -> None:
+        """Re-judge the periods of vehicles whose registration changed, at once: no more
+        samples may come here for an owner whose time has ended."""
+        async with self.lock:
+            keys = [key for key, _ in changed if key in self._decoded or self.table.get(key)]
+            pending: list = []
+            for key in keys:
+                vin = key.decode()
+                records = advance(self._state(key), self.config, self.registry(vin), True)
+                await self._emit(vin, records, pending)
             await asyncio.gather(*pending)
-            await asyncio.gather(
-                *(
-                    put_durably(
-                        states,
-                        vin.encode(),
-                        session_state.to_json(state),
-                        partition_of[vin],
-                    )
-                    for vin, state in touched.items()
-                )
-            )
-            await forget_quiet_vehicles(set(touched))
+            await self._store_states(keys)
 
-    async def close_quiet(key: bytes, value: bytes) -> None:
-        state = session_state.from_json(value)
+    async def take_notices(
+        self, notices: list[tuple[bytes, list[tuple[str, bytes | None]]]]
+    ) -> None:
+        """Erasure notices from the control topic: forget the owner in each vehicle's state."""
+        async with self.lock:
+            keys = []
+            for key, headers in notices:
+                if h.header(headers, h.CONTROL) != h.ERASURE_CONTROL.decode():
+                    continue
+                if key not in self._decoded and self.table.get(key) is None:
+                    continue  # nothing aggregated for it here
+                owner = h.header(headers, h.ERASED_OWNER)
+                horizon = h.header(headers, h.ERASURE_HORIZON_MS)
+                if owner and horizon and horizon.isdigit():
+                    state = self._state(key)
+                    if forget_owner(state, owner, int(horizon), self.registry(key.decode())):
+                        metrics.STATES_SCRUBBED.inc()
+                    keys.append(key)
+            await self._store_states(dict.fromkeys(keys))
+
+    async def _close_quiet(self, key: bytes, value: bytes) -> None:
+        state = self._decoded.pop(key, None) or session_state.from_json(value)
         pending: list = []
-        await emit(state.vin, flush(state, config, registry(state.vin)), pending)
+        await self._emit(state.vin, flush(state, self.config, self.registry(state.vin)), pending)
         await asyncio.gather(*pending)
 
-    async def forget_quiet_vehicles(busy: set[str]) -> None:
+    async def _forget_quiet(self, busy: set[bytes]) -> None:
         await forget_quiet(
-            states,
-            quiet_sweep,
-            ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
-            partitions=settings.topic_partitions,
+            self.table,
+            self._sweep,
+            ttl_ms=int(self.settings.vehicle_state_ttl_s * 1000),
+            partitions=self.settings.topic_partitions,
             assigned={
-                tp.partition for tp in app.consumer.assignment() if tp.topic == topics.validated
+                tp.partition
+                for tp in self._app.consumer.assignment()
+                if tp.topic == self.topics.uploads
             },
-            busy={vin.encode() for vin in busy},
+            busy=busy,
             touched_of=session_state.touched_of,
-            closing=close_quiet,
+            closing=self._close_quiet,
         )
 
-    app.agent(app.topic(topics.validated, **RAW_TOPIC), name="aggregate")(
-        exit_on_error(aggregate_sessions)
-    )
+    def add_notice_agent(self, app: faust.App, batch_max: int, within_s: float) -> None:
+        async def apply_notices(stream: faust.Stream[Any]) -> None:
+            async for events in stream.take_events(batch_max, within=within_s):
+                await self.take_notices(
+                    [(e.message.key or b"", _headers(e.message)) for e in events]
+                )
 
-    async def registration_changed(vin: bytes, revision: int) -> None:
-        """Tell the agent, in order with the vehicle's uploads, to re-judge its periods."""
-        if states.get(vin) is None:
-            return  # nothing aggregated for it yet: its next samples find the new registry
-        sent = await app.producer.send(
-            topics.validated,
-            vin,
-            b"",
-            None,
-            None,
-            [(h.CONTROL, h.REGISTRY_CONTROL), (h.REGISTRY_REVISION, str(revision).encode())],
+        app.agent(app.topic(self.topics.control, **RAW_TOPIC), name="notices")(
+            exit_on_error(apply_notices)
         )
-        await sent
-
-    return registration_changed

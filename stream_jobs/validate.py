@@ -56,6 +56,8 @@ class Routed:
     upload_id: str
     samples: int
     registry_revision: int  # what the sink's own registry copy must have reached
+    # The decoded upload, for aggregation in the same pass (never decoded twice).
+    record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def route_upload(
         reason, detail = refusal(registration, limits.region, max(times)) or ("", "")
         return Quarantined(reason, f"{vin}: {detail}", vin)
     seen.remember(vin, upload_id, raw.source, limits.dedup_per_vehicle)
-    return Routed(limits.region, vin, upload_id, len(times), registration.revision)
+    return Routed(limits.region, vin, upload_id, len(times), registration.revision, record)
 
 
 def route_batch(

@@ -222,7 +222,7 @@ def group_position(settings: Settings, group: str, topics: list[str]) -> tuple[i
 def pipeline_groups(settings: Settings) -> dict[str, list[str]]:
     t = settings.topics
     return {
-        t.worker_app: [t.vehicles, t.uploads, t.validated],
+        t.worker_app: [t.vehicles, t.uploads, t.control],
         t.sink_group: [t.validated, t.aggregates],
     }
 

@@ -3,16 +3,20 @@ that is merely catching up is left alone."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from producers.publish import publish_fleet, register_fleet
+from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.sdk import publish_registrations
 from producers.simulator import build_fleet
 from schemas.registry import Period, Registration
 from vtp.core.warehouse import open_warehouse, rows
-from vtp.harness import read_outcomes, start_sink, start_worker, wait_drained
+from vtp.harness import group_position, read_outcomes, start_sink, start_worker, wait_drained
 
 pytestmark = pytest.mark.e2e
+
+LATER_MS = DEFAULT_START_MS + 3600_000  # a second stretch of driving, an hour on
 
 
 def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack):
@@ -24,8 +28,15 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack
     worker = start_worker(settings, module="tests.e2e.stalling_worker")
     processes = [worker, start_sink(settings)]
     try:
-        published = publish_fleet(settings, fleet, seed=9, duration_s=20 * 60)
-        assert published.report.ok
+        first = publish_fleet(settings, fleet, seed=9, duration_s=10 * 60)
+        assert first.report.ok
+        # The worker's fetcher stops once it has delivered uploads; what comes after waits.
+        deadline = time.monotonic() + 120
+        group, uploads = settings.topics.worker_app, [settings.topics.uploads]
+        while time.monotonic() < deadline and group_position(settings, group, uploads)[0] == 0:
+            time.sleep(0.2)
+        later = publish_fleet(settings, fleet, seed=19, duration_s=10 * 60, start_ms=LATER_MS)
+        assert later.report.ok
         assert wait_drained(settings, processes, timeout=240), "the stalled worker never recovered"
     finally:
         for p in processes:
@@ -45,7 +56,7 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack
     finally:
         wh.close()
     outcomes = read_outcomes(settings)
-    assert stored == published.uploads and outcomes.deadlettered_total == 0
+    assert stored == first.uploads + later.uploads and outcomes.deadlettered_total == 0
 
 
 def test_a_worker_catching_up_with_a_large_registry_is_not_restarted(region_stack):

@@ -278,19 +278,3 @@ def test_a_message_at_or_below_the_applied_offset_is_a_replay():
     assert ingest(state, {"upload_id": "b", "samples": second}, CFG, REG, ("t:0", 9)).accepted == 10
     replay = ingest(state, {"upload_id": "a", "samples": first}, CFG, REG, ("t:0", 5))
     assert replay.duplicate_upload and replay.too_late == []
-
-
-def test_aggregation_knows_an_upload_by_where_it_first_reached_kafka():
-    from types import SimpleNamespace
-
-    from stream_jobs.aggregate import _raw_position
-
-    routed = SimpleNamespace(
-        topic="vtp.validated.eu",
-        partition=1,
-        offset=900,
-        headers=[("vtp-region", b"eu"), ("vtp-source", b"vtp.uploads:3:1234")],
-    )
-    assert _raw_position(routed) == ("vtp.uploads:3", 1234)
-    untagged = SimpleNamespace(topic="vtp.validated.eu", partition=1, offset=900, headers=[])
-    assert _raw_position(untagged) == ("vtp.validated.eu:1", 900)

@@ -287,6 +287,11 @@ class Topics:
         return self._name("validated")
 
     @property
+    def control(self) -> str:
+        """Notices for the worker's session state (an owner's erasure), keyed by VIN."""
+        return self._name("control")
+
+    @property
     def aggregates(self) -> str:
         return self._name("aggregates")
 

@@ -65,6 +65,7 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
         t.uploads: {"message.timestamp.type": "LogAppendTime"},
         t.vehicles: {"cleanup.policy": "compact"},
         t.validated: {},
+        t.control: {},
         t.aggregates: {},
         t.deadletter: {},
         t.quarantine: {},
