@@ -1,7 +1,7 @@
 """Per-partition batches cut by offsets, so a retried batch is the same batch.
 
 A batch holds consecutive messages of one topic-partition. It is cut when it holds
-``max_messages``, or when it has waited ``flush_after_s`` — a time cut is safe only
+``max_messages`` (a message of many uploads weighs as many), or when it has waited ``flush_after_s`` — a time cut is safe only
 because the sink records every batch's offset range before inserting it; after a
 crash the recorded range is imposed again (a *forced* batch), so the replayed insert
 carries the same deduplication token. A forced batch is never cut early.
@@ -25,6 +25,7 @@ class PartitionBatch(Generic[Item]):
     forced_last: int | None = None
     offsets: list[int] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
+    weight: int = 0
 
     @property
     def first_offset(self) -> int:
@@ -50,7 +51,11 @@ class Batcher(Generic[Item]):
         self._open: dict[tuple[str, int], PartitionBatch[Item]] = {}
         self._ready: list[PartitionBatch[Item]] = []
 
-    def add(self, topic: str, partition: int, offset: int, item: Item, now: float) -> None:
+    def add(
+        self, topic: str, partition: int, offset: int, item: Item, now: float, weight: int = 1
+    ) -> None:
+        """``weight``: how much of ``max_messages`` the item takes (a batch message counts
+        its uploads)."""
         key = (topic, partition)
         batch = self._open.get(key)
         if batch is not None and batch.forced_last is not None and offset > batch.forced_last:
@@ -63,13 +68,14 @@ class Batcher(Generic[Item]):
             self._open[key] = batch
         batch.offsets.append(offset)
         batch.items.append(item)
+        batch.weight += weight
         if self._complete(batch):
             self._ready.append(self._open.pop(key))
 
     def _complete(self, batch: PartitionBatch[Item]) -> bool:
         if batch.forced_last is not None:
             return batch.last_offset >= batch.forced_last
-        return len(batch) >= self._max
+        return batch.weight >= self._max
 
     def take_ready(self, now: float, final: bool = False) -> list[PartitionBatch[Item]]:
         """Batches to insert now. ``final`` (shutdown) also cuts every unforced batch."""

@@ -33,6 +33,7 @@ from sinks.aggregate_rows import aggregate_tables
 from sinks.batching import Batcher, PartitionBatch
 from sinks.erased import drop_erased_samples, held_by_owner, keep_aggregate
 from sinks.store import SinkStore, StoredCopies, WarehouseSinkStore
+from sinks.unbatch import expand, uploads_in
 from vtp.core import headers as h
 from vtp.core import metrics
 from vtp.core.headers import deadletter_headers
@@ -64,6 +65,11 @@ def _header(message: Message, name: str) -> str | None:
     # A consumed message's headers are (name, bytes or None) pairs; the stubs give the wider
     # type produce() takes.
     return h.header(cast("list[tuple[str, bytes | None]] | None", message.headers()), name)
+
+
+def _source(message: Message) -> str:
+    """Where an upload first reached Kafka: topic:partition:offset of its raw message."""
+    return _header(message, h.SOURCE) or "{}:{}:{}".format(*coordinates(message))
 
 
 def split_by_owner(
@@ -106,7 +112,7 @@ def classify(
     for m in messages:
         if _header(m, h.CONTROL) is not None:
             continue  # a signal for the aggregation agent, not data
-        source = _header(m, h.SOURCE) or f"{m.topic()}:{m.partition()}:{m.offset()}"
+        source = _source(m)
         tag = _header(m, h.REGION)
         if tag is None:
             refused.append(Refused(m, "untagged", "no vtp-region header", source))
@@ -150,11 +156,12 @@ def sort_against_stored(
     """Split uploads into (to insert, resends to refuse, worker replays skipped).
 
     ``stored`` maps upload_id -> (raw_source, topic, partition, offset) of the copy
-    already in the warehouse. The same validated message again is a sink replay and is
-    inserted again (its token makes that a no-op); the same raw message at another
-    validated offset is a worker replay, skipped; another raw message with a stored
-    upload id is a resend, refused as duplicate_upload. The pieces of one upload (one
-    per owner) share a message and are inserted together.
+    already in the warehouse. The same raw message at the same validated offset again is
+    a sink replay and is inserted again (its token makes that a no-op); the same raw
+    message at another validated offset is a worker replay, skipped; another raw message
+    with a stored upload id is a resend, refused as duplicate_upload (even in the same
+    batch message). The pieces of one upload (one per owner) share both and are inserted
+    together.
     """
     seen = dict(stored)
     fresh, resends, skipped = [], [], 0
@@ -162,7 +169,7 @@ def sort_against_stored(
         uid = up.record["upload_id"]
         prior = seen.get(uid)
         here = (up.raw_source, up.topic, up.partition, up.offset)
-        if prior is None or prior[1:] == here[1:]:
+        if prior is None or prior == here:
             fresh.append(up)
             seen.setdefault(uid, here)
         elif prior[0] == up.raw_source:
@@ -256,7 +263,9 @@ class RegionSink:
                         if err.code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer: %s", err)
                         continue
-                    self.batcher.add(*coordinates(m), m, now)
+                    topic, partition, offset = coordinates(m)
+                    weight = uploads_in(m) if topic == self.topic else 1
+                    self.batcher.add(topic, partition, offset, m, now, weight)
                 self.registry.refresh()
                 for batch in self.batcher.take_ready(now):
                     self._write(batch)
@@ -360,10 +369,10 @@ class RegionSink:
         metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
         metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
 
-    def _catch_up_registry(self, batch: PartitionBatch[Message]) -> None:
-        """Read the registry copy up to the revisions the worker decided this batch with."""
+    def _catch_up_registry(self, messages: list[Message]) -> None:
+        """Read the registry copy up to the revisions the worker decided these with."""
         wanted: dict[str, int] = {}
-        for m in batch.items:
+        for m in messages:
             revision = _header(m, h.REGISTRY_REVISION)
             if (
                 revision
@@ -386,16 +395,23 @@ class RegionSink:
             )
 
     def _insert_uploads(self, batch: PartitionBatch[Message]) -> list[Refused]:
-        self._catch_up_registry(batch)
-        good, refused = classify(batch.items, self.region, self.registry)
+        messages, broken = expand(batch.items, self._schemas)
+        self._catch_up_registry(messages)
+        good, refused = classify(messages, self.region, self.registry)
+        refused += [
+            Refused(m, exc.reason, exc.detail, "{}:{}:{}".format(*coordinates(m)))
+            for m, exc in broken
+        ]
         horizons = self._erasure_horizons({up.owner_id for up in good})
         good, erased = drop_erased_samples(good, horizons)
         metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)
         fresh, resends, skipped = sort_against_stored(good, self._stored(good))
-        resent = {up.offset: up for up in resends}  # an upload's pieces are one message
+        # An upload's pieces (one per owner) are one message.
+        resent = {(up.offset, up.raw_source): up for up in resends}
+        message_of = {(coordinates(m)[2], _source(m)): m for m in messages}
         refused += [
             Refused(
-                self._message_of(batch, up),
+                message_of[(up.offset, up.raw_source)],
                 "duplicate_upload",
                 f"upload {up.record['upload_id']} is already stored",
                 up.raw_source,
@@ -406,7 +422,7 @@ class RegionSink:
         samples = rowlib.samples_table(fresh)
         self.store.insert("samples", samples, batch.token)
         self.store.insert("uploads", rowlib.uploads_table(fresh), batch.token)
-        stored_messages = len({up.offset for up in fresh})
+        stored_messages = len({(up.offset, up.raw_source) for up in fresh})
         self.stored_uploads += stored_messages
         metrics.SINK_UPLOADS.labels(self.region).inc(stored_messages)
         metrics.SINK_SAMPLES.labels(self.region).inc(samples.num_rows)
@@ -478,10 +494,6 @@ class RegionSink:
         if not isinstance(vin, str) or not isinstance(owner, str) or not owner:
             return False
         return held_by_owner(record, self.registry.get(vin), self.region)
-
-    @staticmethod
-    def _message_of(batch: PartitionBatch[Message], up: rowlib.StoredUpload) -> Message:
-        return batch.items[batch.offsets.index(up.offset)]
 
 
 def _fitting_tables(

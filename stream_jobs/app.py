@@ -25,7 +25,8 @@ from aiokafka.structs import RecordMetadata
 from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP, EventT
 
-from schemas import FramingError, default_store
+from schemas import FramingError, default_store, envelope
+from schemas.envelope import BatchedUpload
 from schemas.registry import Registration, decode_registration
 from stream_jobs import faust_fixes, flow_log
 from stream_jobs.aggregate import RAW_TOPIC, Accepted, Sessions, bytes_table
@@ -34,6 +35,7 @@ from stream_jobs.faust_fixes import exit_on_error, put_durably
 from stream_jobs.validate import (
     DeadLettered,
     Limits,
+    Outcome,
     Quarantined,
     RawUpload,
     Routed,
@@ -191,10 +193,14 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     )
 
     async def send(
-        topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        partition: int | None = None,
     ) -> Awaitable[RecordMetadata]:
         # Straight to the producer: Faust's topic.send costs ~0.2 ms a message.
-        return await app.producer.send(topic, key, value, None, None, headers)
+        return await app.producer.send(topic, key, value, partition, None, headers)
 
     sessions = Sessions(app, settings, registry.get, send)
     sessions.add_notice_agent(app, BATCH_MAX, BATCH_WITHIN_S)
@@ -278,7 +284,9 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
                 pending = [
                     await _send(raw_upload, outcome)
                     for raw_upload, outcome in zip(raws, outcomes, strict=True)
+                    if not isinstance(outcome, Routed)
                 ]
+                pending += await _send_routed(raws, outcomes)
                 accepted = [
                     Accepted(r.key, r.value, o.record, r.partition, r.offset, r.timestamp_ms)
                     for r, o in zip(raws, outcomes, strict=True)
@@ -320,19 +328,31 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
                 touched_of=_seen_touched,
             )
 
-    async def _send(raw_upload: RawUpload, outcome: object) -> Awaitable[RecordMetadata]:
+    async def _send_routed(
+        raws: list[RawUpload], outcomes: list[Outcome]
+    ) -> list[Awaitable[RecordMetadata]]:
+        """The batch's routed uploads to the validated topic: per source partition, one
+        message per run of one writer schema (schemas.envelope)."""
+        by_partition: dict[int, list[BatchedUpload]] = {}
+        for r, o in zip(raws, outcomes, strict=True):
+            if isinstance(o, Routed) and r.key:
+                metrics.UPLOADS_ROUTED.labels(o.region).inc()
+                metrics.SAMPLES_ROUTED.labels(o.region).inc(o.samples)
+                by_partition.setdefault(r.partition, []).append(
+                    BatchedUpload(r.value, r.key, r.offset, r.timestamp_ms, o.registry_revision)
+                )
+        sent = []
+        for partition, uploads in by_partition.items():
+            for run in envelope.cut(uploads):
+                writer = store.writer_schema(run[0].value)
+                value, sidecar = envelope.pack(f"{topics.uploads}:{partition}", writer, run)
+                headers = [(h.REGION, region.encode()), (envelope.BATCH_HEADER, sidecar)]
+                sent.append(await send(topics.validated, None, value, headers, partition))
+        return sent
+
+    async def _send(raw_upload: RawUpload, outcome: Outcome) -> Awaitable[RecordMetadata]:
         source = f"{topics.uploads}:{raw_upload.source}"
-        if isinstance(outcome, Routed):
-            topic = topics.validated
-            headers = [
-                (h.REGION, outcome.region.encode()),
-                (h.RECEIVED_MS, str(raw_upload.timestamp_ms).encode()),
-                (h.SOURCE, source.encode()),
-                (h.REGISTRY_REVISION, str(outcome.registry_revision).encode()),
-            ]
-            metrics.UPLOADS_ROUTED.labels(outcome.region).inc()
-            metrics.SAMPLES_ROUTED.labels(outcome.region).inc(outcome.samples)
-        elif isinstance(outcome, Quarantined):
+        if isinstance(outcome, Quarantined):
             topic = topics.quarantine
             headers = deadletter_headers("validate", outcome.reason, outcome.detail, source)
             metrics.QUARANTINED.labels(outcome.reason).inc()

@@ -32,7 +32,7 @@ class MemoryKafka:
         self,
         topic: str,
         partition: int,
-        key: bytes,
+        key: bytes | None,
         value: bytes,
         headers: Iterable[tuple[str, bytes]] = (),
         timestamp_ms: int = 1_790_000_000_000,

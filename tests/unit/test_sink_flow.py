@@ -13,6 +13,7 @@ import pytest
 from producers.simulator import build_fleet, new_truth, simulate
 from schemas import default_store
 from schemas.aggregates import encode_aggregate
+from schemas.envelope import BATCH_HEADER, BatchedUpload, pack
 from sinks.sink import RegionSink, SinkError
 from stream_jobs.sessions import SessionConfig, advance, flush, ingest, new_state
 from tests.unit.sink_doubles import Crash, MemoryKafka, MemoryStore, StaticRegistry
@@ -179,3 +180,66 @@ def test_aggregates_in_avro_and_from_older_workers_in_json_are_stored_junk_refus
     assert stored.get("charges", 0) == by_kind["charge"]
     assert stored["open_sessions"] == sum(r["kind"].startswith("open_") for r in records)
     assert [h["vtp-reason"] for *_, h in kafka.produced] == [b"malformed_aggregate"]
+
+
+def publish_batches(kafka: MemoryKafka, uploads: list[dict], per_message: int) -> None:
+    """As the worker sends them: batch messages (schemas.envelope) on partition 0, V1 and
+    V2 writers alternating by message."""
+    store = default_store()
+    writers = [store.get("VehicleUpload", 1), store.get("VehicleUpload", 2)]
+    for first in range(0, len(uploads), per_message):
+        writer = writers[(first // per_message) % 2]
+        run = [
+            BatchedUpload(store.encode(u, writer), u["vin"].encode(), first + i, START_MS, 1)
+            for i, u in enumerate(uploads[first : first + per_message])
+        ]
+        value, sidecar = pack("vtp.eu.uploads:0", writer, run)
+        kafka.append(VALIDATED, 0, None, value, [("vtp-region", b"eu"), (BATCH_HEADER, sidecar)])
+
+
+def test_batch_messages_of_two_writer_versions_are_stored_upload_by_upload(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    publish_batches(kafka, made, per_message=7)
+    run_until_drained(sink_over(kafka, store, registry))
+    stored = store.tables["uploads"]
+    assert sorted(r["upload_id"] for r in stored) == sorted(u["upload_id"] for u in made)
+    assert {r["raw_source"] for r in stored} == {f"vtp.eu.uploads:0:{i}" for i in range(len(made))}
+    assert {r["schema_version"] for r in stored} == {1, 2}
+    assert len(store.tables["samples"]) == sum(len(u["samples"]) for u in made)
+    # batches are cut by uploads (10 here), never inside a message
+    assert all((last - first + 1) * 7 >= 10 for _, _, first, last in store.batches[:-1])
+    assert kafka.committed == {(VALIDATED, 0): len(kafka.logs[(VALIDATED, 0)])}
+
+
+def test_a_resend_inside_a_batch_message_is_refused_with_its_own_bytes(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    publish_batches(kafka, [made[0], made[1], made[0]], per_message=3)  # made[0] twice
+    run_until_drained(sink_over(kafka, store, registry))
+    assert sorted(r["upload_id"] for r in store.tables["uploads"]) == sorted(
+        [made[0]["upload_id"], made[1]["upload_id"]]
+    )
+    [(topic, key, value, headers)] = kafka.produced
+    assert topic.endswith("deadletter") and headers["vtp-reason"] == b"duplicate_upload"
+    assert headers["vtp-source"] == b"vtp.eu.uploads:0:2"
+    assert key == made[0]["vin"].encode()
+    assert default_store().decode(value)[0]["upload_id"] == made[0]["upload_id"]
+
+
+def test_a_batch_message_that_cannot_be_taken_apart_is_dead_lettered_whole(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    publish_batches(kafka, made[:3], per_message=3)
+    first = kafka.logs[(VALIDATED, 0)][0]
+    value = first.value() or b""
+    kafka.append(VALIDATED, 0, None, value[:-40], first.headers() or [])  # truncated
+    publish_batches(kafka, made[3:6], per_message=3)
+    run_until_drained(sink_over(kafka, store, registry))
+    assert len(store.tables["uploads"]) == 6
+    [(topic, _, dead, headers)] = kafka.produced
+    assert topic.endswith("deadletter") and headers["vtp-reason"] == b"malformed_batch"
+    assert dead == value[:-40]
