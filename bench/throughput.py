@@ -40,7 +40,7 @@ from vtp.core.regions import REGIONS
 from vtp.core.settings import Settings, load_settings
 from vtp.core.topics import create_topics
 from vtp.core.warehouse import ChdbWarehouse, open_warehouse, rows
-from vtp.harness import Process, start_sink, start_worker, wait_drained
+from vtp.harness import Process, read_outcomes, start_sink, start_worker, wait_drained
 
 TICKS = os.sysconf("SC_CLK_TCK")
 BLOCK_MESSAGES = 10_000  # messages per Avro container block in the baseline
@@ -210,7 +210,9 @@ def feed(stacks: dict[str, Settings], fleet: list[Vehicle], rate: float, seconds
     publishers = publishers_for(stacks)
     region_of = {v.vin: v.region for v in fleet}
     started, sent_samples, uploads = time.perf_counter(), 0, 0
-    start_ms = int(time.time() * 1000) - 3_600_000
+    # Simulated time runs far ahead of the clock at this rate: it ends now, so no upload
+    # is sent from the future (the worker would refuse it as clock skew).
+    start_ms = int(time.time() * 1000) - 7_200_000
     for upload in simulate(fleet, seed=12, start_ms=start_ms, duration_s=7200):
         publishers[region_of[upload["vin"]]].publish_upload(upload)
         uploads += 1
@@ -221,7 +223,9 @@ def feed(stacks: dict[str, Settings], fleet: list[Vehicle], rate: float, seconds
         if time.perf_counter() - started >= seconds:
             break
     for publisher in publishers.values():
-        publisher.flush(60)
+        report = publisher.flush(60)
+        if not report.ok:
+            print(f"  feed: {len(report.failed)} uploads failed, {report.pending} unacknowledged")
     return uploads
 
 
@@ -302,10 +306,17 @@ def run(vehicles: int, minutes: float, per_upload: int, latency_s: float) -> Non
         if latency_s > 0:
             since_ms = int(time.time() * 1000)
             sent = feed(stacks, fleet, vtp_rate / 2, latency_s)
-            wait_drained(list(stacks.values()), processes, timeout=600)
+            if not wait_drained(list(stacks.values()), processes, timeout=600):
+                print("  the pipeline did not drain the feed within 600 s")
             for p in processes:
                 p.stop()
             found = latencies_ms(stacks, since_ms)
+            for region, settings in stacks.items():
+                outcomes = read_outcomes(settings)
+                print(
+                    f"  {region}: dead-lettered {dict(outcomes.deadlettered)}, quarantined "
+                    f"{dict(outcomes.quarantined)}, samples too late {outcomes.too_late}"
+                )
             print(
                 f"  fed at {vtp_rate / 2:,.0f} samples/s for {latency_s:.0f} s ({sent:,} uploads, "
                 f"{len(found):,} stored): upload -> queryable p50 {percentile(found, 0.5):,.0f} ms, "
