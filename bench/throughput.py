@@ -36,6 +36,7 @@ from producers.publish import DEFAULT_START_MS, publish_fleet, publishers_for, r
 from producers.simulator import Vehicle, build_fleet, simulate
 from schemas import default_store
 from schemas.codec import HEADER_LEN
+from schemas.envelope import BATCH_HEADER, container
 from vtp.core.regions import REGIONS
 from vtp.core.settings import Settings, load_settings
 from vtp.core.topics import create_topics
@@ -65,28 +66,6 @@ def topic_bytes(settings: Settings) -> dict[str, int]:
 
 
 # -- the raw columnar baseline -------------------------------------------------------
-
-
-def _zigzag(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def container(schema_json: str, bodies: list[bytes]) -> bytes:
-    """One Avro object-container file: header with the schema, one block, sync marker."""
-    sync = os.urandom(16)
-    meta = {b"avro.schema": schema_json.encode(), b"avro.codec": b"null"}
-    head = bytearray(b"Obj\x01") + _zigzag(len(meta))
-    for key, value in meta.items():
-        head += _zigzag(len(key)) + key + _zigzag(len(value)) + value
-    head += _zigzag(0) + sync
-    data = b"".join(bodies)
-    return bytes(head) + _zigzag(len(bodies)) + _zigzag(len(data)) + data + sync
 
 
 BASELINE_TABLE = """
@@ -139,7 +118,7 @@ def raw_baseline(settings: Settings, folder: Path) -> tuple[int, float]:
         schema = store.by_fingerprint(fingerprint)
         assert schema is not None
         path = folder / f"block-{settings.region}.avro"
-        path.write_bytes(container(json.dumps(schema.definition), bodies))
+        path.write_bytes(container(schema, bodies))
         warehouse.execute(BASELINE_INSERT.format(path=path))
 
     while len(ended) < partitions:
@@ -229,26 +208,70 @@ def feed(stacks: dict[str, Settings], fleet: list[Vehicle], rate: float, seconds
     return uploads
 
 
-def latencies_ms(stacks: dict[str, Settings], since_ms: int) -> list[float]:
-    """stored_at - received_at of every upload received since ``since_ms``, all regions
-    (read after the sinks stopped: they own the embedded engine)."""
-    found: list[float] = []
+def routed_at(settings: Settings, since_ms: int) -> dict[str, int]:
+    """raw source -> when the worker sent the upload on (its batch message's timestamp),
+    for uploads received since ``since_ms``."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "group.id": f"bench-routed-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "log_level": 3,
+        }
+    )
+    partitions = settings.topic_partitions
+    consumer.assign(
+        [TopicPartition(settings.topics.validated, p, OFFSET_BEGINNING) for p in range(partitions)]
+    )
+    found: dict[str, int] = {}
+    ended: set[int] = set()
+    while len(ended) < partitions:
+        for m in consumer.consume(num_messages=1000, timeout=1.0):
+            if m.error() is not None:
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    ended.add(m.partition() or 0)
+                continue
+            sidecar = dict(m.headers() or []).get(BATCH_HEADER)
+            if not sidecar:
+                continue
+            side = json.loads(sidecar)
+            for offset, received in zip(side["offsets"], side["received_ms"], strict=True):
+                if received >= since_ms:
+                    found[f"{side['source']}:{offset}"] = m.timestamp()[1]
+    consumer.close()
+    return found
+
+
+def stage_latencies_ms(
+    stacks: dict[str, Settings], since_ms: int
+) -> tuple[list[float], list[float], list[float]]:
+    """(received -> stored, received -> routed by the worker, routed -> stored), each
+    sorted, for every upload received since ``since_ms`` (read after the sinks stopped:
+    they own the embedded engine)."""
+    whole: list[float] = []
+    worker: list[float] = []
+    sink: list[float] = []
     for settings in stacks.values():
+        routed = routed_at(settings, since_ms)
         warehouse = open_warehouse(settings)
         try:
-            found += [
-                float(d)
-                for (d,) in rows(
-                    warehouse.query(
-                        "SELECT dateDiff('millisecond', received_at, stored_at) FROM uploads "
-                        "WHERE received_at >= fromUnixTimestamp64Milli({s:Int64})",
-                        {"s": since_ms},
-                    )
+            stored = rows(
+                warehouse.query(
+                    "SELECT raw_source, toUnixTimestamp64Milli(received_at), "
+                    "toUnixTimestamp64Milli(stored_at) FROM uploads "
+                    "WHERE received_at >= fromUnixTimestamp64Milli({s:Int64})",
+                    {"s": since_ms},
                 )
-            ]
+            )
         finally:
             warehouse.close()
-    return sorted(found)
+        for source, received, at in stored:
+            whole.append(float(at - received))
+            if source in routed:
+                worker.append(float(routed[source] - received))
+                sink.append(float(at - routed[source]))
+    return sorted(whole), sorted(worker), sorted(sink)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -310,7 +333,7 @@ def run(vehicles: int, minutes: float, per_upload: int, latency_s: float) -> Non
                 print("  the pipeline did not drain the feed within 600 s")
             for p in processes:
                 p.stop()
-            found = latencies_ms(stacks, since_ms)
+            found, to_worker, to_sink = stage_latencies_ms(stacks, since_ms)
             for region, settings in stacks.items():
                 outcomes = read_outcomes(settings)
                 print(
@@ -322,6 +345,11 @@ def run(vehicles: int, minutes: float, per_upload: int, latency_s: float) -> Non
                 f"{len(found):,} stored): upload -> queryable p50 {percentile(found, 0.5):,.0f} ms, "
                 f"p99 {percentile(found, 0.99):,.0f} ms"
             )
+            for stage, values in (("received -> routed", to_worker), ("routed -> stored", to_sink)):
+                print(
+                    f"    {stage}: p50 {percentile(values, 0.5):,.0f} ms, "
+                    f"p99 {percentile(values, 0.99):,.0f} ms"
+                )
     finally:
         for p in processes:
             p.stop()

@@ -98,18 +98,23 @@ def cut(
         yield run
 
 
-def pack(source: str, writer: Schema, uploads: list[BatchedUpload]) -> tuple[bytes, bytes]:
-    """(value, vtp-batch header) of one batch message. ``source``: "topic:partition" the
-    uploads were read from; every upload was written with ``writer``."""
-    bodies = [up.value[HEADER_LEN:] for up in uploads]
+def container(writer: Schema, bodies: list[bytes]) -> bytes:
+    """An Avro object container file of one block: ``bodies`` (schemaless, by ``writer``)."""
     data = b"".join(bodies)
-    value = (
+    return (
         container_header(writer)
-        + _long(len(uploads))
+        + _long(len(bodies))
         + _long(len(data))
         + data
         + writer.fingerprint * 2
     )
+
+
+def pack(source: str, writer: Schema, uploads: list[BatchedUpload]) -> tuple[bytes, bytes]:
+    """(value, vtp-batch header) of one batch message. ``source``: "topic:partition" the
+    uploads were read from; every upload was written with ``writer``."""
+    bodies = [up.value[HEADER_LEN:] for up in uploads]
+    value = container(writer, bodies)
     sidecar = {
         "v": 1,
         "source": source,

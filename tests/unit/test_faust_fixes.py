@@ -12,6 +12,7 @@ import pytest
 from aiokafka.client import AIOKafkaClient
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 from intervaltree import IntervalTree
 
@@ -311,3 +312,25 @@ def test_unpatched_faust_acks_the_batch_of_an_agent_that_raised():
         # and the loop of the consumer thread Faust made for it, never started here
         faust_fixes.internals(app.consumer)._thread.thread_loop.close()
     assert len(taken) == 1 and taken[0].acked  # processed by nobody, yet acked: lost
+
+
+def _worker_consumer_fetch_wait(create) -> int:
+    async def made() -> int:
+        app = faust.App("vtp-test-fetch", broker="kafka://127.0.0.1:9", store="memory://")
+        thread = app.consumer._thread
+        consumer = create(thread, app.transport)  # constructed, never started
+        try:
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(made())
+
+
+def test_the_worker_consumer_waits_at_most_100_ms_for_a_fetch():
+    faust_fixes.install()
+    assert _worker_consumer_fetch_wait(AIOKafkaConsumerThread._create_worker_consumer) == 100
+
+
+def test_unpatched_faust_lets_a_fetch_of_idle_partitions_hold_the_uploads_1500_ms():
+    assert _worker_consumer_fetch_wait(faust_fixes._faust_create_worker_consumer) == 1500
