@@ -266,8 +266,6 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     @exit_on_error
     async def validate_uploads(stream: faust.Stream[Any]) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            _t0 = time.time()
-            _age = _t0 - min(e.message.timestamp for e in events)
             await gate.wait({e.message.partition for e in events})
             raws = [
                 RawUpload(
@@ -297,15 +295,10 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
                     for r, o in zip(raws, outcomes, strict=True)
                     if isinstance(o, Routed) and r.key
                 ]
-                _t1 = time.time()
                 touched = await sessions.take(accepted, pending)
-                _t2 = time.time()
                 await asyncio.gather(*pending)
-                _t3 = time.time()
                 await sessions.store(touched, busy)
-                _t4 = time.time()
             _report_batch_lag(events)
-            _t5 = time.time()
             # Durable before the batch is acked, so a committed offset never outruns the
             # dedup state that tells its replay from a resend.
             partition_of: dict[str, int] = {}
@@ -325,17 +318,6 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
                     )
                     for vin in seen.changed
                 )
-            )
-            _t6 = time.time()
-            log.warning(
-                "TIMING n=%d age=%.3f route=%.3f take=%.3f sends=%.3f store=%.3f seen=%.3f",
-                len(events),
-                _age,
-                _t1 - _t0,
-                _t2 - _t1,
-                _t3 - _t2,
-                _t4 - _t3,
-                _t6 - _t5,
             )
             await forget_quiet(
                 seen_table,
