@@ -44,9 +44,16 @@ class PartitionBatch(Generic[Item]):
 
 
 class Batcher(Generic[Item]):
-    def __init__(self, max_messages: int, flush_after_s: float, forced_end: ForcedEndLookup):
+    def __init__(
+        self,
+        max_messages: int,
+        flush_after_s: float,
+        forced_end: ForcedEndLookup,
+        flush_after_by_topic: dict[str, float] | None = None,
+    ):
         self._max = max_messages
         self._flush_after = flush_after_s
+        self._flush_after_by_topic = flush_after_by_topic or {}
         self._forced_end = forced_end
         self._open: dict[tuple[str, int], PartitionBatch[Item]] = {}
         self._ready: list[PartitionBatch[Item]] = []
@@ -80,7 +87,8 @@ class Batcher(Generic[Item]):
     def take_ready(self, now: float, final: bool = False) -> list[PartitionBatch[Item]]:
         """Batches to insert now. ``final`` (shutdown) also cuts every unforced batch."""
         for key, batch in list(self._open.items()):
-            if batch.forced_last is None and (final or now - batch.started_at >= self._flush_after):
+            waits = self._flush_after_by_topic.get(batch.topic, self._flush_after)
+            if batch.forced_last is None and (final or now - batch.started_at >= waits):
                 self._ready.append(self._open.pop(key))
         ready, self._ready = self._ready, []
         return ready

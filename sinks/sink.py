@@ -232,8 +232,13 @@ class RegionSink:
                 **settings.kafka_extra,
             }
         )
+        # Aggregate records are not on an upload's way to the warehouse: their batches
+        # wait longer, so each costs its statements over more records.
         self.batcher: Batcher[Message] = Batcher(
-            settings.sink_batch_messages, settings.sink_flush_ms / 1000, self._recorded_end
+            settings.sink_batch_messages,
+            settings.sink_flush_ms / 1000,
+            self._recorded_end,
+            {self.aggregates_topic: settings.sink_aggregates_flush_ms / 1000},
         )
         self._stop = False
         self._last_lag_report = 0.0
@@ -267,7 +272,8 @@ class RegionSink:
                     weight = uploads_in(m) if topic == self.topic else 1
                     self.batcher.add(topic, partition, offset, m, now, weight)
                 self.registry.refresh()
-                for batch in self.batcher.take_ready(now):
+                ready = self.batcher.take_ready(now)
+                for batch in sorted(ready, key=lambda b: b.topic != self.topic):  # uploads first
                     self._write(batch)
                 self._report_lag(now)
             for batch in self.batcher.take_ready(time.monotonic(), final=True):

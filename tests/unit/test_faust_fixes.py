@@ -317,12 +317,13 @@ def test_unpatched_faust_acks_the_batch_of_an_agent_that_raised():
 def _worker_consumer_fetch_wait(create) -> int:
     async def made() -> int:
         app = faust.App("vtp-test-fetch", broker="kafka://127.0.0.1:9", store="memory://")
-        thread = app.consumer._thread
+        thread = app.consumer._thread  # never started: its own loop is closed here
         consumer = create(thread, app.transport)  # constructed, never started
         try:
             return consumer._fetch_max_wait_ms
         finally:
             await consumer.stop()
+            thread.thread_loop.close()
 
     return asyncio.run(made())
 

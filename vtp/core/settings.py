@@ -153,6 +153,9 @@ class Settings:
     )
     sink_batch_messages: int = setting(2000, "messages per sink batch")
     sink_flush_ms: int = setting(500, "how long a partial sink batch waits")
+    sink_aggregates_flush_ms: int = setting(
+        2000, "how long a partial batch of aggregate records waits (fewer, larger inserts)"
+    )
     sink_instance: str = setting("0", "names the sink process in its group (static membership)")
     sink_registry_wait_s: float = setting(
         30.0, "how long the sink waits for its registry copy to reach what the worker used"
