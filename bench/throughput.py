@@ -89,26 +89,32 @@ FROM file('{path}', 'Avro') ARRAY JOIN samples AS s
 """
 
 
-def raw_baseline(settings: Settings, folder: Path) -> tuple[int, float]:
-    """(samples stored, seconds) for the region's whole uploads topic."""
-    store = default_store()
-    warehouse = ChdbWarehouse(folder / f"raw-{settings.region}")
-    warehouse.execute(BASELINE_TABLE)
+def reader(settings: Settings, topic: str) -> Consumer:
+    """A consumer of every partition of ``topic`` from its beginning that says when it
+    reached each end. Assigned, not subscribed: no group to join, as a raw reader of a
+    backlog would do."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap(),
-            "group.id": f"bench-raw-{time.time_ns()}",
-            "auto.offset.reset": "earliest",
+            "group.id": f"bench-reader-{time.time_ns()}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "log_level": 3,
         }
     )
-    partitions = settings.topic_partitions
-    # Assigned, not subscribed: no group to join, as a raw reader of a backlog would do.
     consumer.assign(
-        [TopicPartition(settings.topics.uploads, p, OFFSET_BEGINNING) for p in range(partitions)]
+        [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.topic_partitions)]
     )
+    return consumer
+
+
+def raw_baseline(settings: Settings, folder: Path) -> tuple[int, float]:
+    """(samples stored, seconds) for the region's whole uploads topic."""
+    store = default_store()
+    warehouse = ChdbWarehouse(folder / f"raw-{settings.region}")
+    warehouse.execute(BASELINE_TABLE)
+    consumer = reader(settings, settings.topics.uploads)
+    partitions = settings.topic_partitions
     ended: set[int] = set()
     by_schema: dict[bytes, list[bytes]] = defaultdict(list)
     started = time.perf_counter()
@@ -211,19 +217,8 @@ def feed(stacks: dict[str, Settings], fleet: list[Vehicle], rate: float, seconds
 def routed_at(settings: Settings, since_ms: int) -> dict[str, int]:
     """raw source -> when the worker sent the upload on (its batch message's timestamp),
     for uploads received since ``since_ms``."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap(),
-            "group.id": f"bench-routed-{time.time_ns()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 3,
-        }
-    )
+    consumer = reader(settings, settings.topics.validated)
     partitions = settings.topic_partitions
-    consumer.assign(
-        [TopicPartition(settings.topics.validated, p, OFFSET_BEGINNING) for p in range(partitions)]
-    )
     found: dict[str, int] = {}
     ended: set[int] = set()
     while len(ended) < partitions:

@@ -56,3 +56,21 @@ def test_final_cut_and_revoked_partitions():
     b.drop("t", [1])
     (batch,) = b.take_ready(now=0.0, final=True)
     assert batch.partition == 0 and b.pending() == 0
+
+
+def test_a_message_of_many_uploads_weighs_as_many_and_is_never_split():
+    b = Batcher(100, 60.0, no_record)
+    b.add("t", 0, 0, "batch of 60", now=0.0, weight=60)
+    assert b.take_ready(now=0.0) == []
+    b.add("t", 0, 1, "batch of 70", now=0.0, weight=70)  # 130 >= 100: cut after it
+    (batch,) = b.take_ready(now=0.0)
+    assert (batch.first_offset, batch.last_offset, batch.weight) == (0, 1, 130)
+
+
+def test_a_topic_can_wait_longer_than_the_others():
+    b = Batcher(100, 0.5, no_record, {"aggregates": 2.0})
+    b.add("uploads", 0, 0, "u", now=0.0)
+    b.add("aggregates", 0, 0, "a", now=0.0)
+    assert [x.topic for x in b.take_ready(now=0.6)] == ["uploads"]
+    assert b.take_ready(now=1.9) == []
+    assert [x.topic for x in b.take_ready(now=2.1)] == ["aggregates"]
