@@ -87,7 +87,11 @@ def test_a_worker_killed_ten_times_loses_nothing_and_counts_nothing_twice(region
 
 def test_the_broker_stopped_and_started_mid_run_loses_nothing(tmp_path):
     base = load_settings({}).with_(
-        region="cn", data_dir=tmp_path, sink_batch_messages=200, sink_flush_ms=300
+        region="cn",
+        data_dir=tmp_path,
+        sink_batch_messages=200,
+        sink_flush_ms=300,
+        sink_aggregates_flush_ms=300,
     )
     state = start_broker(base)
     settings = base.with_(kafka_bootstrap=state.bootstrap, broker_port=state.port)

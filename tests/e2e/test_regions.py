@@ -102,7 +102,9 @@ def _send(uploads, fleet_by_vin, publishers, positions) -> Counter:
 @pytest.fixture(scope="module")
 def regions(tmp_path_factory):
     root = tmp_path_factory.mktemp("regions")
-    base = load_settings({}).with_(data_dir=root, sink_batch_messages=200, sink_flush_ms=300)
+    base = load_settings({}).with_(
+        data_dir=root, sink_batch_messages=200, sink_flush_ms=300, sink_aggregates_flush_ms=300
+    )
     fetch_jars(base)
     fleet, changed, sale = _plan()
     before = [
