@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -158,6 +159,26 @@ class Drain:
     cpu: dict[str, float] = field(default_factory=dict)  # process kind -> CPU seconds
     topic_ratio: dict[str, float] = field(default_factory=dict)  # topic -> bytes per input byte
     start_up_s: float = 0.0  # until the first worker routed its first batch
+    rss_mb: dict[str, list[float]] = field(default_factory=dict)  # process -> once a second
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (/proc/<pid>/status), MB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def sample_rss(
+    processes: list[Process], into: dict[str, list[float]], stop: threading.Event
+) -> None:
+    while not stop.wait(1.0):
+        for p in processes:
+            into.setdefault(p.name, []).append(rss_mb(p.popen.pid))
 
 
 def drain_with_vtp(stacks: dict[str, Settings], samples: int) -> tuple[Drain, list[Process]]:
@@ -170,7 +191,15 @@ def drain_with_vtp(stacks: dict[str, Settings], samples: int) -> tuple[Drain, li
     started, started_ms = time.perf_counter(), time.time() * 1000
     for settings in stacks.values():
         processes += [start_worker(settings), start_sink(settings)]
-    wait_drained(list(stacks.values()), processes, timeout=3600)
+    rss: dict[str, list[float]] = {}
+    done = threading.Event()
+    sampler = threading.Thread(target=sample_rss, args=(processes, rss, done), daemon=True)
+    sampler.start()
+    try:
+        wait_drained(list(stacks.values()), processes, timeout=3600)
+    finally:
+        done.set()
+        sampler.join()
     seconds = time.perf_counter() - started
     cpu: dict[str, float] = defaultdict(float)
     for p in processes:
@@ -190,7 +219,7 @@ def drain_with_vtp(stacks: dict[str, Settings], samples: int) -> tuple[Drain, li
     ratio = {t: b / max(1, input_bytes) for t, b in sorted(written.items()) if b}
     first_routed = min(first_timestamp_ms(s, s.topics.validated) for s in stacks.values())
     start_up = (first_routed - started_ms) / 1000
-    return Drain(samples, seconds, dict(cpu), ratio, start_up), processes
+    return Drain(samples, seconds, dict(cpu), ratio, start_up, rss), processes
 
 
 def first_timestamp_ms(settings: Settings, topic: str) -> float:
@@ -344,6 +373,13 @@ def run(vehicles: int, minutes: float, per_upload: int, latency_s: float) -> Non
         )
         for kind, seconds in sorted(drain.cpu.items()):
             print(f"  CPU {kind:<8} {seconds / samples * 1e6:>8.1f} µs per sample")
+        for name, series in sorted(drain.rss_mb.items()):
+            marks = [series[min(len(series) - 1, len(series) * q // 4)] for q in (1, 2, 3, 4)]
+            print(
+                f"  RSS {name:<10} at 1/4, 1/2, 3/4, end of the drain: "
+                + " / ".join(f"{mb:,.0f}" for mb in marks)
+                + f" MB (peak {max(series):,.0f})"
+            )
         for topic, ratio in drain.topic_ratio.items():
             print(f"  bytes written to {topic:<42} {ratio:>6.2f} per input byte")
         if latency_s > 0:
