@@ -1,10 +1,11 @@
 """Per-partition batches cut by offsets, so a retried batch is the same batch.
 
 A batch holds consecutive messages of one topic-partition. It is cut when it holds
-``max_messages`` (a message of many uploads weighs as many), or when it has waited ``flush_after_s`` — a time cut is safe only
-because the sink records every batch's offset range before inserting it; after a
-crash the recorded range is imposed again (a *forced* batch), so the replayed insert
-carries the same deduplication token. A forced batch is never cut early.
+``max_messages`` (a message of many uploads weighs as many), or when it has waited
+``flush_after_s`` (per topic if named) — a time cut is safe only because the sink
+records every batch's offset range before inserting it; after a crash the recorded
+range is imposed again (a *forced* batch), so the replayed insert carries the same
+deduplication token. A forced batch is never cut early.
 """
 
 from __future__ import annotations

@@ -404,10 +404,7 @@ class RegionSink:
         messages, broken = expand(batch.items, self._schemas)
         self._catch_up_registry(messages)
         good, refused = classify(messages, self.region, self.registry)
-        refused += [
-            Refused(m, exc.reason, exc.detail, "{}:{}:{}".format(*coordinates(m)))
-            for m, exc in broken
-        ]
+        refused += [Refused(m, exc.reason, exc.detail, _source(m)) for m, exc in broken]
         horizons = self._erasure_horizons({up.owner_id for up in good})
         good, erased = drop_erased_samples(good, horizons)
         metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)

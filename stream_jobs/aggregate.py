@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -88,22 +89,16 @@ def _headers(message: Any) -> list[tuple[str, bytes | None]]:
     return list(message.headers or ())
 
 
+@dataclass(slots=True)
 class Accepted:
     """An upload the validate agent routed: its bytes, decoded record and raw position."""
 
-    __slots__ = ("key", "offset", "partition", "received_ms", "record", "value")
-
-    def __init__(
-        self,
-        key: bytes,
-        value: bytes,
-        record: dict[str, Any],
-        partition: int,
-        offset: int,
-        received_ms: int,
-    ):
-        self.key, self.value, self.record = key, value, record
-        self.partition, self.offset, self.received_ms = partition, offset, received_ms
+    key: bytes
+    value: bytes
+    record: dict[str, Any]
+    partition: int
+    offset: int
+    received_ms: int
 
 
 Send = Callable[

@@ -151,7 +151,9 @@ class Settings:
     worker_stall_s: float = setting(
         60.0, "a worker whose offsets did not move this long with work outstanding restarts; 0 off"
     )
-    sink_batch_messages: int = setting(2000, "messages per sink batch")
+    sink_batch_messages: int = setting(
+        2000, "uploads per sink batch (a batch message counts its uploads; never split)"
+    )
     sink_flush_ms: int = setting(500, "how long a partial sink batch waits")
     sink_aggregates_flush_ms: int = setting(
         2000, "how long a partial batch of aggregate records waits (fewer, larger inserts)"
