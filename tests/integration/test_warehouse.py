@@ -151,7 +151,7 @@ def test_every_column_of_every_owner_table_is_opened_or_kept_inside_on_purpose(w
 def test_a_failed_statement_leaves_nothing_in_the_next_answer(tmp_path):
     # chdb 4.4 hands a failed statement's partial output to the next statement on the same
     # connection (another request's answer would start with it) unless it is read away.
-    wh = ChdbWarehouse(tmp_path / "wh")
+    wh = ChdbWarehouse(tmp_path / "wh", readers=1)  # the next read is on the same connection
     try:
         with pytest.raises(WarehouseError, match="TIMEOUT"):
             wh.query(
@@ -160,6 +160,54 @@ def test_a_failed_statement_leaves_nothing_in_the_next_answer(tmp_path):
             )
         assert rows(wh.query("SELECT 42 AS answer")) == [(42,)]
         assert wh.query_raw("SELECT 43", None, "CSV") == b"43\n"
+    finally:
+        wh.close()
+
+
+def test_concurrent_reads_on_several_connections_each_get_their_own_answer(tmp_path):
+    import threading
+
+    wh = ChdbWarehouse(tmp_path / "wh", readers=4)
+    wrong: list[tuple[int, object]] = []
+    try:
+
+        def reads(worker: int) -> None:
+            for i in range(40):
+                mine = (worker * 1000 + i, f"w{worker}'{i}")
+                found = rows(
+                    wh.query("SELECT {n:UInt32}, {s:String}", {"n": mine[0], "s": mine[1]})
+                )
+                if found != [mine]:
+                    wrong.append((worker, found))
+
+        threads = [threading.Thread(target=reads, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wrong == []
+    finally:
+        wh.close()
+
+
+def test_a_read_is_answered_while_a_write_runs(tmp_path):
+    import threading
+    import time
+
+    wh = ChdbWarehouse(tmp_path / "wh")
+    try:
+        wh.execute("CREATE TABLE slow (n UInt64) ENGINE = MergeTree ORDER BY n")
+        insert = (
+            "INSERT INTO slow SELECT sleepEachRow(1) + number FROM numbers(5) "
+            "SETTINGS max_block_size = 1"
+        )
+        writing = threading.Thread(target=wh.execute, args=(insert,))
+        writing.start()
+        time.sleep(0.5)  # the insert holds the write connection for about 5 s
+        assert rows(wh.query("SELECT count() FROM slow")) == [(0,)]
+        assert writing.is_alive()  # answered beside the write, not after it
+        writing.join()
+        assert rows(wh.query("SELECT count() FROM slow")) == [(5,)]
     finally:
         wh.close()
 

@@ -165,6 +165,9 @@ class Settings:
     warehouse: str = setting(
         "chdb", "`chdb` (embedded) or a ClickHouse server URL", secret=mask_url_password
     )
+    warehouse_readers: int = setting(
+        4, "embedded warehouse: connections that read side by side (writes go one at a time)"
+    )
     metrics_port: int = setting(0, "Prometheus endpoint on 127.0.0.1; 0 off")
     api_host: str = setting("127.0.0.1", "where `vtp serve` listens")
     api_port: int = setting(
@@ -196,6 +199,8 @@ class Settings:
                 raise SettingsError(f"{exc} (VTP_REGION or --region)") from None
         if self.sink_batch_messages < 1:
             raise SettingsError("VTP_SINK_BATCH_MESSAGES must be at least 1")
+        if self.warehouse_readers < 1:
+            raise SettingsError("VTP_WAREHOUSE_READERS must be at least 1")
         if self.topic_partitions < 1:
             raise SettingsError("VTP_TOPIC_PARTITIONS must be at least 1")
         if 0 < self.vehicle_state_ttl_s < self.max_backlog_s + self.max_clock_skew_s:

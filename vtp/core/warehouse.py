@@ -1,7 +1,9 @@
 """The warehouse interface and its two drivers, sharing every SQL statement.
 
 - ChdbWarehouse: the ClickHouse engine in-process (chdb), one folder per region.
-  chdb locks the folder: only one process may open it at a time.
+  chdb locks the folder: only one process may open it at a time. Writes go one at a
+  time through one connection; reads run side by side on a few connections of their own
+  (the engine runs statements of different connections in parallel).
 - ServerWarehouse: a ClickHouse server over HTTP (clickhouse-connect).
 
 Parameters are always bound with ClickHouse's ``{name:Type}`` syntax, never
@@ -14,6 +16,7 @@ import contextlib
 import fcntl
 import io
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 from urllib.parse import unquote, urlparse
@@ -107,7 +110,7 @@ class _ChdbSession(Protocol):
 class ChdbWarehouse:
     _session: _ChdbSession
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readers: int = 4):
         from chdb.session import Session
 
         path.mkdir(parents=True, exist_ok=True)
@@ -124,23 +127,47 @@ class ChdbWarehouse:
             raise WarehouseError(f"cannot open the embedded warehouse {path}: {exc}") from None
         self._path = path
         # One engine per process: `vtp serve` shares it between the sink and the API's
-        # request threads, one statement at a time.
+        # request threads. Statements that change anything run one at a time here...
         self._lock = threading.RLock()
+        # ...and reads on up to `readers` connections at once: an owner API answers a
+        # request in a few milliseconds of engine time, and one connection would queue
+        # every request behind the others (measured on 100M samples: 181 pages/s on one
+        # connection, 300 on four, on 2 cores).
+        self._max_readers = max(1, readers)
+        self._idle_readers: list[_ChdbSession] = []
+        self._open_readers = 0
+        self._readers_free = threading.Condition()
 
     def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
-        bound = {k: _param_text(v) for k, v in (params or {}).items()}
         with self._lock:
-            try:
-                return self._session.query(sql, fmt, params=bound)
-            except Exception as exc:
-                self._drain()
-                raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+            return _run_on(self._session, sql, fmt, params)
 
-    def _drain(self) -> None:
-        """chdb 4.4 hands what a failed statement had output to the next statement on the
-        same connection (another caller's answer would begin with it): read it away."""
-        with contextlib.suppress(Exception):  # the original error is what the caller needs
-            self._session.query("SELECT 1", "CSV")
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[_ChdbSession]:
+        with self._readers_free:
+            while not self._idle_readers and self._open_readers >= self._max_readers:
+                self._readers_free.wait()
+            if self._idle_readers:
+                connection = self._idle_readers.pop()
+            else:
+                connection = self._open_reader()
+                self._open_readers += 1
+        try:
+            yield connection
+        finally:
+            with self._readers_free:
+                self._idle_readers.append(connection)
+                self._readers_free.notify()
+
+    def _open_reader(self) -> _ChdbSession:
+        from chdb.state import connect
+
+        reader: _ChdbSession = connect(str(self._path))
+        return reader
+
+    def _read(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
+        with self._reader() as connection:
+            return _run_on(connection, sql, fmt, params)
 
     def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
         self._run(sql, "CSV", params)
@@ -148,11 +175,11 @@ class ChdbWarehouse:
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
         from chdb.state.sqlitelike import to_arrowTable
 
-        result = self._run(sql, "Arrow", params)
+        result = self._read(sql, "Arrow", params)
         return to_arrowTable(result)  # type: ignore[no-untyped-call]  # chdb: untyped
 
     def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
-        return self._run(sql, fmt, params).bytes()
+        return self._read(sql, fmt, params).bytes()
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         if data.num_rows == 0:
@@ -173,7 +200,7 @@ class ChdbWarehouse:
                     inserter.append(buf.getvalue())
                     inserter.finish()
             except Exception as exc:
-                self._drain()
+                _drain(self._session)
                 raise WarehouseError(f"insert into {table} failed: {exc}") from None
         inserted: int = data.num_rows  # pyarrow has no annotations
         return inserted
@@ -196,8 +223,29 @@ class ChdbWarehouse:
             connection.close()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_free:
+            for reader in self._idle_readers:
+                reader.close()
+            self._idle_readers.clear()
             self._session.close()
+
+
+def _run_on(
+    connection: _ChdbSession, sql: str, fmt: str, params: dict[str, Any] | None
+) -> _ChdbResult:
+    bound = {k: _param_text(v) for k, v in (params or {}).items()}
+    try:
+        return connection.query(sql, fmt, params=bound)
+    except Exception as exc:
+        _drain(connection)
+        raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
+
+def _drain(connection: _ChdbSession) -> None:
+    """chdb 4.4 hands what a failed statement had output to the next statement on the
+    same connection (another caller's answer would begin with it): read it away."""
+    with contextlib.suppress(Exception):  # the original error is what the caller needs
+        connection.query("SELECT 1", "CSV")
 
 
 class _ClientArgs(TypedDict, total=False):
@@ -322,7 +370,7 @@ def open_warehouse(settings: Settings) -> Warehouse:
     """The region's warehouse: embedded by default, a server when VTP_WAREHOUSE is a URL."""
     region = settings.need_region()
     if settings.warehouse == "chdb":
-        return ChdbWarehouse(settings.warehouse_path)
+        return ChdbWarehouse(settings.warehouse_path, settings.warehouse_readers)
     if settings.warehouse.startswith(("http://", "https://")):
         return ServerWarehouse(settings.warehouse, region)
     shown = settings.shown("warehouse")
