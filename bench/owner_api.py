@@ -1,5 +1,6 @@
 """Owner API latency: a one-vehicle 30-day read and full exports of a large owner, and
-with --fleet, first pages of random vehicles and small reads from 32 clients at once.
+with --fleet, first pages of random vehicles and small reads from 32 clients at once
+(as fast as answered, and at fixed offered rates).
 
 Fills an embedded warehouse with synthetic samples (ClickHouse generates them: one
 owner with --vehicles vehicles at one sample per 2 s for 30 days, other owners, and a
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -147,8 +149,9 @@ def percentiles(ms: list[float]) -> str:
 
 
 def fleet_reads(settings: Settings, url: str, fleet: int, window: dict[str, str]) -> None:
-    """First pages of random fleet vehicles, one at a time, then small reads from 32
-    clients at once for 10 s: what an owner app's requests meet at this size."""
+    """First pages of random fleet vehicles, one at a time; then small reads from 32
+    clients for 10 s as fast as they are answered (the region's ceiling), and at 100 and
+    300 reads/s offered (what an owner app's requests meet below it)."""
     keyring = load_keyring(settings)
     rng = random.Random(5)
 
@@ -166,6 +169,10 @@ def fleet_reads(settings: Settings, url: str, fleet: int, window: dict[str, str]
         api.close()
     print(f"first page of 1000, 200 random vehicles of {fleet:,}: {percentiles(took)}")
 
+    def page_of_100(api: httpx.Client, vin: str) -> None:
+        params = {**window, "limit": 100, "signals": "speed,soc"}
+        api.get(f"/v1/vehicles/{vin}/samples", params=params).raise_for_status()
+
     done: list[float] = []
     stop_at = time.monotonic() + 10
 
@@ -174,17 +181,58 @@ def fleet_reads(settings: Settings, url: str, fleet: int, window: dict[str, str]
         api, vin = client(local.randrange(fleet))
         while time.monotonic() < stop_at:
             t = time.perf_counter()
-            params = {**window, "limit": 100, "signals": "speed,soc"}
-            api.get(f"/v1/vehicles/{vin}/samples", params=params).raise_for_status()
+            page_of_100(api, vin)
             done.append((time.perf_counter() - t) * 1000)
         api.close()
 
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(32)]
+    run_threads(reader, 32)
+    print(
+        f"32 clients, as fast as answered, a page of 100 samples: "
+        f"{len(done) / 10:,.0f} reads/s, {percentiles(done)}"
+    )
+    for rate in (100, 300):
+        offered(client, page_of_100, fleet, rate)
+
+
+def offered(
+    client: Callable[[int], tuple[httpx.Client, str]],
+    read: Callable[[httpx.Client, str], None],
+    fleet: int,
+    rate: int,
+) -> None:
+    """Reads sent at a fixed rate for 10 s from 32 clients, each timed from when it was
+    due (a read that waits for a free client counts its wait: no coordinated omission)."""
+    due_at = time.perf_counter() + 0.5
+    total = rate * 10
+    next_read = iter(range(total))
+    lock = threading.Lock()
+    took: list[float] = []
+
+    def sender(seed: int) -> None:
+        api, vin = client(random.Random(seed).randrange(fleet))
+        while True:
+            with lock:
+                i = next(next_read, None)
+            if i is None:
+                break
+            due = due_at + i / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+            read(api, vin)
+            took.append((time.perf_counter() - due) * 1000)
+        api.close()
+
+    started = time.perf_counter()
+    run_threads(sender, 32)
+    answered = total / (time.perf_counter() - started - 0.5)
+    print(f"{rate} reads/s offered by 32 clients: {answered:,.0f} answered/s, {percentiles(took)}")
+
+
+def run_threads(target: Callable[[int], None], count: int) -> None:
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    print(f"32 clients, a page of 100 samples: {len(done) / 10:,.0f} reads/s, {percentiles(done)}")
 
 
 def peak_rss_mib(pid: int) -> float:
