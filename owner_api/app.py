@@ -343,9 +343,8 @@ def create_app(
         cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
     ) -> Response:
         start_ms, end_ms = _time_range(start, end, 30)
-        wanted = [s for s in (signals or "").split(",") if s] or [
-            s for s, scope in SIGNAL_SCOPE.items() if scope in who.claims.scopes
-        ]
+        asked = list(dict.fromkeys(s for s in (signals or "").split(",") if s))  # once each
+        wanted = asked or [s for s, scope in SIGNAL_SCOPE.items() if scope in who.claims.scopes]
         unknown = [s for s in wanted if s not in SIGNAL_SCOPE]
         if unknown:
             raise ApiError(

@@ -395,12 +395,16 @@ def test_erasure_removes_everything_and_a_replay_does_not_bring_it_back(served):
         api.post("/v1/grants", json={"party": "P", "scopes": ["battery"], "expires_in_s": 600})
         before = _export(served, "eu", owner, "jsonl")[0]["row_counts"]
         assert before["samples"] > 0 and before["grants"] == 1
+        page = api.get(f"/v1/vehicles/{vins[0]}/samples", params={"limit": 1})
+        assert page.status_code == 200 and page.json()["samples"]  # "theirs" is remembered
         r = api.post("/v1/erasure")
         assert r.status_code == 202, r.text  # accepted: it runs as a job
         erasure = r.json()["erasure"]
         assert erasure["status"] == "pending" and erasure["completed_at"] is None
         erasure = _finished(api, erasure["erasure_id"])
         assert erasure["rows_deleted"]["samples"] == before["samples"]
+        gone = api.get(f"/v1/vehicles/{vins[0]}/samples", params={"limit": 1})
+        assert gone.status_code == 404 and gone.json()["error"] == "unknown_vehicle"
 
     # Replay: the owner's original messages again, byte for byte, plus older data sent
     # late under new upload ids. None of it may be stored; new data after the erasure is.

@@ -212,6 +212,46 @@ def test_a_read_is_answered_while_a_write_runs(tmp_path):
         wh.close()
 
 
+def test_closing_while_a_read_runs_lets_it_finish_and_refuses_later_reads(tmp_path):
+    import threading
+    import time
+
+    wh = ChdbWarehouse(tmp_path / "wh", readers=1)
+    answers: list[object] = []
+    reading = threading.Thread(
+        target=lambda: answers.append(rows(wh.query("SELECT sleepEachRow(1) + 7 FROM numbers(2)")))
+    )
+    reading.start()
+    time.sleep(0.5)  # the read holds the only reader for about 2 s
+    wh.close()
+    reading.join()
+    assert answers == [[(7.0,), (7.0,)]]
+    with pytest.raises(WarehouseError, match="closed"):
+        wh.query("SELECT 1")
+    # every connection let go of the folder: another warehouse can open one now
+    other = ChdbWarehouse(tmp_path / "other")
+    assert rows(other.query("SELECT 1")) == [(1,)]
+    other.close()
+
+
+def test_a_reader_that_cannot_be_cleaned_after_a_failure_is_dropped(tmp_path, monkeypatch):
+    import vtp.core.warehouse as warehouse_module
+
+    wh = ChdbWarehouse(tmp_path / "wh", readers=1)
+    try:
+        assert rows(wh.query("SELECT 1")) == [(1,)]
+        (first,) = wh._idle_readers
+        monkeypatch.setattr(warehouse_module, "_drain", lambda connection: False)
+        with pytest.raises(WarehouseError, match="no_such_column"):
+            wh.query("SELECT no_such_column")
+        monkeypatch.undo()
+        assert wh._idle_readers == []  # not pooled again: it may hold the failure's output
+        assert rows(wh.query("SELECT 2")) == [(2,)]  # a fresh reader in its slot
+        assert wh._idle_readers and wh._idle_readers[0] is not first
+    finally:
+        wh.close()
+
+
 def test_access_log_rows_of_concurrent_requests_go_in_together_and_each_waits_for_its_own(
     tmp_path,
 ):

@@ -137,6 +137,7 @@ class ChdbWarehouse:
         self._idle_readers: list[_ChdbSession] = []
         self._open_readers = 0
         self._readers_free = threading.Condition()
+        self._closed = False
 
     def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
         with self._lock:
@@ -145,19 +146,46 @@ class ChdbWarehouse:
     @contextlib.contextmanager
     def _reader(self) -> Iterator[_ChdbSession]:
         with self._readers_free:
-            while not self._idle_readers and self._open_readers >= self._max_readers:
+            while not self._closed and not self._idle_readers:
+                if self._open_readers < self._max_readers:
+                    self._open_readers += 1
+                    break
                 self._readers_free.wait()
-            if self._idle_readers:
-                connection = self._idle_readers.pop()
-            else:
+            if self._closed:
+                raise WarehouseError(f"the embedded warehouse {self._path} is closed")
+            connection = self._idle_readers.pop() if self._idle_readers else None
+        if connection is None:
+            try:
                 connection = self._open_reader()
-                self._open_readers += 1
+            except Exception as exc:
+                self._drop_reader(None)
+                raise WarehouseError(f"cannot open a reader on {self._path}: {exc}") from None
+        usable = True
         try:
             yield connection
+        except _Poisoned:
+            usable = False
+            raise
         finally:
-            with self._readers_free:
-                self._idle_readers.append(connection)
-                self._readers_free.notify()
+            pooled = False
+            if usable:
+                with self._readers_free:
+                    if not self._closed:
+                        self._idle_readers.append(connection)
+                        self._readers_free.notify()
+                        pooled = True
+            if not pooled:
+                self._drop_reader(connection)
+
+    def _drop_reader(self, connection: _ChdbSession | None) -> None:
+        """A reader closed for good (the warehouse closed, or a failed statement's output
+        could not be read away): its slot is free again."""
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+        with self._readers_free:
+            self._open_readers -= 1
+            self._readers_free.notify()
 
     def _open_reader(self) -> _ChdbSession:
         from chdb.state import connect
@@ -223,10 +251,15 @@ class ChdbWarehouse:
             connection.close()
 
     def close(self) -> None:
+        """Closes the warehouse; a read still running closes its connection when it ends
+        (the engine lets go of the folder with the last one), later reads are refused."""
         with self._lock, self._readers_free:
+            self._closed = True
             for reader in self._idle_readers:
                 reader.close()
+            self._open_readers -= len(self._idle_readers)
             self._idle_readers.clear()
+            self._readers_free.notify_all()
             self._session.close()
 
 
@@ -237,15 +270,25 @@ def _run_on(
     try:
         return connection.query(sql, fmt, params=bound)
     except Exception as exc:
-        _drain(connection)
-        raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+        error = WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}")
+        if not _drain(connection):
+            raise _Poisoned(str(error)) from None
+        raise error from None
 
 
-def _drain(connection: _ChdbSession) -> None:
+class _Poisoned(WarehouseError):
+    """A statement failed and what it had output could not be read away: the connection
+    must not answer anyone again."""
+
+
+def _drain(connection: _ChdbSession) -> bool:
     """chdb 4.4 hands what a failed statement had output to the next statement on the
-    same connection (another caller's answer would begin with it): read it away."""
-    with contextlib.suppress(Exception):  # the original error is what the caller needs
-        connection.query("SELECT 1", "CSV")
+    same connection (another caller's answer would begin with it): read it away. False
+    when the connection still does not answer a plain ``SELECT 1``."""
+    try:
+        return connection.query("SELECT 1", "CSV").bytes() == b"1\n"
+    except Exception:  # the original error is what the caller needs
+        return False
 
 
 class _ClientArgs(TypedDict, total=False):
