@@ -64,3 +64,25 @@ def test_the_failure_names_what_was_sent_before_it():
     with pytest.raises(OSError, match="warehouse went away"):
         list(stream)
     assert ended == [({"samples": 20}, "failed: OSError: warehouse went away")]
+
+
+def test_parquet_is_stored_as_it_is_and_text_is_deflated():
+    """Parquet is compressed inside already; deflating it again cost more than a third of
+    an export's time for 8 % less size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"n": list(range(50_000))})
+    parquet = b"".join(
+        stream_export(
+            "o", "eu", "parquet", [("samples", lambda: iter([table]))], "now", lambda c, e: None
+        )
+    )
+    archive = zipfile.ZipFile(io.BytesIO(parquet))
+    assert archive.testzip() is None
+    assert archive.getinfo("samples.parquet").compress_type == zipfile.ZIP_STORED
+    assert pq.read_table(io.BytesIO(archive.read("samples.parquet"))).equals(table)
+    text, _ = run([("samples", text_pages(1))])
+    member = zipfile.ZipFile(io.BytesIO(text)).getinfo("samples.jsonl")
+    assert member.compress_type == zipfile.ZIP_DEFLATED
+    assert member.compress_size < member.file_size
