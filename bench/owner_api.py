@@ -137,8 +137,26 @@ def fill(
         f"filled {total:,} samples in {time.perf_counter() - started:.1f} s "
         f"({per_vehicle * vehicles:,} of them owner-big's)"
     )
+    settle_merges(wh)
     wh.close()
     return owner, vins, per_vehicle * vehicles
+
+
+def settle_merges(wh: ChdbWarehouse, most_s: float = 300.0) -> None:
+    """Wait for the merges the fill set off: timed alongside them, the reads and exports
+    measured the engine's background work as much as the API (Parquet export 3.9 s
+    instead of 2.0)."""
+    started = time.perf_counter()
+    quiet = 0
+    while quiet < 3 and time.perf_counter() - started < most_s:
+        running = rows(wh.query("SELECT count() FROM system.merges"))[0][0]
+        quiet = quiet + 1 if running == 0 else 0
+        time.sleep(1.0)
+    parts = rows(wh.query("SELECT count() FROM system.parts WHERE active AND table = 'samples'"))
+    print(
+        f"merges settled after {time.perf_counter() - started:.0f} s "
+        f"({parts[0][0]} active parts of samples)"
+    )
 
 
 def percentiles(ms: list[float]) -> str:
