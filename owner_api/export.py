@@ -19,7 +19,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
-
 # Parquet files are compressed already (zstd): deflating them again took 1.7 s of a
 # 1.3M-sample export for 8 % less size, so they are stored. Text is deflated at level 1:
 # 2.9x faster than the default level 6 on JSONL, for 18 % more bytes.
