@@ -373,6 +373,8 @@ class RegionSink:
         done = [TopicPartition(batch.topic, batch.partition, batch.last_offset + 1)]
         retry_kafka(lambda: self.consumer.commit(offsets=done, asynchronous=False), "commit")
         metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
+        if batch.topic == self.topic:
+            metrics.SINK_BATCH_UPLOADS.labels(self.region).observe(batch.weight)
         metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
 
     def _catch_up_registry(self, messages: list[Message]) -> None:

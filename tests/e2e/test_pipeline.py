@@ -365,6 +365,12 @@ def test_each_process_serves_prometheus_metrics(run):
     (samples,) = warehouse_rows(run["settings"], "SELECT count() FROM samples")[0]
     assert sink['vtp_sink_samples_stored_total{region="eu"}'] == samples
     assert sink['vtp_sink_batch_messages_count{region="eu"}'] >= 1
+    # every upload routed to eu, and the three smuggled past the worker, went through one
+    # sink batch (a batch message weighs as many uploads as it carries)
+    assert (
+        sink['vtp_sink_batch_uploads_sum{region="eu"}']
+        == worker['vtp_uploads_routed_total{region="eu"}'] + 3
+    )
     assert 'vtp_sink_insert_seconds_bucket{le="+Inf",region="eu"}' in sink
     assert sink['vtp_deadlettered_total{reason="residency_mismatch",stage="sink"}'] == 1
     assert [k for k in sink if k.startswith("vtp_consumer_lag_messages")], "the sink reports lag"

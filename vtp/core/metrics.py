@@ -54,6 +54,12 @@ SINK_WRITE_FAILURES = Counter(
 )
 SINK_UP = Gauge("vtp_sink_up", "1 while the region's sink runs, 0 while it restarts", ["region"])
 SINK_RESTARTS = Counter("vtp_sink_restarts_total", "Times the sink was started again", ["region"])
+SINK_BATCH_UPLOADS = Histogram(
+    "vtp_sink_batch_uploads",
+    "Uploads per sink batch of the validated topic (a batch message counts its uploads)",
+    ["region"],
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+)
 SINK_INSERT_SECONDS = Histogram(
     "vtp_sink_insert_seconds", "Latency of one batch insert (samples + uploads)", ["region"]
 )
