@@ -18,21 +18,31 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from schemas import FramingError, default_store
+from schemas import default_store
 from schemas.aggregates import decode_aggregate
-from schemas.registry import Registration, refusal
+from schemas.codec import HEADER_LEN
 from sinks import rows as rowlib
 from sinks.aggregate_rows import aggregate_tables
 from sinks.batching import Batcher, PartitionBatch
+from sinks.classify import Refused, StoredCopies, header, judge, screen, sort_against_stored, source
+from sinks.columnar import (
+    NEWEST,
+    SampleRows,
+    facts_container,
+    facts_match,
+    plain_candidates,
+    plain_uploads_table,
+    still_plain,
+    written_with_newest,
+)
 from sinks.erased import drop_erased_samples, held_by_owner, keep_aggregate
-from sinks.store import SinkStore, StoredCopies, WarehouseSinkStore
+from sinks.store import SinkStore, WarehouseSinkStore
 from sinks.unbatch import expand, uploads_in
 from vtp.core import headers as h
 from vtp.core import metrics
@@ -49,134 +59,6 @@ log = logging.getLogger("vtp.sink")
 
 class SinkError(RuntimeError):
     """The sink cannot go on without losing data; it stops without committing."""
-
-
-@dataclass(frozen=True)
-class Refused:
-    message: Message
-    reason: str
-    detail: str
-    source: str
-    quarantine: bool = False  # not registered here: quarantine, not the dead-letter topic
-    partial: int | None = None  # this many samples refused; the message's others are stored
-
-
-def _header(message: Message, name: str) -> str | None:
-    # A consumed message's headers are (name, bytes or None) pairs; the stubs give the wider
-    # type produce() takes.
-    return h.header(cast("list[tuple[str, bytes | None]] | None", message.headers()), name)
-
-
-def _source(message: Message) -> str:
-    """Where an upload first reached Kafka: topic:partition:offset of its raw message."""
-    return _header(message, h.SOURCE) or "{}:{}:{}".format(*coordinates(message))
-
-
-def split_by_owner(
-    upload: rowlib.StoredUpload, registration: Registration | None, region: str
-) -> tuple[list[rowlib.StoredUpload], list[dict[str, Any]]]:
-    """(one piece per owner registered here at its samples' times, samples of nobody here).
-
-    A piece whose owner's period ended before the upload was sent or received (sent after
-    a sale) carries those times clamped to the end of the period: the seller learns
-    nothing about a moment that is the buyer's."""
-    by_owner: dict[str, list[dict[str, Any]]] = {}
-    ends: dict[str, set[int | None]] = {}
-    outside = []
-    for sample in upload.record["samples"]:
-        period = registration.here(region, sample["event_time_ms"]) if registration else None
-        if period is None or registration is None:
-            outside.append(sample)
-            continue
-        owner = period.owner_id or ""
-        by_owner.setdefault(owner, []).append(sample)
-        ends.setdefault(owner, set()).add(registration.end_of(period))
-    pieces = []
-    for owner, samples in by_owner.items():
-        record = {**upload.record, "samples": samples}
-        received = upload.received_ms
-        if None not in ends[owner]:  # the owner's time here has ended
-            last = max(e for e in ends[owner] if e is not None) - 1
-            record["sent_at_ms"] = min(record["sent_at_ms"], last)
-            received = min(received, last)
-        pieces.append(replace(upload, owner_id=owner, record=record, received_ms=received))
-    return pieces, outside
-
-
-def classify(
-    messages: list[Message], region: str, registry: Mapping[str, Registration]
-) -> tuple[list[rowlib.StoredUpload], list[Refused]]:
-    """Decode what may be stored in ``region`` and split it by owner; refuse the rest."""
-    store = default_store()
-    good, refused = [], []
-    for m in messages:
-        if _header(m, h.CONTROL) is not None:
-            continue  # a signal for the aggregation agent, not data
-        source = _source(m)
-        tag = _header(m, h.REGION)
-        if tag is None:
-            refused.append(Refused(m, "untagged", "no vtp-region header", source))
-            continue
-        if tag != region:
-            detail = f"tagged {tag!r}, refused by the {region!r} sink"
-            refused.append(Refused(m, "residency_mismatch", detail, source))
-            continue
-        try:
-            record, writer = store.decode(m.value() or b"")
-        except FramingError as exc:
-            refused.append(Refused(m, exc.reason, exc.detail, source))
-            continue
-        topic, partition, offset = coordinates(m)
-        upload = rowlib.StoredUpload(
-            record=record,
-            owner_id="",
-            region=region,
-            schema_version=writer.version,
-            received_ms=int(_header(m, h.RECEIVED_MS) or m.timestamp()[1]),
-            raw_source=source,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-        )
-        registration = registry.get(record["vin"])
-        pieces, outside = split_by_owner(upload, registration, region)
-        if outside:
-            reason, detail = refusal(registration, region, outside[-1]["event_time_ms"]) or ("", "")
-            seqs = [s["seq"] for s in outside]
-            detail = f"{record['vin']}: {detail}; {len(seqs)} of {len(record['samples'])} samples, seq {seqs[:20]}"
-            partial = len(seqs) if pieces else None
-            refused.append(Refused(m, reason, detail, source, quarantine=True, partial=partial))
-        good += pieces
-    return good, refused
-
-
-def sort_against_stored(
-    uploads: list[rowlib.StoredUpload], stored: dict[str, tuple[str, str, int, int]]
-) -> tuple[list[rowlib.StoredUpload], list[rowlib.StoredUpload], int]:
-    """Split uploads into (to insert, resends to refuse, worker replays skipped).
-
-    ``stored`` maps upload_id -> (raw_source, topic, partition, offset) of the copy
-    already in the warehouse. The same raw message at the same validated offset again is
-    a sink replay and is inserted again (its token makes that a no-op); the same raw
-    message at another validated offset is a worker replay, skipped; another raw message
-    with a stored upload id is a resend, refused as duplicate_upload (even in the same
-    batch message). The pieces of one upload (one per owner) share both and are inserted
-    together.
-    """
-    seen = dict(stored)
-    fresh, resends, skipped = [], [], 0
-    for up in uploads:
-        uid = up.record["upload_id"]
-        prior = seen.get(uid)
-        here = (up.raw_source, up.topic, up.partition, up.offset)
-        if prior is None or prior == here:
-            fresh.append(up)
-            seen.setdefault(uid, here)
-        elif prior[0] == up.raw_source:
-            skipped += 1
-        else:
-            resends.append(up)
-    return fresh, resends, skipped
 
 
 # A batch whose insert fails is tried again this many times, with these pauses: a
@@ -308,14 +190,12 @@ class RegionSink:
             log.info("replaying recorded batch %s-%s-%s..%s", topic, partition, first_offset, end)
         return end
 
-    def _stored(self, uploads: list[rowlib.StoredUpload]) -> StoredCopies:
+    def _stored(self, uploads: list[tuple[str, str, str]]) -> StoredCopies:
+        """Stored copies of these (owner, vin, upload id)."""
         if not uploads:
             return {}
-        return self.store.stored_copies(
-            sorted({u.owner_id for u in uploads}),
-            sorted({u.record["vin"] for u in uploads}),
-            [u.record["upload_id"] for u in uploads],
-        )
+        owners, vins, ids = zip(*uploads, strict=True)
+        return self.store.stored_copies(sorted(set(owners)), sorted(set(vins)), list(ids))
 
     def _write(self, batch: PartitionBatch[Message]) -> None:
         """Write a batch, trying again through warehouse errors: every step is idempotent
@@ -381,12 +261,12 @@ class RegionSink:
         """Read the registry copy up to the revisions the worker decided these with."""
         wanted: dict[str, int] = {}
         for m in messages:
-            revision = _header(m, h.REGISTRY_REVISION)
+            revision = header(m, h.REGISTRY_REVISION)
             if (
                 revision
                 and revision.isdigit()
                 and (key := m.key())
-                and _header(m, h.CONTROL) is None
+                and header(m, h.CONTROL) is None
             ):
                 vin = key.decode(errors="replace")
                 wanted[vin] = max(wanted.get(vin, 0), int(revision))
@@ -405,15 +285,31 @@ class RegionSink:
     def _insert_uploads(self, batch: PartitionBatch[Message]) -> list[Refused]:
         messages, broken = expand(batch.items, self._schemas)
         self._catch_up_registry(messages)
-        good, refused = classify(messages, self.region, self.registry)
-        refused += [Refused(m, exc.reason, exc.detail, _source(m)) for m, exc in broken]
-        horizons = self._erasure_horizons({up.owner_id for up in good})
+        tagged, refused = screen(messages, self.region)
+        refused += [Refused(m, exc.reason, exc.detail, source(m)) for m, exc in broken]
+        fast = [m for m in tagged if written_with_newest(m)]
+        facts = self._facts(fast)
+        plain, slow = (
+            plain_candidates(fast, facts, self.registry, self.region) if facts else ([], fast)
+        )
+        slow += [m for m in tagged if not written_with_newest(m)]
+        good, judged = judge(slow, self.region, self.registry)
+        horizons = self._erasure_horizons({p.owner for p in plain} | {u.owner_id for u in good})
+        stored = self._stored(
+            [(p.owner, p.vin, p.upload_id) for p in plain]
+            + [(u.owner_id, u.record["vin"], u.record["upload_id"]) for u in good]
+        )
+        plain, demoted = still_plain(plain, horizons, stored, good)
+        more, judged_more = judge(demoted, self.region, self.registry)
+        order = {(coordinates(m)[2], source(m)): i for i, m in enumerate(tagged)}
+        good = sorted(good + more, key=lambda up: order[(up.offset, up.raw_source)])
+        refused += judged + judged_more
         good, erased = drop_erased_samples(good, horizons)
         metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)
-        fresh, resends, skipped = sort_against_stored(good, self._stored(good))
+        fresh, resends, skipped = sort_against_stored(good, stored)
         # An upload's pieces (one per owner) are one message.
         resent = {(up.offset, up.raw_source): up for up in resends}
-        message_of = {(coordinates(m)[2], _source(m)): m for m in messages}
+        message_of = {(coordinates(m)[2], source(m)): m for m in tagged}
         refused += [
             Refused(
                 message_of[(up.offset, up.raw_source)],
@@ -423,16 +319,61 @@ class RegionSink:
             )
             for up in resent.values()
         ]
-        self.store.record_pseudonyms({(up.owner_id, up.record["vin"]) for up in fresh})
-        samples = rowlib.samples_table(fresh)
-        self.store.insert("samples", samples, batch.token)
-        self.store.insert("uploads", rowlib.uploads_table(fresh), batch.token)
-        stored_messages = len({(up.offset, up.raw_source) for up in fresh})
+        self.store.record_pseudonyms(
+            {(p.owner, p.vin) for p in plain} | {(up.owner_id, up.record["vin"]) for up in fresh}
+        )
+        rows = SampleRows()
+        for p in plain:
+            body = (p.message.value() or b"")[HEADER_LEN:]
+            rows.add(body, p.owner, p.provenance.received_ms, NEWEST.version, p.samples)
+        for up in fresh:
+            rows.add_piece(up)
+        self.store.insert_samples(rows, self.region, batch.token)
+        uploads = [rowlib.uploads_table(fresh)]
+        if plain and facts is not None:
+            uploads.append(
+                plain_uploads_table(
+                    facts,
+                    [p.position for p in plain],
+                    [p.owner for p in plain],
+                    [p.provenance for p in plain],
+                    self.region,
+                    batch.topic,
+                    batch.partition,
+                )
+            )
+        self.store.insert("uploads", pa.concat_tables(uploads), batch.token)
+        judged_messages = len({(up.offset, up.raw_source) for up in fresh})
+        stored_messages = len(plain) + judged_messages
+        metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "avro").inc(len(plain))
+        metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "python").inc(judged_messages)
         self.stored_uploads += stored_messages
         metrics.SINK_UPLOADS.labels(self.region).inc(stored_messages)
-        metrics.SINK_SAMPLES.labels(self.region).inc(samples.num_rows)
+        metrics.SINK_SAMPLES.labels(self.region).inc(rows.samples)
         metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
         return refused
+
+    def _facts(self, fast: list[Message]) -> pa.Table | None:
+        """The facts of the uploads in ``fast`` as the warehouse's parser reads them, or
+        None (all judged in Python) when it cannot read them as the sink cut them."""
+        if not fast:
+            return None
+        try:
+            facts = self.store.upload_facts(facts_container(fast))
+        except WarehouseError as exc:
+            log.warning(
+                "the warehouse could not read a batch's uploads (%s); judging them one by one",
+                str(exc).splitlines()[0][:200],
+            )
+            return None
+        if not facts_match(facts, fast):
+            log.warning(
+                "the warehouse read %d uploads where the batch holds %d, or other VINs; judging them one by one",
+                facts.num_rows,
+                len(fast),
+            )
+            return None
+        return facts
 
     def _insert_aggregates(self, batch: PartitionBatch[Message]) -> list[Refused]:
         records: list[dict[str, Any]] = []

@@ -12,12 +12,11 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from sinks.classify import StoredCopies
+from sinks.columnar import FACTS_SQL, ONE_STREAM, SAMPLES_SQL, STRUCTURE, SampleRows
 from sinks.migrations import migrate
 from sinks.pseudonyms import backfill, record_pairs
-from vtp.core.warehouse import Warehouse, rows
-
-# upload_id -> (raw_source, topic, partition, offset) of the copy already stored
-StoredCopies = dict[str, tuple[str, str, int, int]]
+from vtp.core.warehouse import Input, Warehouse, rows
 
 
 class SinkStore(Protocol):
@@ -43,6 +42,14 @@ class SinkStore(Protocol):
 
     def record_pseudonyms(self, pairs: set[tuple[str, str]]) -> None:
         """(owner, vin) pairs the analyst views need pseudonyms for."""
+
+    def upload_facts(self, container: bytes) -> pa.Table:
+        """Each upload of ``container`` (Avro, the newest upload schema), in order, read by
+        the warehouse's own parser: position, vin, upload_id, sent_at_ms, gateway_firmware,
+        sample_count, first_ms, last_ms."""
+
+    def insert_samples(self, rows: SampleRows, region: str, token: str) -> None:
+        """Insert the samples of ``rows`` once (as ``insert``)."""
 
     def insert(self, table: str, data: pa.Table, token: str) -> None:
         """Insert once: a second insert with the same token is a no-op."""
@@ -104,9 +111,25 @@ class WarehouseSinkStore:
     def record_pseudonyms(self, pairs: set[tuple[str, str]]) -> None:
         record_pairs(self.warehouse, self._key, pairs)
 
+    def upload_facts(self, container: bytes) -> pa.Table:
+        return self.warehouse.query_inputs(FACTS_SQL, _uploads(container))
+
+    def insert_samples(self, rows: SampleRows, region: str, token: str) -> None:
+        if rows.bodies:
+            self.warehouse.execute_inputs(
+                SAMPLES_SQL,
+                _uploads(rows.container()),
+                rows.params(region),
+                {**ONE_STREAM, "insert_deduplication_token": token},
+            )
+
     def insert(self, table: str, data: pa.Table, token: str) -> None:
         self.warehouse.insert_arrow(table, data, token)
 
     def close(self) -> None:
         if self._owns:
             self.warehouse.close()
+
+
+def _uploads(container: bytes) -> dict[str, Input]:
+    return {"uploads": Input(container, "Avro", STRUCTURE)}

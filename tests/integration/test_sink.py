@@ -242,11 +242,11 @@ class FlakyWarehouse(ChdbWarehouse):
         super().__init__(path)
         self.failures = failures
 
-    def insert_arrow(self, table, data, dedup_token=None):
-        if table == "samples" and self.failures > 0:
+    def execute_inputs(self, sql, inputs, params, settings):
+        if "INSERT INTO samples" in sql and self.failures > 0:
             self.failures -= 1
             raise WarehouseError("Code: 252. DB::Exception: Too many parts (simulated)")
-        return super().insert_arrow(table, data, dedup_token)
+        return super().execute_inputs(sql, inputs, params, settings)
 
 
 def test_a_warehouse_that_fails_for_a_while_is_tried_again_and_nothing_is_lost(eu_topic):

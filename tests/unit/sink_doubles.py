@@ -7,14 +7,18 @@ The store deduplicates inserts by token, as ClickHouse does with
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import fastavro
 import pyarrow as pa
 from confluent_kafka import Message, TopicPartition
 
 from schemas.registry import Registration
+from sinks.columnar import SampleRows
+from sinks.rows import StoredUpload, samples_table
 
 
 @dataclass
@@ -180,6 +184,35 @@ class MemoryStore:
 
     def record_pseudonyms(self, pairs: set[tuple[str, str]]) -> None:
         self.pseudonym_pairs |= pairs
+
+    def upload_facts(self, container: bytes) -> pa.Table:
+        records = list(fastavro.reader(io.BytesIO(container)))
+        return pa.Table.from_pylist(
+            [
+                {
+                    "position": i,
+                    "vin": r["vin"],
+                    "upload_id": r["upload_id"],
+                    "sent_at_ms": r["sent_at_ms"],
+                    "gateway_firmware": r["gateway_firmware"],
+                    "sample_count": len(r["samples"]),
+                    "first_ms": min((s["event_time_ms"] for s in r["samples"]), default=0),
+                    "last_ms": max((s["event_time_ms"] for s in r["samples"]), default=0),
+                }
+                for i, r in enumerate(records)
+            ]
+        )
+
+    def insert_samples(self, rows: SampleRows, region: str, token: str) -> None:
+        """The rows the warehouse's INSERT makes of the container (SAMPLES_SQL)."""
+        records = list(fastavro.reader(io.BytesIO(rows.container())))
+        uploads = [
+            StoredUpload(r, owner, region, version, received, "", "", 0, 0)
+            for r, owner, received, version in zip(
+                records, rows.owners, rows.received_ms, rows.versions, strict=True
+            )
+        ]
+        self.insert("samples", samples_table(uploads), token)
 
     def insert(self, table: str, data: pa.Table, token: str) -> None:
         self.fail_on(table)

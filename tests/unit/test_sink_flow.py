@@ -9,6 +9,7 @@ import json
 import zlib
 
 import pytest
+from prometheus_client import REGISTRY
 
 from producers.simulator import build_fleet, new_truth, simulate
 from schemas import default_store
@@ -18,6 +19,7 @@ from sinks.sink import RegionSink, SinkError
 from stream_jobs.sessions import SessionConfig, advance, flush, ingest, new_state
 from tests.unit.sink_doubles import Crash, MemoryKafka, MemoryStore, StaticRegistry
 from vtp.core.settings import load_settings
+from vtp.core.warehouse import WarehouseError
 
 START_MS = 1_790_000_000_000
 SETTINGS = load_settings({}).with_(region="eu", sink_batch_messages=10, sink_flush_ms=0)
@@ -243,3 +245,69 @@ def test_a_batch_message_that_cannot_be_taken_apart_is_dead_lettered_whole(uploa
     [(topic, _, dead, headers)] = kafka.produced
     assert topic.endswith("deadletter") and headers["vtp-reason"] == b"malformed_batch"
     assert dead == value[:-40]
+
+
+def v2_batch(kafka: MemoryKafka, uploads: list[dict], keys: list[bytes] | None = None) -> None:
+    store, v2 = default_store(), default_store().get("VehicleUpload", 2)
+    run = [
+        BatchedUpload(store.encode(u, v2), key, i, START_MS, 1)
+        for i, (u, key) in enumerate(
+            zip(uploads, keys or [u["vin"].encode() for u in uploads], strict=True)
+        )
+    ]
+    value, sidecar = pack("vtp.eu.uploads:0", v2, run)
+    kafka.append(VALIDATED, 0, None, value, [("vtp-region", b"eu"), (BATCH_HEADER, sidecar)])
+
+
+def by_path(path: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "vtp_sink_uploads_by_path_total", {"region": "eu", "path": path}
+    )
+    return value or 0.0
+
+
+def test_uploads_the_warehouse_cannot_read_are_judged_one_by_one_and_stored(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    v2_batch(kafka, made[:8])
+
+    def unreadable(container: bytes):
+        raise WarehouseError("Code: 117. INCORRECT_DATA")
+
+    store.upload_facts = unreadable  # type: ignore[method-assign]
+    python = by_path("python")
+    run_until_drained(sink_over(kafka, store, registry))
+    assert sorted(r["upload_id"] for r in store.tables["uploads"]) == sorted(
+        u["upload_id"] for u in made[:8]
+    )
+    assert by_path("python") - python == 8 and not kafka.produced
+
+
+def test_a_batch_keyed_by_other_vins_than_its_bodies_is_judged_by_the_bodies(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    keys = [made[1]["vin"].encode()] + [u["vin"].encode() for u in made[1:6]]
+    v2_batch(kafka, made[:6], keys)  # the first upload's key names another vehicle
+    avro, python = by_path("avro"), by_path("python")
+    run_until_drained(sink_over(kafka, store, registry))
+    owner_of = {vin: reg.current.owner_id for vin, reg in registry.items()}
+    assert {(r["vin"], r["owner_id"]) for r in store.tables["samples"]} == {
+        (u["vin"], owner_of[u["vin"]]) for u in made[:6]
+    }
+    assert by_path("python") - python == 6 and by_path("avro") == avro
+
+
+def test_plain_uploads_of_the_newest_schema_are_stored_whole_from_their_bodies(uploads):
+    made, registry = uploads
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    v2_batch(kafka, made[:6])
+    avro = by_path("avro")
+    run_until_drained(sink_over(kafka, store, registry))
+    assert by_path("avro") - avro == 6
+    assert len(store.tables["samples"]) == sum(len(u["samples"]) for u in made[:6])
+    (row,) = [r for r in store.tables["uploads"] if r["upload_id"] == made[0]["upload_id"]]
+    assert row["raw_source"] == "vtp.eu.uploads:0:0" and row["schema_version"] == 2
+    assert row["sample_count"] == len(made[0]["samples"])

@@ -1,5 +1,5 @@
+from sinks.classify import sort_against_stored
 from sinks.rows import SAMPLES_SCHEMA, StoredUpload, samples_table, uploads_table
-from sinks.sink import sort_against_stored
 
 
 def stored(upload_id="u-1", raw_source="vtp.uploads:0:5", offset=1, samples=2, version=1):
@@ -62,7 +62,7 @@ def test_sort_against_stored_within_one_batch():
 
 def test_an_upload_spanning_a_sale_is_split_between_the_owners_and_the_rest_refused():
     from schemas.registry import Period, Registration
-    from sinks.sink import split_by_owner
+    from sinks.classify import split_by_owner
 
     up = stored(samples=4)  # samples at 1000, 2000, 3000, 4000 ms
     reg = Registration(

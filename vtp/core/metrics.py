@@ -33,6 +33,12 @@ AGGREGATE_TOO_LATE = Counter(
 )
 SINK_UPLOADS = Counter("vtp_sink_uploads_stored_total", "Uploads inserted", ["region"])
 SINK_SAMPLES = Counter("vtp_sink_samples_stored_total", "Samples inserted", ["region"])
+SINK_UPLOADS_BY_PATH = Counter(
+    "vtp_sink_uploads_by_path_total",
+    "Uploads the sink stored whole from their Avro bodies (path=avro) or decoded and judged "
+    "sample by sample (path=python: another schema version, a sale, an erasure, a resend)",
+    ["region", "path"],
+)
 SINK_ERASED_DROPPED = Counter(
     "vtp_sink_erased_dropped_total",
     "Samples and aggregate records not stored because their owner erased that time",

@@ -7,7 +7,10 @@
 - ServerWarehouse: a ClickHouse server over HTTP (clickhouse-connect).
 
 Parameters are always bound with ClickHouse's ``{name:Type}`` syntax, never
-formatted into SQL text.
+formatted into SQL text. Bytes a statement reads as a table (an Avro container the sink
+hands over whole, for instance) are named ``@name`` in its SQL and passed as ``Input``:
+the embedded engine reads them from a private temporary file, a server as external data
+sent with the query.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import os
+import re
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 from urllib.parse import unquote, urlparse
@@ -28,6 +35,7 @@ from vtp.core.settings import Settings
 if TYPE_CHECKING:
     from chdb.state.sqlitelike import StreamingInserter
     from clickhouse_connect.driver.client import Client
+    from clickhouse_connect.driver.external import ExternalData
 
 
 class WarehouseError(RuntimeError):
@@ -36,6 +44,19 @@ class WarehouseError(RuntimeError):
 
 class WarehouseBusy(WarehouseError):
     """The embedded warehouse folder is open in another process."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """Bytes a statement reads as a table, ``@name`` in its SQL."""
+
+    data: bytes
+    fmt: str  # a ClickHouse input format: Avro, ArrowStream, ...
+    structure: str  # the columns, as ClickHouse's file() and external data take them
+
+
+# Settings a statement may carry; values are checked, never formatted in unchecked.
+StatementSettings = Mapping[str, int | str]
 
 
 class Warehouse(Protocol):
@@ -50,6 +71,23 @@ class Warehouse(Protocol):
         ...
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int: ...
+
+    def query_inputs(
+        self, sql: str, inputs: Mapping[str, Input], params: dict[str, Any] | None = None
+    ) -> pa.Table:
+        """A read of ``inputs`` (and tables), on a reader like ``query``."""
+        ...
+
+    def execute_inputs(
+        self,
+        sql: str,
+        inputs: Mapping[str, Input],
+        params: dict[str, Any] | None,
+        settings: StatementSettings,
+    ) -> None:
+        """A statement (``INSERT … SELECT … FROM @name``) with its settings, e.g. a
+        deduplication token; one at a time with the other writes."""
+        ...
 
     def analyst_query(
         self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
@@ -209,6 +247,22 @@ class ChdbWarehouse:
     def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
         return self._read(sql, fmt, params).bytes()
 
+    def query_inputs(
+        self, sql: str, inputs: Mapping[str, Input], params: dict[str, Any] | None = None
+    ) -> pa.Table:
+        with _input_files(inputs) as sources:
+            return self.query(bind_inputs(sql, sources), params)
+
+    def execute_inputs(
+        self,
+        sql: str,
+        inputs: Mapping[str, Input],
+        params: dict[str, Any] | None,
+        settings: StatementSettings,
+    ) -> None:
+        with _input_files(inputs) as sources:
+            self.execute(bind_inputs(sql, sources) + settings_clause(settings), params)
+
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         if data.num_rows == 0:
             return 0
@@ -291,6 +345,53 @@ def _drain(connection: _ChdbSession) -> bool:
         return False
 
 
+_INPUT = re.compile(r"@([a-z_][a-z0-9_]*)")
+
+
+def bind_inputs(sql: str, sources: Mapping[str, str]) -> str:
+    """``sql`` with each ``@name`` replaced by the table expression of that input."""
+    named = set(_INPUT.findall(sql))
+    if named != set(sources):
+        raise WarehouseError(f"the statement names inputs {sorted(named)}, given {sorted(sources)}")
+    return _INPUT.sub(lambda m: sources[m.group(1)], sql)
+
+
+@contextlib.contextmanager
+def _input_files(inputs: Mapping[str, Input]) -> Iterator[dict[str, str]]:
+    """Each input in a temporary file of this process, as a ``file()`` expression; the
+    files are gone when the statement is."""
+    paths: list[str] = []
+    try:
+        sources = {}
+        for name, given in inputs.items():
+            handle, path = tempfile.mkstemp(prefix="vtp-input-", suffix=f".{given.fmt.lower()}")
+            paths.append(path)
+            with os.fdopen(handle, "wb") as out:
+                out.write(given.data)
+            sources[name] = "file({})".format(
+                ", ".join(_param_literal(x) for x in (path, given.fmt, given.structure))
+            )
+        yield sources
+    finally:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def settings_clause(settings: StatementSettings) -> str:
+    """`` SETTINGS k = v, …`` for names and values vtp chose (checked, not escaped)."""
+    if not settings:
+        return ""
+    parts = []
+    for name, value in settings.items():
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"unsafe setting name {name!r}")
+        parts.append(
+            f"{name} = {value}" if isinstance(value, int) else f"{name} = '{_safe_token(value)}'"
+        )
+    return " SETTINGS " + ", ".join(parts)
+
+
 class _ClientArgs(TypedDict, total=False):
     """The arguments of clickhouse_connect.get_client that vtp passes."""
 
@@ -364,6 +465,36 @@ class ServerWarehouse:
         except Exception as exc:
             raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
 
+    def query_inputs(
+        self, sql: str, inputs: Mapping[str, Input], params: dict[str, Any] | None = None
+    ) -> pa.Table:
+        external, bound = _external(sql, inputs)
+        try:
+            return self._client.query_arrow(
+                bound, parameters=params or None, external_data=external
+            )
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
+    def execute_inputs(
+        self,
+        sql: str,
+        inputs: Mapping[str, Input],
+        params: dict[str, Any] | None,
+        settings: StatementSettings,
+    ) -> None:
+        external, bound = _external(sql, inputs)
+        settings_clause(settings)  # the same checks as the embedded engine's
+        try:
+            self._client.raw_query(
+                bound,
+                parameters=params or None,
+                settings=dict(settings),
+                external_data=external,
+            )
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+
     def analyst_query(
         self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
     ) -> pa.Table:
@@ -388,6 +519,16 @@ class ServerWarehouse:
             for client in self._clients:
                 client.close()
             self._clients.clear()
+
+
+def _external(sql: str, inputs: Mapping[str, Input]) -> tuple[ExternalData, str]:
+    """The inputs as external data sent with the query (a temporary table each)."""
+    from clickhouse_connect.driver.external import ExternalData
+
+    external = ExternalData()
+    for name, given in inputs.items():
+        external.add_file(file_name=name, data=given.data, fmt=given.fmt, structure=given.structure)
+    return external, bind_inputs(sql, {name: name for name in inputs})
 
 
 def _locked_by_another_process(status_file: Path) -> bool:
