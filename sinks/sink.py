@@ -61,6 +61,9 @@ class SinkError(RuntimeError):
     """The sink cannot go on without losing data; it stops without committing."""
 
 
+# (owner, vin) pairs the sink remembers having pseudonyms for (~100 bytes each).
+PSEUDONYMIZED_REMEMBERED = 1_000_000
+
 # A batch whose insert fails is tried again this many times, with these pauses: a
 # warehouse that is busy, merging or restarting is not a reason to stop.
 WRITE_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -122,6 +125,8 @@ class RegionSink:
             self._recorded_end,
             {self.aggregates_topic: settings.sink_aggregates_flush_ms / 1000},
         )
+        self._recorded: dict[tuple[str, int], dict[int, int]] = {}
+        self._pseudonymized: set[tuple[str, str]] = set()
         self._stop = False
         self._last_lag_report = 0.0
         self.stored_uploads = 0
@@ -167,6 +172,8 @@ class RegionSink:
             self.store.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._recorded.pop((tp.topic, tp.partition), None)
         for topic in (self.topic, self.aggregates_topic):
             self.batcher.drop(topic, [tp.partition for tp in partitions if tp.topic == topic])
 
@@ -185,7 +192,13 @@ class RegionSink:
 
     # -- warehouse side ---------------------------------------------------------
     def _recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:
-        end = self.store.recorded_end(topic, partition, first_offset)
+        # Read once per partition and assignment: only a process that held the partition
+        # before (and crashed) can have recorded a range this one has not cut itself.
+        ranges = self._recorded.get((topic, partition))
+        if ranges is None:
+            ranges = self.store.recorded_ranges(topic, partition, first_offset)
+            self._recorded[(topic, partition)] = ranges
+        end = ranges.get(first_offset)
         if end is not None:
             log.info("replaying recorded batch %s-%s-%s..%s", topic, partition, first_offset, end)
         return end
@@ -217,6 +230,16 @@ class RegionSink:
                     attempt,
                 )
                 time.sleep(pause)
+
+    def _record_pseudonyms(self, pairs: set[tuple[str, str]], horizons: dict[str, int]) -> None:
+        """Pseudonyms for the pairs not recorded by this process before. An owner who erased
+        lost them with their rows (their horizon says so): theirs are asked for again."""
+        new = {pair for pair in pairs if pair not in self._pseudonymized or pair[0] in horizons}
+        if new:
+            self.store.record_pseudonyms(new)
+        if len(self._pseudonymized) > PSEUDONYMIZED_REMEMBERED:
+            self._pseudonymized.clear()
+        self._pseudonymized |= pairs
 
     def _erasure_horizons(self, owners: set[str]) -> dict[str, int]:
         return self.store.erasure_horizons(sorted(owners)) if owners else {}
@@ -319,8 +342,9 @@ class RegionSink:
             )
             for up in resent.values()
         ]
-        self.store.record_pseudonyms(
-            {(p.owner, p.vin) for p in plain} | {(up.owner_id, up.record["vin"]) for up in fresh}
+        self._record_pseudonyms(
+            {(p.owner, p.vin) for p in plain} | {(up.owner_id, up.record["vin"]) for up in fresh},
+            horizons,
         )
         rows = SampleRows()
         for p in plain:
@@ -411,7 +435,7 @@ class RegionSink:
             )
         bad = {i for i, _ in misfits}
         records = [r for i, r in enumerate(records) if i not in bad]
-        self.store.record_pseudonyms({(r["owner_id"], r["vin"]) for r in records})
+        self._record_pseudonyms({(r["owner_id"], r["vin"]) for r in records}, horizons)
         for table, data in sorted(tables.items()):
             self.store.insert(table, data, batch.token)
         return refused

@@ -25,9 +25,10 @@ class SinkStore(Protocol):
     def prepare(self) -> None:
         """Bring the schema up to date before the first batch."""
 
-    def recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:
-        """The last offset of the batch recorded as starting at ``first_offset``, if any:
-        a replay after a crash covers the same range, so it carries the same token."""
+    def recorded_ranges(self, topic: str, partition: int, from_offset: int) -> dict[int, int]:
+        """first offset -> last offset of the batches recorded as starting at or after
+        ``from_offset`` (the latest record of each): a replay after a crash covers the same
+        range, so it carries the same token."""
 
     def record_batch(
         self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int
@@ -68,16 +69,16 @@ class WarehouseSinkStore:
         migrate(self.warehouse)
         backfill(self.warehouse, self._key)
 
-    def recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:
+    def recorded_ranges(self, topic: str, partition: int, from_offset: int) -> dict[int, int]:
         found = rows(
             self.warehouse.query(
-                "SELECT last_offset FROM sink_batches WHERE topic = {t:String} "
-                "AND partition = {p:UInt32} AND first_offset = {f:UInt64} "
-                "ORDER BY recorded_at DESC LIMIT 1",
-                {"t": topic, "p": partition, "f": first_offset},
+                "SELECT first_offset, argMax(last_offset, recorded_at) FROM sink_batches "
+                "WHERE topic = {t:String} AND partition = {p:UInt32} AND first_offset >= {f:UInt64} "
+                "GROUP BY first_offset",
+                {"t": topic, "p": partition, "f": from_offset},
             )
         )
-        return int(found[0][0]) if found else None
+        return {int(first): int(last) for first, last in found}
 
     def record_batch(
         self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int

@@ -161,9 +161,10 @@ class MemoryStore:
     def prepare(self) -> None:
         pass
 
-    def recorded_end(self, topic: str, partition: int, first_offset: int) -> int | None:
-        ends = [b[3] for b in self.batches if b[:3] == (topic, partition, first_offset)]
-        return ends[-1] if ends else None
+    def recorded_ranges(self, topic: str, partition: int, from_offset: int) -> dict[int, int]:
+        return {
+            b[2]: b[3] for b in self.batches if b[:2] == (topic, partition) and b[2] >= from_offset
+        }
 
     def record_batch(
         self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int

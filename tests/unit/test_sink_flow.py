@@ -311,3 +311,30 @@ def test_plain_uploads_of_the_newest_schema_are_stored_whole_from_their_bodies(u
     (row,) = [r for r in store.tables["uploads"] if r["upload_id"] == made[0]["upload_id"]]
     assert row["raw_source"] == "vtp.eu.uploads:0:0" and row["schema_version"] == 2
     assert row["sample_count"] == len(made[0]["samples"])
+
+
+def test_pseudonyms_are_asked_for_once_per_pair_and_again_after_the_owner_erased(uploads):
+    made, registry = uploads
+    vin = max({u["vin"] for u in made}, key=lambda v: sum(u["vin"] == v for u in made))
+    mine = [u for u in made if u["vin"] == vin]
+    assert len(mine) >= 3
+    kafka = MemoryKafka(partitions=1)
+    store = MemoryStore(kafka.events)
+    asked: list[set] = []
+    record = store.record_pseudonyms
+    store.record_pseudonyms = lambda pairs: (asked.append(set(pairs)), record(pairs))[1]  # type: ignore[method-assign]
+    sink = sink_over(kafka, store, registry)
+    owner = registry[vin].current.owner_id
+    v2_batch(kafka, mine[:1])
+    run_until_drained(sink)
+    sink._stop = False
+    v2_batch(kafka, mine[1:2])
+    run_until_drained(sink)
+    assert len(store.batches) == 2 and asked == [{(owner, vin)}]  # known the second time
+    # The owner erases: their rows and pseudonyms go; their new data needs one again.
+    store.pseudonym_pairs.clear()
+    store.erasures[owner] = START_MS - 1
+    sink._stop = False
+    v2_batch(kafka, mine[2:3])
+    run_until_drained(sink)
+    assert store.pseudonym_pairs == {(owner, vin)}
