@@ -211,6 +211,10 @@ class Plain:
     provenance: Provenance
 
     @property
+    def partition(self) -> int:
+        return coordinates(self.message)[1]
+
+    @property
     def here(self) -> tuple[str, str, int, int]:
         topic, partition, offset = coordinates(self.message)
         return self.provenance.raw_source, topic, partition, offset

@@ -33,6 +33,7 @@ from sinks.batching import Batcher, PartitionBatch
 from sinks.classify import Refused, StoredCopies, header, judge, screen, sort_against_stored, source
 from sinks.columnar import (
     NEWEST,
+    Plain,
     SampleRows,
     facts_container,
     facts_match,
@@ -159,12 +160,9 @@ class RegionSink:
                     weight = uploads_in(m) if topic == self.topic else 1
                     self.batcher.add(topic, partition, offset, m, now, weight)
                 self.registry.refresh()
-                ready = self.batcher.take_ready(now)
-                for batch in sorted(ready, key=lambda b: b.topic != self.topic):  # uploads first
-                    self._write(batch)
+                self._write_all(self.batcher.take_ready(now))
                 self._report_lag(now)
-            for batch in self.batcher.take_ready(time.monotonic(), final=True):
-                self._write(batch)
+            self._write_all(self.batcher.take_ready(time.monotonic(), final=True))
         finally:
             self.consumer.close()
             self.registry.close()
@@ -210,21 +208,31 @@ class RegionSink:
         owners, vins, ids = zip(*uploads, strict=True)
         return self.store.stored_copies(sorted(set(owners)), sorted(set(vins)), list(ids))
 
-    def _write(self, batch: PartitionBatch[Message]) -> None:
-        """Write a batch, trying again through warehouse errors: every step is idempotent
-        (deduplication tokens, replayed dead letters are known by their source)."""
+    def _write_all(self, ready: list[PartitionBatch[Message]]) -> None:
+        """The upload batches of every ready partition as one round (its reads, batch log
+        rows and commit shared), then the aggregates' batches one by one."""
+        uploads = [b for b in ready if b.topic == self.topic]
+        if uploads:
+            self._write(uploads)
+        for batch in ready:
+            if batch.topic != self.topic:
+                self._write([batch])
+
+    def _write(self, batches: list[PartitionBatch[Message]]) -> None:
+        """Write a round of batches, trying again through warehouse errors: every step is
+        idempotent (deduplication tokens, replayed dead letters are known by their source)."""
         for attempt, pause in enumerate((*WRITE_RETRIES, None), start=1):
             try:
                 with self.write_lock:
-                    self._write_locked(batch)
+                    self._write_locked(batches)
                 return
             except WarehouseError as exc:
                 metrics.SINK_WRITE_FAILURES.labels(self.region).inc()
                 if pause is None:
                     raise
                 log.warning(
-                    "batch %s: %s; trying again in %.1f s (attempt %d)",
-                    batch.token,
+                    "batches %s: %s; trying again in %.1f s (attempt %d)",
+                    ", ".join(b.token for b in batches)[:200],
                     str(exc).splitlines()[0][:200],
                     pause,
                     attempt,
@@ -244,16 +252,17 @@ class RegionSink:
     def _erasure_horizons(self, owners: set[str]) -> dict[str, int]:
         return self.store.erasure_horizons(sorted(owners)) if owners else {}
 
-    def _write_locked(self, batch: PartitionBatch[Message]) -> None:
+    def _write_locked(self, batches: list[PartitionBatch[Message]]) -> None:
         started = time.perf_counter()
-        if batch.forced_last is None:
-            self.store.record_batch(
-                batch.topic, batch.partition, batch.first_offset, batch.last_offset, len(batch)
+        recorded = [b for b in batches if b.forced_last is None]
+        if recorded:
+            self.store.record_batches(
+                [(b.topic, b.partition, b.first_offset, b.last_offset, len(b)) for b in recorded]
             )
-        if batch.topic == self.aggregates_topic:
-            refused = self._insert_aggregates(batch)
+        if batches[0].topic == self.aggregates_topic:
+            refused = self._insert_aggregates(batches[0])
         else:
-            refused = self._insert_uploads(batch)
+            refused = self._insert_uploads(batches)
         topics = self.settings.topics
         for r in refused:
             headers = deadletter_headers("sink", r.reason, r.detail, r.source, r.partial)
@@ -273,11 +282,17 @@ class RegionSink:
             raise SinkError(
                 "the dead-letter/quarantine topics did not acknowledge within 30 s; not committing"
             )
-        done = [TopicPartition(batch.topic, batch.partition, batch.last_offset + 1)]
+        ends: dict[tuple[str, int], int] = {}
+        for b in batches:
+            ends[(b.topic, b.partition)] = max(
+                ends.get((b.topic, b.partition), 0), b.last_offset + 1
+            )
+        done = [TopicPartition(topic, partition, end) for (topic, partition), end in ends.items()]
         retry_kafka(lambda: self.consumer.commit(offsets=done, asynchronous=False), "commit")
-        metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(batch))
-        if batch.topic == self.topic:
-            metrics.SINK_BATCH_UPLOADS.labels(self.region).observe(batch.weight)
+        for b in batches:
+            metrics.SINK_BATCH_MESSAGES.labels(self.region).observe(len(b))
+            if b.topic == self.topic:
+                metrics.SINK_BATCH_UPLOADS.labels(self.region).observe(b.weight)
         metrics.SINK_INSERT_SECONDS.labels(self.region).observe(time.perf_counter() - started)
 
     def _catch_up_registry(self, messages: list[Message]) -> None:
@@ -305,11 +320,17 @@ class RegionSink:
                 changed[0],
             )
 
-    def _insert_uploads(self, batch: PartitionBatch[Message]) -> list[Refused]:
-        messages, broken = expand(batch.items, self._schemas)
+    def _insert_uploads(self, batches: list[PartitionBatch[Message]]) -> list[Refused]:
+        """Store a round of upload batches: what is read of the warehouse, the registry and
+        Python is read once for the round; each batch keeps its own inserts and tokens."""
+        messages, refused = [], []
+        for batch in batches:
+            expanded, broken = expand(batch.items, self._schemas)
+            messages += expanded
+            refused += [Refused(m, exc.reason, exc.detail, source(m)) for m, exc in broken]
         self._catch_up_registry(messages)
-        tagged, refused = screen(messages, self.region)
-        refused += [Refused(m, exc.reason, exc.detail, source(m)) for m, exc in broken]
+        tagged, untagged = screen(messages, self.region)
+        refused += untagged
         fast = [m for m in tagged if written_with_newest(m)]
         facts = self._facts(fast)
         plain, slow = (
@@ -346,6 +367,22 @@ class RegionSink:
             {(p.owner, p.vin) for p in plain} | {(up.owner_id, up.record["vin"]) for up in fresh},
             horizons,
         )
+        batch_of = {(b.partition, offset): i for i, b in enumerate(batches) for offset in b.offsets}
+        for i, batch in enumerate(batches):
+            mine = [p for p in plain if batch_of[(p.partition, p.provenance.offset)] == i]
+            judged_here = [up for up in fresh if batch_of[(up.partition, up.offset)] == i]
+            self._insert_batch(batch, facts, mine, judged_here)
+        metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
+        return refused
+
+    def _insert_batch(
+        self,
+        batch: PartitionBatch[Message],
+        facts: pa.Table | None,
+        plain: list[Plain],
+        fresh: list[rowlib.StoredUpload],
+    ) -> None:
+        """One batch's samples and uploads, each one insert under the batch's token."""
         rows = SampleRows()
         for p in plain:
             body = (p.message.value() or b"")[HEADER_LEN:]
@@ -374,8 +411,6 @@ class RegionSink:
         self.stored_uploads += stored_messages
         metrics.SINK_UPLOADS.labels(self.region).inc(stored_messages)
         metrics.SINK_SAMPLES.labels(self.region).inc(rows.samples)
-        metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
-        return refused
 
     def _facts(self, fast: list[Message]) -> pa.Table | None:
         """The facts of the uploads in ``fast`` as the warehouse's parser reads them, or

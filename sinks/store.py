@@ -30,9 +30,9 @@ class SinkStore(Protocol):
         ``from_offset`` (the latest record of each): a replay after a crash covers the same
         range, so it carries the same token."""
 
-    def record_batch(
-        self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int
-    ) -> None: ...
+    def record_batches(self, batches: list[tuple[str, int, int, int, int]]) -> None:
+        """(topic, partition, first offset, last offset, messages) of the batches about to
+        be written, in one insert."""
 
     def stored_copies(
         self, owners: list[str], vins: list[str], upload_ids: list[str]
@@ -80,13 +80,15 @@ class WarehouseSinkStore:
         )
         return {int(first): int(last) for first, last in found}
 
-    def record_batch(
-        self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int
-    ) -> None:
+    def record_batches(self, batches: list[tuple[str, int, int, int, int]]) -> None:
+        topics, partitions, firsts, lasts, counts = (list(c) for c in zip(*batches, strict=True))
         self.warehouse.execute(
             "INSERT INTO sink_batches (topic, partition, first_offset, last_offset, messages) "
-            "VALUES ({t:String}, {p:UInt32}, {f:UInt64}, {l:UInt64}, {n:UInt32})",
-            {"t": topic, "p": partition, "f": first_offset, "l": last_offset, "n": messages},
+            "SELECT tupleElement(b, 1), tupleElement(b, 2), tupleElement(b, 3), "
+            "tupleElement(b, 4), tupleElement(b, 5) FROM (SELECT arrayJoin(arrayZip("
+            "{t:Array(String)}, {p:Array(UInt32)}, {f:Array(UInt64)}, {l:Array(UInt64)}, "
+            "{n:Array(UInt32)})) AS b)",
+            {"t": topics, "p": partitions, "f": firsts, "l": lasts, "n": counts},
         )
 
     def stored_copies(

@@ -103,7 +103,8 @@ def test_crash_between_samples_and_uploads_then_restart_leaves_exact_rows(eu_top
     committed, high = group_position(
         settings, settings.topics.sink_group, [settings.topics.validated]
     )
-    assert 0 < committed < high  # two batches committed, the third not
+    # the round of the third batch was not committed (its earlier rounds, if any, were)
+    assert committed < high and committed % 25 == 0
 
     sink = RegionSink(settings)
     run_until_drained(sink, settings)
@@ -134,7 +135,7 @@ def test_crash_between_samples_and_uploads_then_restart_leaves_exact_rows(eu_top
     finally:
         wh.close()
     assert samples == distinct == truth.totals()["samples"]
-    assert stored_uploads == uploads == sink.stored_uploads + 50  # 2 batches of 25 before the crash
+    assert stored_uploads == uploads == sink.stored_uploads + committed  # one upload a message
     assert replayed == []  # the replayed range was imposed, not recorded again
     # the sold car: each owner holds exactly the samples of their own time
     (seller, _s_first, s_last, s_n), (buyer, b_first, _b_last, b_n) = by_owner
@@ -206,7 +207,8 @@ def test_the_sink_reads_its_registry_up_to_what_the_worker_decided_with(region_s
     changed = [
         r.getMessage() for r in caplog.records if "changed after the worker" in r.getMessage()
     ]
-    assert len(changed) == 2 and all(later_vin in m for m in changed)
+    # one line per round that met it (the two batches may be one round)
+    assert changed and all(later_vin in m for m in changed)
 
 
 def test_a_registry_copy_that_cannot_catch_up_stops_the_sink_instead_of_guessing(region_stack):

@@ -166,10 +166,8 @@ class MemoryStore:
             b[2]: b[3] for b in self.batches if b[:2] == (topic, partition) and b[2] >= from_offset
         }
 
-    def record_batch(
-        self, topic: str, partition: int, first_offset: int, last_offset: int, messages: int
-    ) -> None:
-        self.batches.append((topic, partition, first_offset, last_offset))
+    def record_batches(self, batches: list[tuple[str, int, int, int, int]]) -> None:
+        self.batches += [b[:4] for b in batches]
 
     def stored_copies(
         self, owners: list[str], vins: list[str], upload_ids: list[str]

@@ -71,11 +71,18 @@ def test_each_batch_is_committed_only_after_it_is_stored(uploads):
     assert len(store.tables["samples"]) == sum(len(u["samples"]) for u in made)
     ends = {tp: len(log) for tp, log in kafka.logs.items()}
     assert kafka.committed == ends and not kafka.produced
-    commits = [i for i, e in enumerate(kafka.events) if e.startswith("commit")]
-    assert len(commits) > 2  # several batches
-    for i in commits:  # each commit follows its batch's samples, then uploads
-        assert kafka.events[i - 2].startswith("insert samples")
-        assert kafka.events[i - 1].startswith("insert uploads")
+    assert len(store.batches) > 2  # several batches
+    for topic, partition, first, last in store.batches:
+        # its samples, then its uploads, then a commit past its last offset
+        token = f"{topic}-{partition}-{first}-{last}"
+        samples = kafka.events.index(f"insert samples {token}")
+        uploads = kafka.events.index(f"insert uploads {token}")
+        commit = next(
+            i
+            for i, e in enumerate(kafka.events)
+            if e.startswith(f"commit {topic}:{partition}@") and int(e.rsplit("@")[1]) > last
+        )
+        assert samples < uploads < commit
 
 
 def test_a_crash_between_samples_and_uploads_replays_the_range_and_stores_each_row_once(
@@ -96,14 +103,14 @@ def test_a_crash_between_samples_and_uploads_replays_the_range_and_stores_each_r
     store.fail_on = die_at_the_second_uploads_insert
     with pytest.raises(Crash):
         run_until_drained(sink_over(kafka, store, registry))
-    committed_before = dict(kafka.committed)
-    assert sum(committed_before.values()) == 10  # only the first batch
+    # The round (every ready batch) commits after all its batches are stored: nothing yet.
+    assert kafka.committed == {} and len(store.batches) > 2
     store.fail_on = lambda table: None
     run_until_drained(sink_over(kafka, store, registry))  # a restarted sink
     assert len(store.tables["uploads"]) == len(made)
     assert len(store.tables["samples"]) == sum(len(u["samples"]) for u in made)
-    replayed = [e for e in kafka.events if e.endswith("(deduplicated)")]
-    assert replayed and all(e.startswith("insert samples") for e in replayed)
+    replayed = [e.split()[1] for e in kafka.events if e.endswith("(deduplicated)")]
+    assert replayed == ["samples", "uploads", "samples"]  # the first batch, then the second's
 
 
 def test_what_may_not_be_stored_is_refused_with_its_reason_and_the_batch_still_commits(

@@ -67,7 +67,10 @@ SINK_BATCH_UPLOADS = Histogram(
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
 )
 SINK_INSERT_SECONDS = Histogram(
-    "vtp_sink_insert_seconds", "Latency of one batch insert (samples + uploads)", ["region"]
+    "vtp_sink_insert_seconds",
+    "Time to write one round: the upload batches of every ready partition, or one batch of "
+    "aggregate records",
+    ["region"],
 )
 CONSUMER_LAG = Gauge(
     "vtp_consumer_lag_messages", "High watermark minus position", ["group", "topic", "partition"]
