@@ -83,7 +83,7 @@ FACTS_SQL = """
 SELECT rowNumberInAllBlocks() AS position, vin, upload_id, sent_at_ms, gateway_firmware,
        length(samples) AS sample_count,
        arrayMin(samples.event_time_ms) AS first_ms, arrayMax(samples.event_time_ms) AS last_ms
-FROM @uploads
+FROM @upload_container
 SETTINGS max_threads = 1
 """
 
@@ -96,7 +96,7 @@ SELECT {{owners:Array(String)}}[position], vin, fromUnixTimestamp64Milli(s.event
        s.seq, upload_id, {_SAMPLE_SIGNALS}, s.dtcs, {{region:String}},
        {{versions:Array(UInt8)}}[position],
        fromUnixTimestamp64Milli({{received:Array(Int64)}}[position], 'UTC')
-FROM (SELECT *, rowNumberInAllBlocks() + 1 AS position FROM @uploads)
+FROM (SELECT *, rowNumberInAllBlocks() + 1 AS position FROM @upload_container)
 ARRAY JOIN samples AS s
 """
 

@@ -345,18 +345,19 @@ class RegionSink:
         )
         plain, demoted = still_plain(plain, horizons, stored, good)
         more, judged_more = judge(demoted, self.region, self.registry)
-        order = {(coordinates(m)[2], source(m)): i for i, m in enumerate(tagged)}
-        good = sorted(good + more, key=lambda up: order[(up.offset, up.raw_source)])
+        # a round spans partitions: a message is its partition, offset and raw source
+        order = {(*coordinates(m)[1:], source(m)): i for i, m in enumerate(tagged)}
+        good = sorted(good + more, key=lambda up: order[_message_key(up)])
         refused += judged + judged_more
         good, erased = drop_erased_samples(good, horizons)
         metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)
         fresh, resends, skipped = sort_against_stored(good, stored)
         # An upload's pieces (one per owner) are one message.
-        resent = {(up.offset, up.raw_source): up for up in resends}
-        message_of = {(coordinates(m)[2], source(m)): m for m in tagged}
+        resent = {_message_key(up): up for up in resends}
+        message_of = {(*coordinates(m)[1:], source(m)): m for m in tagged}
         refused += [
             Refused(
-                message_of[(up.offset, up.raw_source)],
+                message_of[_message_key(up)],
                 "duplicate_upload",
                 f"upload {up.record['upload_id']} is already stored",
                 up.raw_source,
@@ -404,7 +405,7 @@ class RegionSink:
                 )
             )
         self.store.insert("uploads", pa.concat_tables(uploads), batch.token)
-        judged_messages = len({(up.offset, up.raw_source) for up in fresh})
+        judged_messages = len({_message_key(up) for up in fresh})
         stored_messages = len(plain) + judged_messages
         metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "avro").inc(len(plain))
         metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "python").inc(judged_messages)
@@ -499,6 +500,11 @@ class RegionSink:
         if not isinstance(vin, str) or not isinstance(owner, str) or not owner:
             return False
         return held_by_owner(record, self.registry.get(vin), self.region)
+
+
+def _message_key(up: rowlib.StoredUpload) -> tuple[int, int, str]:
+    """The message a piece of an upload came from (an upload's pieces share it)."""
+    return up.partition, up.offset, up.raw_source
 
 
 def _fitting_tables(

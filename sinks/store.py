@@ -135,4 +135,4 @@ class WarehouseSinkStore:
 
 
 def _uploads(container: bytes) -> dict[str, Input]:
-    return {"uploads": Input(container, "Avro", STRUCTURE)}
+    return {"upload_container": Input(container, "Avro", STRUCTURE)}

@@ -289,3 +289,37 @@ def test_access_log_rows_of_concurrent_requests_go_in_together_and_each_waits_fo
         assert "TTL" in ttl[0][0]
     finally:
         wh.close()
+
+
+def test_bytes_handed_in_are_read_as_a_table_and_an_insert_of_them_happens_once(warehouse):
+    from vtp.core.warehouse import Input
+
+    warehouse.execute(
+        "CREATE TABLE IF NOT EXISTS handed (n UInt32, s String) ENGINE = MergeTree ORDER BY n "
+        "SETTINGS non_replicated_deduplication_window = 100"
+    )
+    given = {"lines": Input(b"1,one\n2,two\n", "CSV", "n UInt32, s String")}
+    found = warehouse.query_inputs("SELECT n, s FROM @lines ORDER BY n", given)
+    assert rows(found) == [(1, "one"), (2, "two")]
+    insert = "INSERT INTO handed SELECT n * {k:UInt32}, s FROM @lines"
+    for factor in (10, 10, 99):  # a retry with other contents: the token says it is done
+        warehouse.execute_inputs(
+            insert, given, {"k": factor}, {"insert_deduplication_token": "h-0-0-1"}
+        )
+    assert rows(warehouse.query("SELECT n, s FROM handed ORDER BY n")) == [(10, "one"), (20, "two")]
+    if isinstance(warehouse, ChdbWarehouse):  # its files went with their statements
+        assert list(warehouse.inputs_folder.iterdir()) == []
+
+
+def test_inputs_and_settings_are_checked_before_anything_runs(warehouse):
+    from vtp.core.warehouse import Input
+
+    given = {"lines": Input(b"1\n", "CSV", "n UInt32")}
+    with pytest.raises(WarehouseError, match="names inputs"):
+        warehouse.query_inputs("SELECT * FROM @lines, @other", given)
+    with pytest.raises(WarehouseError, match="names inputs"):
+        warehouse.query_inputs("SELECT 1", given)
+    with pytest.raises(ValueError, match="unsafe"):
+        warehouse.execute_inputs("SELECT * FROM @lines", given, None, {"max_threads": "1'; DROP"})
+    with pytest.raises(ValueError, match="unsafe"):
+        warehouse.execute_inputs("SELECT * FROM @lines", given, None, {"a b": 1})

@@ -20,6 +20,7 @@ import fcntl
 import io
 import os
 import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -176,6 +177,9 @@ class ChdbWarehouse:
         self._open_readers = 0
         self._readers_free = threading.Condition()
         self._closed = False
+        # Bytes handed to a statement (Input) wait here as files while it runs; the folder
+        # is this process's own and goes when the warehouse closes.
+        self.inputs_folder = Path(tempfile.mkdtemp(prefix="vtp-inputs-"))
 
     def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
         with self._lock:
@@ -250,7 +254,7 @@ class ChdbWarehouse:
     def query_inputs(
         self, sql: str, inputs: Mapping[str, Input], params: dict[str, Any] | None = None
     ) -> pa.Table:
-        with _input_files(inputs) as sources:
+        with _input_files(inputs, self.inputs_folder) as sources:
             return self.query(bind_inputs(sql, sources), params)
 
     def execute_inputs(
@@ -260,7 +264,7 @@ class ChdbWarehouse:
         params: dict[str, Any] | None,
         settings: StatementSettings,
     ) -> None:
-        with _input_files(inputs) as sources:
+        with _input_files(inputs, self.inputs_folder) as sources:
             self.execute(bind_inputs(sql, sources) + settings_clause(settings), params)
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
@@ -315,6 +319,7 @@ class ChdbWarehouse:
             self._idle_readers.clear()
             self._readers_free.notify_all()
             self._session.close()
+            shutil.rmtree(self.inputs_folder, ignore_errors=True)
 
 
 def _run_on(
@@ -357,14 +362,14 @@ def bind_inputs(sql: str, sources: Mapping[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def _input_files(inputs: Mapping[str, Input]) -> Iterator[dict[str, str]]:
-    """Each input in a temporary file of this process, as a ``file()`` expression; the
-    files are gone when the statement is."""
+def _input_files(inputs: Mapping[str, Input], folder: Path) -> Iterator[dict[str, str]]:
+    """Each input in a file of ``folder``, as a ``file()`` expression; the files are gone
+    when the statement is."""
     paths: list[str] = []
     try:
         sources = {}
         for name, given in inputs.items():
-            handle, path = tempfile.mkstemp(prefix="vtp-input-", suffix=f".{given.fmt.lower()}")
+            handle, path = tempfile.mkstemp(dir=folder, suffix=f".{given.fmt.lower()}")
             paths.append(path)
             with os.fdopen(handle, "wb") as out:
                 out.write(given.data)
