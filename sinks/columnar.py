@@ -1,16 +1,26 @@
 """A batch's samples stored by ClickHouse's own Avro parser, not built row by row in Python.
 
-The uploads of a batch written with the newest upload schema are handed to the warehouse
-as one Avro object container, their bodies as the vehicles sent them. The warehouse reads
-each upload's facts from it (``FACTS_SQL``: VIN, upload id, sample count, first and last
-sample time); from those facts (never from the worker's sidecar) the sink decides which
-uploads are *plain*: all their samples fall in the vehicle's current period here, so
-they belong whole to its current owner, with nothing to clamp. What is not plain (another
-schema version, samples before a sale, an erasure or a stored copy to reckon with,
-facts the warehouse could not read) is decoded in Python and judged as before; the pieces
-to store are encoded again into the same container. Every sample of a batch is then one
-``INSERT … SELECT`` (``SAMPLES_SQL``) under one deduplication token, whichever way each
-upload went: a replay that decides differently is still deduplicated whole.
+The uploads of a round written with the newest upload schema are handed to the warehouse
+as one Avro object container, their bodies as the vehicles sent them, one block each (so
+a body that is not exactly one record cannot shift what is read from the bodies after
+it). The warehouse reads each upload's facts from it (``FACTS_SQL``: VIN, upload id,
+sample count, first sample time, whether its text is valid UTF-8); from those facts
+(never from the worker's sidecar) the sink decides which uploads are *plain*: keyed by
+the VIN they hold, with all their samples in the vehicle's current period here, so they
+belong whole to its current owner, with nothing to clamp. What is not plain (another
+schema version, samples before a sale, an erasure or a stored copy to reckon with, facts
+the warehouse could not read) is decoded in Python and judged as before; the pieces to
+store are encoded again into the same container. A batch's samples are then one
+``INSERT … SELECT`` (``SAMPLES_SQL``) under the batch's deduplication token, whichever
+way each upload went; the statement checks every row's VIN and upload id against what
+the sink decided about its position, and fails rather than store a row under an owner
+decided for another upload.
+
+A replay carries the same token, so it is dropped whatever it decides: ClickHouse keeps
+one token per block of up to ~1M rows (``min_insert_block_size_rows``) and per month
+partition, so a replay of a batch larger than that, or one that decides to store rows of
+a month the first attempt had none of, may store those again; the same held for the
+Python rows inserted before.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from confluent_kafka import Message
 
 from schemas import Schema, default_store
 from schemas.codec import HEADER_LEN, MARKER
-from schemas.envelope import container
+from schemas.envelope import container_of_blocks
 from schemas.registry import Registration
 from sinks.classify import StoredCopies, received_ms, source
 from sinks.rows import SIGNAL_COLUMNS, TS, UPLOADS_SCHEMA, StoredUpload
@@ -75,15 +85,24 @@ def structure(schema: Schema) -> str:
 
 STRUCTURE = structure(NEWEST)
 
-# One stream, so the rows come in container order and the insert is one block (its
-# deduplication token then covers the whole batch).
+# One stream, so the rows come in container order and the insert forms as few blocks as
+# it can (each block's deduplication id derives from the token and its number).
 ONE_STREAM = {"max_threads": 1}
 
-FACTS_SQL = """
-SELECT rowNumberInAllBlocks() AS position, vin, upload_id, sent_at_ms, gateway_firmware,
-       length(samples) AS sample_count,
-       arrayMin(samples.event_time_ms) AS first_ms, arrayMax(samples.event_time_ms) AS last_ms
-FROM @upload_container
+_TEXT_OK = (
+    "isValidUTF8(vin) AND isValidUTF8(upload_id) AND isValidUTF8(gateway_firmware) "
+    "AND arrayAll(d -> isValidUTF8(d), arrayFlatten(samples.dtcs))"
+)
+# Invalid text is not handed to Python as text (it would not decode): its row says so.
+FACTS_SQL = f"""
+SELECT position, text_ok, if(text_ok, u.vin, '') AS vin,
+       if(text_ok, u.upload_id, '') AS upload_id, u.sent_at_ms AS sent_at_ms,
+       if(text_ok, u.gateway_firmware, '') AS gateway_firmware,
+       length(u.samples) AS sample_count, arrayMin(u.samples.seq) AS min_seq,
+       arrayMin(u.samples.event_time_ms) AS first_ms,
+       arrayMax(u.samples.event_time_ms) AS last_ms
+FROM (SELECT *, rowNumberInAllBlocks() AS position, {_TEXT_OK} AS text_ok
+      FROM @upload_container) AS u
 SETTINGS max_threads = 1
 """
 
@@ -98,6 +117,10 @@ SELECT {{owners:Array(String)}}[position], vin, fromUnixTimestamp64Milli(s.event
        fromUnixTimestamp64Milli({{received:Array(Int64)}}[position], 'UTC')
 FROM (SELECT *, rowNumberInAllBlocks() + 1 AS position FROM @upload_container)
 ARRAY JOIN samples AS s
+WHERE throwIf(
+    vin != {{vins:Array(String)}}[position] OR upload_id != {{ids:Array(String)}}[position],
+    'an upload in the container is not the one the sink decided its owner for'
+) = 0
 """
 
 
@@ -121,30 +144,56 @@ class SampleRows:
     owners: list[str] = field(default_factory=list)
     received_ms: list[int] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    vins: list[str] = field(default_factory=list)  # what each body must hold
+    upload_ids: list[str] = field(default_factory=list)
     samples: int = 0
 
-    def add(self, body: bytes, owner: str, received_ms: int, version: int, samples: int) -> None:
+    def add(self, body: bytes, owner: str, received_ms: int, version: int, plain: Plain) -> None:
+        self._add(body, owner, received_ms, version, plain.vin, plain.upload_id, plain.samples)
+
+    def _add(
+        self,
+        body: bytes,
+        owner: str,
+        received_ms: int,
+        version: int,
+        vin: str,
+        upload_id: str,
+        samples: int,
+    ) -> None:
         self.samples += samples
         self.bodies.append(body)
         self.owners.append(owner)
         self.received_ms.append(received_ms)
         self.versions.append(version)
+        self.vins.append(vin)
+        self.upload_ids.append(upload_id)
 
     def add_piece(self, piece: StoredUpload) -> None:
         """A piece judged in Python, encoded again with the newest schema (an older
         version's record reads as the newest one's, its new fields at their defaults)."""
-        body = default_store().encode(piece.record, NEWEST)[HEADER_LEN:]
-        samples = len(piece.record["samples"])
-        self.add(body, piece.owner_id, piece.received_ms, piece.schema_version, samples)
+        record = piece.record
+        body = default_store().encode(record, NEWEST)[HEADER_LEN:]
+        self._add(
+            body,
+            piece.owner_id,
+            piece.received_ms,
+            piece.schema_version,
+            record["vin"],
+            record["upload_id"],
+            len(record["samples"]),
+        )
 
     def container(self) -> bytes:
-        return container(NEWEST, self.bodies)
+        return container_of_blocks(NEWEST, self.bodies)
 
     def params(self, region: str) -> dict[str, Any]:
         return {
             "owners": self.owners,
             "received": self.received_ms,
             "versions": self.versions,
+            "vins": self.vins,
+            "ids": self.upload_ids,
             "region": region,
         }
 
@@ -225,30 +274,29 @@ def written_with_newest(message: Message) -> bool:
 
 
 def facts_container(fast: list[Message]) -> bytes:
-    return container(NEWEST, [(m.value() or b"")[HEADER_LEN:] for m in fast])
+    return container_of_blocks(NEWEST, [(m.value() or b"")[HEADER_LEN:] for m in fast])
 
 
 def facts_match(facts: pa.Table, fast: list[Message]) -> bool:
-    """The warehouse read one upload per message, in order, of the VIN it is keyed by;
-    anything else means the bodies did not parse as the sink cut them."""
-    if facts.num_rows != len(fast):
-        return False
-    keys = [(m.key() or b"").decode(errors="replace") for m in fast]
+    """The warehouse read one upload per message, in order."""
     positions: list[int] = facts.column("position").to_pylist()
-    vins: list[str] = facts.column("vin").to_pylist()
-    return positions == list(range(len(fast))) and vins == keys
+    return positions == list(range(len(fast)))
 
 
 def plain_candidates(
     fast: list[Message], facts: pa.Table, registry: Mapping[str, Registration], region: str
 ) -> tuple[list[Plain], list[Message]]:
-    """(uploads of one owner by the registry alone, the others to judge in Python)."""
+    """(uploads of one owner by the registry alone, the others to judge in Python): an
+    upload keyed by another VIN than it holds, with text that is not UTF-8 or a negative
+    sequence number is judged (and refused) as before."""
     plain, judge = [], []
-    columns = [
-        facts.column(c).to_pylist() for c in ("vin", "upload_id", "sample_count", "first_ms")
-    ]
-    for i, (m, vin, upload_id, count, first_ms) in enumerate(zip(fast, *columns, strict=True)):
-        owner = plain_owner(registry.get(vin), region, first_ms) if count else None
+    names = ("vin", "upload_id", "sample_count", "first_ms", "text_ok", "min_seq")
+    columns = [facts.column(c).to_pylist() for c in names]
+    for i, (m, vin, upload_id, count, first_ms, text_ok, min_seq) in enumerate(
+        zip(fast, *columns, strict=True)
+    ):
+        sound = text_ok and count and min_seq >= 0 and (m.key() or b"") == vin.encode()
+        owner = plain_owner(registry.get(vin), region, first_ms) if sound else None
         if owner is None:
             judge.append(m)
             continue

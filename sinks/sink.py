@@ -62,8 +62,8 @@ class SinkError(RuntimeError):
     """The sink cannot go on without losing data; it stops without committing."""
 
 
-# (owner, vin) pairs the sink remembers having pseudonyms for (~100 bytes each).
-PSEUDONYMIZED_REMEMBERED = 1_000_000
+# (owner, vin) pairs the sink remembers having pseudonyms for (~250 bytes each).
+PSEUDONYMIZED_REMEMBERED = 100_000
 
 # A batch whose insert fails is tried again this many times, with these pauses: a
 # warehouse that is busy, merging or restarting is not a reason to stop.
@@ -369,10 +369,18 @@ class RegionSink:
             horizons,
         )
         batch_of = {(b.partition, offset): i for i, b in enumerate(batches) for offset in b.offsets}
+        samples = 0
         for i, batch in enumerate(batches):
             mine = [p for p in plain if batch_of[(p.partition, p.provenance.offset)] == i]
             judged_here = [up for up in fresh if batch_of[(up.partition, up.offset)] == i]
-            self._insert_batch(batch, facts, mine, judged_here)
+            samples += self._insert_batch(batch, facts, mine, judged_here)
+        # Counted once the round is stored: a round tried again is not counted twice.
+        judged_messages = len({_message_key(up) for up in fresh})
+        metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "avro").inc(len(plain))
+        metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "python").inc(judged_messages)
+        self.stored_uploads += len(plain) + judged_messages
+        metrics.SINK_UPLOADS.labels(self.region).inc(len(plain) + judged_messages)
+        metrics.SINK_SAMPLES.labels(self.region).inc(samples)
         metrics.SINK_REPLAYS_SKIPPED.labels(self.region).inc(skipped)
         return refused
 
@@ -382,12 +390,13 @@ class RegionSink:
         facts: pa.Table | None,
         plain: list[Plain],
         fresh: list[rowlib.StoredUpload],
-    ) -> None:
-        """One batch's samples and uploads, each one insert under the batch's token."""
+    ) -> int:
+        """One batch's samples and uploads, each one insert under the batch's token; the
+        samples it stored."""
         rows = SampleRows()
         for p in plain:
             body = (p.message.value() or b"")[HEADER_LEN:]
-            rows.add(body, p.owner, p.provenance.received_ms, NEWEST.version, p.samples)
+            rows.add(body, p.owner, p.provenance.received_ms, NEWEST.version, p)
         for up in fresh:
             rows.add_piece(up)
         self.store.insert_samples(rows, self.region, batch.token)
@@ -405,13 +414,7 @@ class RegionSink:
                 )
             )
         self.store.insert("uploads", pa.concat_tables(uploads), batch.token)
-        judged_messages = len({_message_key(up) for up in fresh})
-        stored_messages = len(plain) + judged_messages
-        metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "avro").inc(len(plain))
-        metrics.SINK_UPLOADS_BY_PATH.labels(self.region, "python").inc(judged_messages)
-        self.stored_uploads += stored_messages
-        metrics.SINK_UPLOADS.labels(self.region).inc(stored_messages)
-        metrics.SINK_SAMPLES.labels(self.region).inc(rows.samples)
+        return rows.samples
 
     def _facts(self, fast: list[Message]) -> pa.Table | None:
         """The facts of the uploads in ``fast`` as the warehouse's parser reads them, or
@@ -428,7 +431,7 @@ class RegionSink:
             return None
         if not facts_match(facts, fast):
             log.warning(
-                "the warehouse read %d uploads where the batch holds %d, or other VINs; judging them one by one",
+                "the warehouse read %d uploads where the round holds %d; judging them one by one",
                 facts.num_rows,
                 len(fast),
             )

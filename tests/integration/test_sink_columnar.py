@@ -17,13 +17,15 @@ from schemas import default_store
 from schemas.envelope import BATCH_HEADER, BatchedUpload, pack
 from schemas.registry import Period
 from sinks.classify import judge, screen, sort_against_stored
+from sinks.columnar import SampleRows
 from sinks.erased import drop_erased_samples
-from sinks.rows import SAMPLES_SCHEMA, UPLOADS_SCHEMA, samples_table, uploads_table
+from sinks.rows import SAMPLES_SCHEMA, UPLOADS_SCHEMA, StoredUpload, samples_table, uploads_table
 from sinks.sink import RegionSink
+from sinks.store import WarehouseSinkStore
 from sinks.unbatch import expand
 from tests.unit.sink_doubles import MemoryKafka, StaticRegistry
 from vtp.core.settings import load_settings
-from vtp.core.warehouse import ChdbWarehouse
+from vtp.core.warehouse import ChdbWarehouse, WarehouseError
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +33,14 @@ START_MS = 1_790_000_000_000
 SALE = START_MS + 300_000  # the first vehicle changes hands
 LEFT = START_MS + 400_000  # the second leaves the region's registry
 ERASED = START_MS + 200_000  # the owner of the third erases
+
+
+@pytest.fixture
+def warehouse(tmp_path):
+    # closed even when a test fails: chdb opens one folder per process at a time
+    opened = ChdbWarehouse(tmp_path / "warehouse")
+    yield opened
+    opened.close()
 
 
 def path_count(path: str) -> float:
@@ -55,13 +65,20 @@ def batch_messages(kafka: MemoryKafka, topic: str, uploads: list[dict], per_mess
         kafka.append(topic, 0, None, value, [("vtp-region", b"eu"), (BATCH_HEADER, sidecar)])
 
 
+def sink_over(settings, warehouse: ChdbWarehouse, kafka: MemoryKafka, registry) -> RegionSink:
+    """The real sink on the real engine, its Kafka side the in-memory double."""
+    return RegionSink(
+        settings, warehouse, consumer=kafka.consumer(), producer=kafka.producer(), registry=registry
+    )
+
+
 def stored_rows(warehouse: ChdbWarehouse, table: str, names: list[str]) -> list[dict]:
     columns = ", ".join(f"`{n}`" for n in names)
     found = warehouse.query(f"SELECT {columns} FROM {table}").to_pylist()
     return sorted(found, key=repr)
 
 
-def test_the_warehouse_stores_what_the_python_path_would_have(tmp_path):
+def test_the_warehouse_stores_what_the_python_path_would_have(warehouse):
     settings = load_settings({}).with_(region="eu", sink_batch_messages=100_000, sink_flush_ms=0)
     fleet = build_fleet(7, owners=4, vehicles=6, regions=("eu",))
     sold, leaving, erasing = fleet[0], fleet[1], fleet[2]
@@ -77,14 +94,7 @@ def test_the_warehouse_stores_what_the_python_path_would_have(tmp_path):
     kafka = MemoryKafka(partitions=1)
     topic = settings.topics.validated
     batch_messages(kafka, topic, made, per_message=20)
-    warehouse = ChdbWarehouse(tmp_path / "warehouse")
-    sink = RegionSink(
-        settings,
-        warehouse,
-        consumer=kafka.consumer(),
-        producer=kafka.producer(),
-        registry=registry,
-    )
+    sink = sink_over(settings, warehouse, kafka, registry)
     warehouse.execute(
         "INSERT INTO erasures (owner_id, erasure_id, requested_at, rows_deleted, version) "
         "VALUES ({o:String}, 'e-1', fromUnixTimestamp64Milli({t:Int64}, 'UTC'), '{{}}', 1)",
@@ -118,10 +128,9 @@ def test_the_warehouse_stores_what_the_python_path_would_have(tmp_path):
     # (V1, the sale, the move, the erasure, the resend's first copy) judged in Python.
     avro, python = path_count("avro") - avro_before, path_count("python") - python_before
     assert avro > 0 and python > 0 and avro + python == len(uploads)
-    warehouse.close()
 
 
-def test_a_body_the_engine_cannot_parse_is_dead_lettered_and_the_rest_stored(tmp_path):
+def test_a_body_the_engine_cannot_parse_is_dead_lettered_and_the_rest_stored(warehouse):
     settings = load_settings({}).with_(region="eu", sink_batch_messages=100_000, sink_flush_ms=0)
     fleet = build_fleet(8, owners=2, vehicles=3, regions=("eu",))
     made = list(simulate(fleet, seed=8, start_ms=START_MS, duration_s=120, truth=new_truth(fleet)))[
@@ -138,14 +147,8 @@ def test_a_body_the_engine_cannot_parse_is_dead_lettered_and_the_rest_stored(tmp
     topic = settings.topics.validated
     value, sidecar = pack("vtp.eu.uploads:0", v2, run)
     kafka.append(topic, 0, None, value, [("vtp-region", b"eu"), (BATCH_HEADER, sidecar)])
-    warehouse = ChdbWarehouse(tmp_path / "warehouse")
-    sink = RegionSink(
-        settings,
-        warehouse,
-        consumer=kafka.consumer(),
-        producer=kafka.producer(),
-        registry=StaticRegistry({v.vin: v.registration_in("eu") for v in fleet}),
-    )
+    registry = StaticRegistry({v.vin: v.registration_in("eu") for v in fleet})
+    sink = sink_over(settings, warehouse, kafka, registry)
     python = path_count("python")
     sink.run(should_stop=sink.consumer.drained)
     stored = {r["upload_id"] for r in warehouse.query("SELECT upload_id FROM uploads").to_pylist()}
@@ -153,4 +156,89 @@ def test_a_body_the_engine_cannot_parse_is_dead_lettered_and_the_rest_stored(tmp
     [(_, _, dead, headers)] = kafka.produced
     assert headers["vtp-reason"] == b"malformed_avro" and dead == run[5].value
     assert path_count("python") - python == 11  # the engine refused the container: one by one
-    warehouse.close()
+
+
+def three_vehicles():
+    """Settings, a fleet of three vehicles (three owners), an upload of each, empty topics."""
+    settings = load_settings({}).with_(region="eu", sink_batch_messages=100_000, sink_flush_ms=0)
+    fleet = build_fleet(9, owners=3, vehicles=3, regions=("eu",))
+    made = list(simulate(fleet, seed=9, start_ms=START_MS, duration_s=60, truth=new_truth(fleet)))
+    firsts = {}
+    for u in made:
+        firsts.setdefault(u["vin"], u)
+    kafka = MemoryKafka(partitions=1)
+    return settings, fleet, [firsts[v.vin] for v in fleet], kafka
+
+
+def test_bodies_that_are_not_one_record_each_cannot_shift_owners(warehouse):
+    settings, fleet, (a, l1, l2), kafka = three_vehicles()
+    store, v2 = default_store(), default_store().get("VehicleUpload", 2)
+
+    def body(u):
+        return store.encode(u, v2)
+
+    x = {**a, "vin": "FOREIGNVIN0000000", "upload_id": "forged-x"}  # registered nowhere
+    topic = settings.topics.validated
+    forged = [  # the first body holds two records, the second none
+        BatchedUpload(body(a) + body(x)[10:], a["vin"].encode(), 0, START_MS, 1),
+        BatchedUpload(body(x)[:10], x["vin"].encode(), 1, START_MS, 1),
+    ]
+    honest = [
+        BatchedUpload(body(u), u["vin"].encode(), 2 + i, START_MS, 1)
+        for i, u in enumerate([l1, l2])
+    ]
+    for run in (forged, honest):
+        value, sidecar = pack("vtp.eu.uploads:0", v2, run)
+        kafka.append(topic, 0, None, value, [("vtp-region", b"eu"), (BATCH_HEADER, sidecar)])
+    registry = StaticRegistry({v.vin: v.registration_in("eu") for v in fleet})
+    sink = sink_over(settings, warehouse, kafka, registry)
+    sink.run(should_stop=sink.consumer.drained)
+    owner_of = {v.vin: v.owner_id for v in fleet}
+    stored = warehouse.query(
+        "SELECT vin, owner_id, count() AS n FROM samples GROUP BY vin, owner_id ORDER BY vin"
+    ).to_pylist()
+    assert stored == sorted(
+        [
+            {"vin": u["vin"], "owner_id": owner_of[u["vin"]], "n": len(u["samples"])}
+            for u in (l1, l2)
+        ],
+        key=lambda r: r["vin"],
+    )
+    reasons = sorted(h["vtp-reason"] for *_, h in kafka.produced)
+    assert reasons == [b"malformed_avro", b"malformed_avro"]  # both forged bodies, with their bytes
+    assert kafka.committed == {(topic, 0): 2}
+
+
+def test_text_that_is_not_utf8_is_refused_as_the_python_path_refuses_it(warehouse):
+    settings, fleet, (a, b, c), kafka = three_vehicles()
+    store, v2 = default_store(), default_store().get("VehicleUpload", 2)
+    bad = bytearray(store.encode({**a, "upload_id": "X" * 36}, v2))
+    bad[bad.find(b"X" * 36)] = 0xFF
+    run = [BatchedUpload(bytes(bad), a["vin"].encode(), 0, START_MS, 1)] + [
+        BatchedUpload(store.encode(u, v2), u["vin"].encode(), 1 + i, START_MS, 1)
+        for i, u in enumerate([b, c])
+    ]
+    value, sidecar = pack("vtp.eu.uploads:0", v2, run)
+    topic = settings.topics.validated
+    kafka.append(topic, 0, None, value, [("vtp-region", b"eu"), (BATCH_HEADER, sidecar)])
+    registry = StaticRegistry({v.vin: v.registration_in("eu") for v in fleet})
+    avro = path_count("avro")
+    sink = sink_over(settings, warehouse, kafka, registry)
+    sink.run(should_stop=sink.consumer.drained)
+    stored = {r["upload_id"] for r in warehouse.query("SELECT upload_id FROM uploads").to_pylist()}
+    assert stored == {b["upload_id"], c["upload_id"]} and path_count("avro") - avro == 2
+    [(_, _, dead, headers)] = kafka.produced
+    assert headers["vtp-reason"] == b"malformed_avro" and dead == bytes(bad)
+
+
+def test_an_insert_whose_container_holds_other_uploads_than_decided_stores_nothing(warehouse):
+    _, _, (a, b, _), _ = three_vehicles()
+    store = WarehouseSinkStore(warehouse, b"k" * 32, owns=False)
+    store.prepare()
+    rows = SampleRows()
+    for u in (a, b):  # pieces as the Python path encodes them
+        rows.add_piece(StoredUpload(u, "owner", "eu", 2, START_MS, "raw:0:0", "v", 0, 0))
+    rows.vins.reverse()  # the sink's decision for each position, swapped
+    with pytest.raises(WarehouseError, match="not the one the sink decided"):
+        store.insert_samples(rows, "eu", "v-0-0-1")
+    assert warehouse.query("SELECT count() AS n FROM samples").to_pylist() == [{"n": 0}]

@@ -190,6 +190,8 @@ class MemoryStore:
             [
                 {
                     "position": i,
+                    "text_ok": True,  # fastavro has decoded it: its text is UTF-8
+                    "min_seq": min((s["seq"] for s in r["samples"]), default=0),
                     "vin": r["vin"],
                     "upload_id": r["upload_id"],
                     "sent_at_ms": r["sent_at_ms"],

@@ -17,6 +17,7 @@ from sinks.columnar import (
     Provenance,
     clickhouse_type,
     facts_match,
+    plain_candidates,
     plain_owner,
     still_plain,
     structure,
@@ -87,15 +88,33 @@ def test_a_stored_copy_of_another_message_or_a_second_copy_in_the_batch_is_judge
     assert still_plain([this], {}, {}, [judged("b", 5)])[0] == [this]
 
 
-def test_the_facts_must_be_one_row_per_message_of_the_vin_it_is_keyed_by():
-    messages = [Message(key=VIN.encode()), Message(key=b"WVW4FL3J3TB579290")]
-    facts = pa.table({"position": [0, 1], "vin": [VIN, "WVW4FL3J3TB579290"]})
-    assert facts_match(facts, messages)
-    assert not facts_match(facts.slice(0, 1), messages)
-    assert not facts_match(pa.table({"position": [0, 1], "vin": [VIN, VIN]}), messages)
-    assert not facts_match(
-        pa.table({"position": [1, 0], "vin": [VIN, "WVW4FL3J3TB579290"]}), messages
-    )
+def facts(**columns) -> pa.Table:
+    row = {"position": 0, "vin": VIN, "upload_id": "a", "sample_count": 3, "first_ms": 10_000}
+    return pa.table({k: [v] for k, v in {**row, "text_ok": True, "min_seq": 0, **columns}.items()})
+
+
+def test_the_facts_must_be_one_row_per_message_in_order():
+    messages = [Message(key=VIN.encode()), Message(key=VIN.encode())]
+    two = pa.concat_tables([facts(), facts(position=1)])
+    assert facts_match(two, messages)
+    assert not facts_match(facts(), messages)
+    assert not facts_match(pa.concat_tables([facts(position=1), facts()]), messages)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"vin": "WVW4FL3J3TB579290"},  # keyed by another VIN than the body holds
+        {"text_ok": False, "vin": ""},  # text that is not UTF-8 (the facts blank it)
+        {"min_seq": -1},
+        {"sample_count": 0},
+    ],
+)
+def test_an_upload_the_facts_find_odd_is_judged_in_python(odd):
+    owner = registration(Period(0, "owner", "eu"))
+    message = Message(topic="vtp.eu.validated", partition=0, offset=0, key=VIN.encode())
+    assert len(plain_candidates([message], facts(), {VIN: owner}, "eu")[0]) == 1
+    assert plain_candidates([message], facts(**odd), {VIN: owner}, "eu") == ([], [message])
 
 
 def test_each_upload_schema_reads_as_a_clickhouse_structure():

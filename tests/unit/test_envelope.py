@@ -6,7 +6,7 @@ import fastavro
 import pytest
 
 from schemas import FramingError, default_store
-from schemas.envelope import BatchedUpload, cut, pack, unpack
+from schemas.envelope import BatchedUpload, container_of_blocks, cut, pack, unpack
 
 STORE = default_store()
 V1 = STORE.get("VehicleUpload", 1)
@@ -97,3 +97,21 @@ def test_a_batch_vtp_cannot_take_apart_is_a_framing_error(spoil, reason):
     with pytest.raises(FramingError) as caught:
         unpack(*spoil(value, header), STORE)
     assert caught.value.reason == reason
+
+
+def test_a_container_of_one_block_per_body_reads_as_the_records_in_order():
+    store = default_store()
+    v2 = store.get("VehicleUpload", 2)
+    records = [
+        {
+            "vin": "LRW3E7EK4NC00000" + str(i),
+            "upload_id": f"u{i}",
+            "sent_at_ms": i,
+            "gateway_firmware": "1",
+            "samples": [{"event_time_ms": i, "seq": i}],
+        }
+        for i in range(3)
+    ]
+    bodies = [store.encode(r, v2)[10:] for r in records]
+    read = list(fastavro.reader(io.BytesIO(container_of_blocks(v2, bodies))))
+    assert [r["upload_id"] for r in read] == ["u0", "u1", "u2"]

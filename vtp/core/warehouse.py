@@ -177,9 +177,11 @@ class ChdbWarehouse:
         self._open_readers = 0
         self._readers_free = threading.Condition()
         self._closed = False
-        # Bytes handed to a statement (Input) wait here as files while it runs; the folder
-        # is this process's own and goes when the warehouse closes.
-        self.inputs_folder = Path(tempfile.mkdtemp(prefix="vtp-inputs-"))
+        # Bytes handed to a statement (Input) wait here as files while it runs: inside the
+        # warehouse's folder (they are its data), emptied when it opens and closes.
+        self.inputs_folder = path / "vtp-inputs"
+        shutil.rmtree(self.inputs_folder, ignore_errors=True)
+        self.inputs_folder.mkdir()
 
     def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
         with self._lock:
