@@ -334,7 +334,9 @@ class RegionSink:
         fast = [m for m in tagged if written_with_newest(m)]
         facts = self._facts(fast)
         plain, slow = (
-            plain_candidates(fast, facts, self.registry, self.region) if facts else ([], fast)
+            plain_candidates(fast, facts, self.registry, self.region)
+            if facts is not None
+            else ([], fast)
         )
         slow += [m for m in tagged if not written_with_newest(m)]
         good, judged = judge(slow, self.region, self.registry)
