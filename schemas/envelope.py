@@ -147,8 +147,23 @@ def unpack(value: bytes, header: bytes, store: SchemaStore) -> tuple[str, list[B
         raise FramingError(
             "malformed_batch", f"vtp-batch header: {type(exc).__name__}: {exc}"
         ) from None
-    if not isinstance(source, str) or len({len(c) for c in columns}) != 1:
+    if not isinstance(source, str) or not all(isinstance(c, list) for c in columns):
+        raise FramingError(
+            "malformed_batch", "vtp-batch header: source or columns of the wrong kind"
+        )
+    if len({len(c) for c in columns}) != 1:
         raise FramingError("malformed_batch", "vtp-batch header: columns of different lengths")
+    numbers = (*columns[:3], columns[4])
+    if not all(_is_long(n) for column in numbers for n in column) or not all(
+        isinstance(k, str) for k in columns[3]
+    ):
+        raise FramingError(
+            "malformed_batch",
+            "vtp-batch header: offsets, times, revisions, lengths must be "
+            "64-bit integers and keys text",
+        )
+    if any(n < 0 for n in columns[4]):
+        raise FramingError("malformed_batch", "vtp-batch header: a negative length")
     data = memoryview(value)
     if bytes(data[:4]) != MAGIC:
         raise FramingError("malformed_batch", "not an Avro object container")
@@ -183,6 +198,10 @@ def unpack(value: bytes, header: bytes, store: SchemaStore) -> tuple[str, list[B
         )
         pos += length
     return source, uploads
+
+
+def _is_long(n: object) -> bool:
+    return type(n) is int and -(2**63) <= n < 2**63
 
 
 def _read_meta(data: memoryview, pos: int) -> tuple[dict[str, bytes], int]:

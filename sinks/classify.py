@@ -113,6 +113,9 @@ def judge(
         except FramingError as exc:
             refused.append(Refused(m, exc.reason, exc.detail, where))
             continue
+        if any(s["seq"] < 0 for s in record["samples"]):  # the worker never routes one
+            refused.append(Refused(m, "invalid_sample", "a negative seq", where))
+            continue
         topic, partition, offset = coordinates(m)
         upload = rowlib.StoredUpload(
             record=record,

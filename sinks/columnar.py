@@ -86,8 +86,9 @@ def structure(schema: Schema) -> str:
 STRUCTURE = structure(NEWEST)
 
 # One stream, so the rows come in container order and the insert forms as few blocks as
-# it can (each block's deduplication id derives from the token and its number).
-ONE_STREAM = {"max_threads": 1}
+# it can (each block's deduplication id derives from the token and its number); and a
+# batch whose samples span more than 100 months is stored, not refused on every retry.
+ONE_STREAM = {"max_threads": 1, "throw_on_max_partitions_per_insert_block": 0}
 
 _TEXT_OK = (
     "isValidUTF8(vin) AND isValidUTF8(upload_id) AND isValidUTF8(gateway_firmware) "
@@ -288,7 +289,7 @@ def plain_candidates(
 ) -> tuple[list[Plain], list[Message]]:
     """(uploads of one owner by the registry alone, the others to judge in Python): an
     upload keyed by another VIN than it holds, with text that is not UTF-8 or a negative
-    sequence number is judged (and refused) as before."""
+    sequence number is judged (and refused) in Python."""
     plain, judge = [], []
     names = ("vin", "upload_id", "sample_count", "first_ms", "text_ok", "min_seq")
     columns = [facts.column(c).to_pylist() for c in names]

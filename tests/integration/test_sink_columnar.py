@@ -242,3 +242,40 @@ def test_an_insert_whose_container_holds_other_uploads_than_decided_stores_nothi
     with pytest.raises(WarehouseError, match="not the one the sink decided"):
         store.insert_samples(rows, "eu", "v-0-0-1")
     assert warehouse.query("SELECT count() AS n FROM samples").to_pylist() == [{"n": 0}]
+
+
+def shifted(upload: dict, months: int, upload_id: str) -> dict:
+    """``upload`` moved ``months`` times 31 days later, under another id."""
+    shift = months * 31 * 86_400_000
+    samples = [{**s, "event_time_ms": s["event_time_ms"] + shift} for s in upload["samples"]]
+    return {
+        **upload,
+        "upload_id": upload_id,
+        "sent_at_ms": upload["sent_at_ms"] + shift,
+        "samples": samples,
+    }
+
+
+def test_a_batch_over_many_months_is_stored_and_a_negative_seq_refused(warehouse):
+    settings, fleet, (a, _, _), kafka = three_vehicles()
+    store, v2 = default_store(), default_store().get("VehicleUpload", 2)
+    uploads = [shifted(a, k, f"month-{k}") for k in range(101)]  # 101 month partitions
+    negative = shifted(a, 0, "negative-seq")
+    negative["samples"][0]["seq"] = -1
+    run = [
+        BatchedUpload(store.encode(u, v2), u["vin"].encode(), i, u["sent_at_ms"], 1)
+        for i, u in enumerate([*uploads, negative])
+    ]
+    value, sidecar = pack("vtp.eu.uploads:0", v2, run)
+    topic = settings.topics.validated
+    kafka.append(topic, 0, None, value, [("vtp-region", b"eu"), (BATCH_HEADER, sidecar)])
+    registry = StaticRegistry({v.vin: v.registration_in("eu") for v in fleet})
+    sink = sink_over(settings, warehouse, kafka, registry)
+    sink.run(should_stop=sink.consumer.drained)
+    (counts,) = warehouse.query(
+        "SELECT count() AS n, uniqExact(toYYYYMM(event_time)) AS months FROM samples"
+    ).to_pylist()
+    assert counts == {"n": 101 * len(a["samples"]), "months": 101}
+    [(_, _, dead, headers)] = kafka.produced
+    assert headers["vtp-reason"] == b"invalid_sample" and dead == run[-1].value
+    assert kafka.committed == {(topic, 0): 1}

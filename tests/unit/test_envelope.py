@@ -1,4 +1,5 @@
 import io
+import json
 from pathlib import Path
 
 import chdb
@@ -81,6 +82,11 @@ def test_one_upload_larger_than_a_batch_still_goes_alone():
     assert [len(r) for r in cut(uploads, max_bytes=10)] == [1, 1, 1]
 
 
+def resided(header: bytes, **changed) -> bytes:
+    """``header`` with some of its sidecar's entries replaced."""
+    return json.dumps({**json.loads(header), **changed}).encode()
+
+
 @pytest.mark.parametrize(
     ("spoil", "reason"),
     [
@@ -90,6 +96,14 @@ def test_one_upload_larger_than_a_batch_still_goes_alone():
         (lambda v, h: (v, b"{not json"), "malformed_batch"),
         (lambda v, h: (v, h.replace(b'"keys"', b'"k"')), "malformed_batch"),
         (lambda v, h: (v.replace(V1.fingerprint.hex().encode(), b"00" * 8), h), "unknown_schema"),
+        # a sidecar written past the worker, with values of the wrong kind or size
+        (lambda v, h: (v, resided(h, received_ms=["x", 1, 2])), "malformed_batch"),
+        (lambda v, h: (v, resided(h, received_ms=[1.5e12, 1, 2])), "malformed_batch"),
+        (lambda v, h: (v, resided(h, received_ms=[10**30, 1, 2])), "malformed_batch"),
+        (lambda v, h: (v, resided(h, keys=[5, "a", "b"])), "malformed_batch"),
+        (lambda v, h: (v, resided(h, offsets=[True, 1, 2])), "malformed_batch"),
+        (lambda v, h: (v, resided(h, revisions="abc")), "malformed_batch"),
+        (lambda v, h: (v, resided(h, source=7)), "malformed_batch"),
     ],
 )
 def test_a_batch_vtp_cannot_take_apart_is_a_framing_error(spoil, reason):

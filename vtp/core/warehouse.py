@@ -276,10 +276,12 @@ class ChdbWarehouse:
         with pa.ipc.new_stream(buf, data.schema) as writer:
             writer.write_table(data)
         columns = ", ".join(f"`{name}`" for name in data.column_names)
-        settings = ""
+        # A batch whose rows span more than 100 months is stored (a part per month), not
+        # refused on every retry.
+        settings = " SETTINGS throw_on_max_partitions_per_insert_block = 0"
         if dedup_token is not None:
             # Tokens are built by the sink from topic/partition/offsets: [a-z0-9.-] only.
-            settings = f" SETTINGS insert_deduplication_token='{_safe_token(dedup_token)}'"
+            settings += f", insert_deduplication_token = '{_safe_token(dedup_token)}'"
         with self._lock:
             try:
                 with self._session.send_insert(
@@ -513,7 +515,9 @@ class ServerWarehouse:
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         if data.num_rows == 0:
             return 0
-        settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
+        settings: dict[str, Any] = {"throw_on_max_partitions_per_insert_block": 0}
+        if dedup_token:
+            settings["insert_deduplication_token"] = dedup_token
         try:
             self._client.insert_arrow(table, data, settings=settings)
         except Exception as exc:
