@@ -348,18 +348,17 @@ class RegionSink:
         plain, demoted = still_plain(plain, horizons, stored, good)
         more, judged_more = judge(demoted, self.region, self.registry)
         # a round spans partitions: a message is its partition, offset and raw source
-        order = {(*coordinates(m)[1:], source(m)): i for i, m in enumerate(tagged)}
-        good = sorted(good + more, key=lambda up: order[_message_key(up)])
+        keyed = {(*coordinates(m)[1:], source(m)): (i, m) for i, m in enumerate(tagged)}
+        good = sorted(good + more, key=lambda up: keyed[_message_key(up)][0])
         refused += judged + judged_more
         good, erased = drop_erased_samples(good, horizons)
         metrics.SINK_ERASED_DROPPED.labels(self.region, "sample").inc(erased)
         fresh, resends, skipped = sort_against_stored(good, stored)
         # An upload's pieces (one per owner) are one message.
         resent = {_message_key(up): up for up in resends}
-        message_of = {(*coordinates(m)[1:], source(m)): m for m in tagged}
         refused += [
             Refused(
-                message_of[_message_key(up)],
+                keyed[_message_key(up)][1],
                 "duplicate_upload",
                 f"upload {up.record['upload_id']} is already stored",
                 up.raw_source,
