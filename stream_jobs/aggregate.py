@@ -3,10 +3,10 @@
 The validate agent hands each batch's accepted uploads here, already decoded, in the same
 pass (an upload is read from Kafka and decoded once). Per-vehicle session state lives in
 a changelog-backed Faust table keyed by VIN, so a restarted worker continues where it
-was; the states of the vehicles in use are also kept decoded in memory, so a batch pays
-for encoding the states it changed, not for decoding them. Each batch ingests every
-upload, advances each touched vehicle once, stores its state, and emits records (Avro,
-keyed by VIN) to the region's aggregates topic. Samples that arrive after their time was
+was; the states of the vehicles in use are kept decoded in memory, and written at the
+worker's checkpoints (``stream_jobs.checkpoint``: each state changed since the last,
+once). Each batch ingests every upload, advances each touched vehicle once, and emits
+records (Avro, keyed by VIN) to the region's aggregates topic. Samples that arrive after their time was
 released are dead-lettered (reason too_late, stage aggregate) with the upload's bytes;
 the samples themselves are still stored by the sink.
 
@@ -18,8 +18,9 @@ An owner's erasure reaches the worker on the region's control topic (one notice 
 vehicle the owner had here, sent by the erasure job): the state is rewritten without the
 owner's data, so the changelog's compaction drops every earlier value that held it.
 
-One lock orders the three writers of the state (uploads, registry changes, erasures): each
-holds it from reading a vehicle's state to its changelog write being acknowledged.
+One lock orders the three writers of the state (uploads, registry changes, erasures) and
+the checkpoints: a registry change or an erasure writes the states it changed at once,
+a batch of uploads leaves them to the next checkpoint.
 """
 
 from __future__ import annotations
@@ -127,11 +128,14 @@ class Sessions:
         self._send = send
         self._store = default_store()
         self._decoded: dict[bytes, VehicleState] = {}
+        self._changed: set[bytes] = set()  # since the last checkpoint
         self._sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
 
     def forget_decoded(self) -> None:
-        """Partitions moved: what the table holds now is the truth, not what was decoded."""
+        """Partitions moved: what the table holds now is the truth, not what was decoded
+        (what changed since the last checkpoint is read again by whoever has it now)."""
         self._decoded.clear()
+        self._changed.clear()
 
     def _state(self, key: bytes) -> VehicleState:
         state = self._decoded.get(key)
@@ -161,7 +165,9 @@ class Sessions:
             )
 
     async def _store_states(self, keys: Iterable[bytes]) -> None:
-        """Durable: a state is acknowledged by Kafka before the batch that made it is acked."""
+        """Durable: a state is acknowledged by Kafka before the uploads that made it are."""
+        keys = list(keys)
+        self._changed.difference_update(keys)
         partitions = self.settings.topic_partitions
         await asyncio.gather(
             *(
@@ -175,9 +181,9 @@ class Sessions:
             )
         )
 
-    async def take(self, uploads: list[Accepted], pending: list) -> list[bytes]:
-        """Aggregate a batch's accepted uploads; returns the vehicles whose state changed.
-        The caller holds ``lock``, and awaits ``pending`` before it ``store``s them."""
+    async def take(self, uploads: list[Accepted], pending: list) -> None:
+        """Aggregate a batch's accepted uploads. The caller holds ``lock`` and awaits
+        ``pending``; the states changed are written at the next checkpoint (``write``)."""
         touched: dict[bytes, VehicleState] = {}
         source_topic = self.topics.uploads
         for up in uploads:
@@ -210,13 +216,12 @@ class Sessions:
         for key, state in touched.items():
             vin = key.decode()
             await self._emit(vin, advance(state, self.config, self.registry(vin)), pending)
-        return list(touched)
+        self._changed.update(touched)
 
-    async def store(self, touched: list[bytes], busy: set[bytes]) -> None:
-        """Make the states ``take`` changed durable, then forget vehicles gone quiet
-        (``busy``: the batch's vehicles, never forgotten in the middle of it)."""
-        await self._store_states(touched)
-        await self._forget_quiet(busy)
+    async def write(self) -> None:
+        """Checkpoint: durably, every state changed since the last (the caller holds
+        ``lock``)."""
+        await self._store_states(self._changed)
 
     async def registration_changed(self, changed: list[tuple[bytes, int]]) -> None:
         """Re-judge the periods of vehicles whose registration changed, at once: no more
@@ -257,7 +262,9 @@ class Sessions:
         await self._emit(state.vin, flush(state, self.config, self.registry(state.vin)), pending)
         await asyncio.gather(*pending)
 
-    async def _forget_quiet(self, busy: set[bytes]) -> None:
+    async def forget_quiet(self) -> None:
+        """After a checkpoint (the table then holds what memory does): vehicles gone quiet
+        close their sessions and leave the table. The caller holds ``lock``."""
         await forget_quiet(
             self.table,
             self._sweep,
@@ -268,7 +275,6 @@ class Sessions:
                 for tp in self._app.consumer.assignment()
                 if tp.topic == self.topics.uploads
             },
-            busy=busy,
             touched_of=session_state.touched_of,
             closing=self._close_quiet,
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import signal
 import time
@@ -30,8 +29,9 @@ from schemas.envelope import BatchedUpload
 from schemas.registry import Registration, decode_registration
 from stream_jobs import faust_fixes, flow_log
 from stream_jobs.aggregate import RAW_TOPIC, Accepted, Sessions, bytes_table
-from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
+from stream_jobs.checkpoint import Checkpoints
 from stream_jobs.faust_fixes import exit_on_error, put_durably
+from stream_jobs.seen import SeenTable
 from stream_jobs.validate import (
     DeadLettered,
     Limits,
@@ -39,7 +39,6 @@ from stream_jobs.validate import (
     Quarantined,
     RawUpload,
     Routed,
-    SeenUploads,
     route_batch,
 )
 from vtp.core import headers as h
@@ -181,8 +180,7 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     # murmur2 partitioner), so a worker holds the registry entries and the dedup
     # state of exactly the vehicles whose uploads it is assigned.
     vehicles = bytes_table(app, "vehicles", settings, use_partitioner=False)
-    seen_table = bytes_table(app, "seen_uploads", settings)
-    seen_sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
+    seen = SeenTable(app, settings)
     registry = RegistryView(vehicles)
     gate = RegistryGate(settings, app_id)
     store = default_store()
@@ -208,14 +206,38 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     sessions = Sessions(app, settings, registry.get, send)
     sessions.add_notice_agent(app, BATCH_MAX, BATCH_WITHIN_S)
 
+    def assigned_uploads() -> set[int]:
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.uploads}
+
+    async def write_checkpoint() -> None:
+        await asyncio.gather(sessions.write(), seen.write())
+        await sessions.forget_quiet()
+        await seen.forget_quiet(assigned_uploads())
+
+    checkpoints = Checkpoints(settings.state_checkpoint_s, write_checkpoint)
+    faust_fixes.commit_below(topics.uploads, checkpoints.limit)
+
+    def forget_what_memory_holds() -> None:
+        sessions.forget_decoded()
+        seen.forget()
+        checkpoints.forget()
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # signal= comes in **_
     async def measure_the_registry_again(app: faust.App, assigned: set[TP], **_: Any) -> None:
         gate.reset()  # partitions it had no target for may be assigned now
-        sessions.forget_decoded()
+        forget_what_memory_holds()
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # signal= comes in **_
     async def drop_decoded_states(app: faust.App, revoked: set[TP], **_: Any) -> None:
-        sessions.forget_decoded()
+        forget_what_memory_holds()
+
+    @app.timer(interval=max(0.1, min(1.0, settings.state_checkpoint_s)))
+    @exit_on_error
+    async def checkpoint_when_due() -> None:
+        # Between batches too, so a stream's last uploads get committed when no more come.
+        if checkpoints.due():
+            async with sessions.lock:
+                await checkpoints.run()
 
     @app.agent(registry_topic)
     @exit_on_error
@@ -277,13 +299,12 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
                 )
                 for e in events
             ]
-            seen = SeenUploads(load=lambda vin: _stored_seen(seen_table, vin))
-            outcomes = route_batch(raws, store, registry, seen, limits)
             metrics.UPLOADS_IN.inc(len(raws))
-            busy = {r.key for r in raws if r.key}
-            async with sessions.lock:
-                # The batch is acked only after every routed copy, aggregate record and
-                # state write is acknowledged.
+            async with sessions.lock:  # the seen ids too are written at checkpoints
+                outcomes = route_batch(raws, store, registry, seen.uploads, limits)
+                seen.heard(raws)
+                # The batch's offsets are committed at the first checkpoint after every
+                # routed copy, aggregate record and dead letter of it is acknowledged.
                 pending = [
                     await _send(raw_upload, outcome)
                     for raw_upload, outcome in zip(raws, outcomes, strict=True)
@@ -295,41 +316,13 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
                     for r, o in zip(raws, outcomes, strict=True)
                     if isinstance(o, Routed) and r.key
                 ]
-                touched = await sessions.take(accepted, pending)
+                await sessions.take(accepted, pending)
                 await asyncio.gather(*pending)
-                await sessions.store(touched, busy)
-            _report_batch_lag(events)
-            # Durable before the batch is acked, so a committed offset never outruns the
-            # dedup state that tells its replay from a resend.
-            partition_of: dict[str, int] = {}
-            heard: dict[str, int] = {}
-            for r in raws:
-                if r.key:
-                    vin = r.key.decode(errors="replace")
-                    partition_of[vin] = r.partition
-                    heard[vin] = max(heard.get(vin, 0), r.timestamp_ms)
-            await asyncio.gather(
-                *(
-                    put_durably(
-                        seen_table,
-                        vin.encode(),
-                        json.dumps({"ids": seen.by_vin[vin], "touched": heard.get(vin)}).encode(),
-                        partition_of.get(vin),
-                    )
-                    for vin in seen.changed
-                )
-            )
-            await forget_quiet(
-                seen_table,
-                seen_sweep,
-                ttl_ms=int(settings.vehicle_state_ttl_s * 1000),
-                partitions=settings.topic_partitions,
-                assigned={
-                    tp.partition for tp in app.consumer.assignment() if tp.topic == topics.uploads
-                },
-                busy=busy,
-                touched_of=_seen_touched,
-            )
+                last = _last_offsets(events)
+                checkpoints.processed(last)
+                if checkpoints.due():
+                    await checkpoints.run()
+            _report_batch_lag(last)
 
     async def _send_routed(
         raws: list[RawUpload], outcomes: list[Outcome]
@@ -370,10 +363,7 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
         key = raw_upload.key[: h.KEEP_BYTES] if raw_upload.key else raw_upload.key
         return await send(topic, key, value, headers + more)
 
-    def _report_batch_lag(events: Sequence[EventT[Any]]) -> None:
-        last: dict[int, int] = {}
-        for e in events:
-            last[e.message.partition] = max(last.get(e.message.partition, -1), e.message.offset)
+    def _report_batch_lag(last: dict[int, int]) -> None:
         for partition, offset in last.items():
             high = app.consumer.highwater(TP(topics.uploads, partition))
             if high is not None and high >= 0:
@@ -395,13 +385,12 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     return app, gate
 
 
-def _stored_seen(table: faust.Table, vin: str) -> dict[str, str]:
-    stored = json.loads(table.get(vin.encode()) or b"{}")
-    return stored.get("ids", stored)  # before vtp kept "touched": ids only
-
-
-def _seen_touched(value: bytes) -> int | None:
-    return json.loads(value).get("touched")
+def _last_offsets(events: Sequence[EventT[Any]]) -> dict[int, int]:
+    """Partition -> the last offset of a batch's events there."""
+    last: dict[int, int] = {}
+    for e in events:
+        last[e.message.partition] = max(last.get(e.message.partition, -1), e.message.offset)
+    return last
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

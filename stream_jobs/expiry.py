@@ -6,9 +6,10 @@ too); its open trip, charge and days close final first. The TTL is at least the 
 sample vtp accepts (``VTP_MAX_BACKLOG_S`` + ``VTP_MAX_CLOCK_SKEW_S``), so a vehicle that
 comes back sends nothing older than what its forgotten state had released.
 
-Each agent sweeps its own table between batches (a table is only ever written by its
-agent, so a sweep never races a batch), a slice of keys at a time so a large table never
-holds up the stream, and only keys of partitions the worker is assigned.
+A table is swept right after a checkpoint has written it (``stream_jobs.checkpoint``: the
+table then holds what the worker's memory does), under the lock that keeps batches out,
+a slice of keys at a time so a large table never holds up the stream, and only keys of
+partitions the worker is assigned.
 """
 
 from __future__ import annotations
@@ -72,20 +73,19 @@ async def forget_quiet(
     ttl_ms: int,
     partitions: int,
     assigned: set[int],
-    busy: set[bytes],
     touched_of: Callable[[bytes], int | None],
     closing: Callable[[bytes, bytes], Awaitable[None]] | None = None,
 ) -> int:
     """Remove the quiet entries among the sweep's next slice, each durably (the
     changelog's tombstone acknowledged); ``closing(key, value)`` runs first (and its
-    sends are acknowledged). ``busy``: keys the batch just wrote. Returns how many went."""
+    sends are acknowledged). Returns how many went."""
     if ttl_ms <= 0:
         return 0
     now_ms = int(time.time() * 1000)
     quiet = []
     for key in sweep.due(table.keys, time.monotonic()):
         partition = key_partition(key, partitions)
-        if partition not in assigned or key in busy:
+        if partition not in assigned:
             continue
         value = table.get(key)
         if value is not None and is_quiet(touched_of(value), now_ms, ttl_ms):

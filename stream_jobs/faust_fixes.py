@@ -7,6 +7,7 @@ doing and the upstream issue: docs/adr/0001-faust-fixes.md.
 - exit on agent error: ``exit_on_error`` (faust#527)
 - no gaps on plain topics: ``refuse_gaps_on``, ``_add_gap_unless_gapless`` (faust#606)
 - commit only processed runs: ``_new_offset_from_committed`` (faust#606, faust#707)
+- commit only what a checkpoint covers: ``commit_below`` (vtp's own need, not a bug)
 - producer tracks every topic: ``_wait_on_metadata_tracking`` (no upstream issue yet)
 - short fetch wait: ``_worker_consumer_waiting_less`` (no upstream issue yet)
 - stall watchdog: ``StallWatch`` (faust#629)
@@ -163,12 +164,20 @@ async def _wait_on_metadata_tracking(self, topic: str):
 # -- no gaps on plain topics; commit only processed runs -----------------------------
 
 _gapless_topics: set[str] = set()
+_commit_limits: dict[str, Callable[[int], int]] = {}
 _faust_add_gap = Consumer._add_gap  # unpatched, at import
 
 
 def refuse_gaps_on(*topics: str) -> None:
     """Plain (not compacted, not transactional) topics: offsets never skip there."""
     _gapless_topics.update(topics)
+
+
+def commit_below(topic: str, limit: Callable[[int], int]) -> None:
+    """Offsets of ``topic`` are committed only below ``limit(partition)``: the worker's
+    state checkpoints cover them (stream_jobs.checkpoint). Acked offsets above it wait,
+    and are committed once the limit passes them."""
+    _commit_limits[topic] = limit
 
 
 async def _add_gap_unless_gapless(self, tp, offset_from: int, offset_to: int) -> None:
@@ -206,8 +215,9 @@ async def _add_gap_unless_gapless(self, tp, offset_from: int, offset_to: int) ->
 
 def _new_offset_from_committed(self, tp) -> int | None:
     """The offset to commit for ``tp``: one past the run of acked offsets that starts at
-    the committed offset (Faust's gaps count as acked); None when that offset itself is
-    not acked yet. Replaces Consumer._new_offset (faust-streaming 0.15.3)."""
+    the committed offset (Faust's gaps count as acked), cut at the topic's commit limit;
+    None when that offset itself is not acked yet (or not below the limit). Replaces
+    Consumer._new_offset (faust-streaming 0.15.3)."""
     acked: list[int] = self._acked[tp]
     if not acked:
         return None
@@ -230,6 +240,11 @@ def _new_offset_from_committed(self, tp) -> int | None:
     end = 1
     while end < len(acked) and acked[end] == acked[end - 1] + 1:
         end += 1
+    limit = _commit_limits.get(tp.topic)
+    if limit is not None:
+        end = bisect.bisect_left(acked, limit(tp.partition), 0, end)
+        if not end:
+            return None
     run = acked[:end]
     del acked[:end]
     self._acked_index[tp].difference_update(run)
@@ -256,15 +271,17 @@ async def put_durably(
         await table.send_changelog(partition, key, value)
 
 
-def exit_on_error(agent: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+def exit_on_error(agent: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """Exit on agent error: Faust acks a take_events() batch even when the agent body raised, and then
     restarts the agent, so the batch would be lost. An agent wrapped in this ends the
-    worker instead, before the acks can be committed; its batch is read again on restart."""
+    worker instead, before the acks can be committed; its batch is read again on restart.
+    A timer wrapped in this (one that writes state) ends the worker too, rather than
+    leave a checkpoint half done and go on."""
 
     @functools.wraps(agent)
-    async def guarded(stream: Any) -> None:
+    async def guarded(*args: Any) -> None:
         try:
-            await agent(stream)
+            await agent(*args)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -11,12 +11,14 @@ import time
 
 import httpx
 import pytest
+from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
 
 from deploy.broker import start_broker, stop_broker
 from owner_api.tokens import issue, owner_claims
 from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.simulator import build_fleet
 from sinks.migrations import migrate
+from tests.e2e.test_pipeline import free_port, scrape
 from vtp.core.keys import load_keyring
 from vtp.core.settings import load_settings
 from vtp.core.topics import create_topics
@@ -81,6 +83,88 @@ def test_a_worker_killed_ten_times_loses_nothing_and_counts_nothing_twice(region
     finally:
         wh.close()
     print(f"\n{kills} kills:\n{c.table()}")
+    assert not c.problems, c.problems[:5]
+    assert c.trips_found == c.trips_expected > 0 and c.charges_found == c.charges_expected
+
+
+def _worker_positions(settings) -> tuple[list[int], int]:
+    """(the worker group's committed offsets on the uploads topic, records in the worker's
+    two vehicle tables' changelogs)."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "observer"})
+    try:
+        partitions = range(settings.topic_partitions)
+        uploads = [TopicPartition(settings.topics.uploads, p) for p in partitions]
+        group = Consumer(
+            {"bootstrap.servers": settings.bootstrap(), "group.id": settings.topics.worker_app}
+        )
+        try:
+            committed = [tp.offset for tp in group.committed(uploads, timeout=10)]
+        finally:
+            group.close()
+        state_records = 0
+        for table in ("vehicle_sessions", "seen_uploads"):
+            topic = f"{settings.topics.worker_app}-{table}-changelog"
+            if topic in consumer.list_topics(timeout=10).topics:
+                for p in partitions:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    state_records += high - low
+    finally:
+        consumer.close()
+    return committed, state_records
+
+
+def test_a_worker_killed_before_its_first_checkpoint_reads_everything_again(region_stack):
+    """States are written, and the uploads committed, only at checkpoints. With one
+    longer than the run, the fleet's hour is routed, aggregated and stored with nothing
+    committed and no state written; the killed worker's successor reads it all again,
+    and every upload is stored once and every trip, charge and day found once."""
+    settings = region_stack(
+        "eu",
+        "checkpoint",
+        state_checkpoint_s=3600.0,
+        worker_stall_s=0.0,
+        sink_batch_messages=200,
+        sink_flush_ms=300,
+    )
+    fleet = build_fleet(72, owners=3, vehicles=6, regions=("eu",))
+    register_fleet(settings, fleet)
+    published = publish_fleet(settings, fleet, seed=72, duration_s=3600)
+    assert published.report.ok
+    sink_metrics = free_port()
+    worker, sink = start_worker(settings), start_sink(settings, metrics_port=sink_metrics)
+    try:
+
+        def stored_uploads() -> float:
+            try:
+                metrics = scrape(sink_metrics)
+            except OSError:  # not listening yet
+                return 0.0
+            return metrics.get('vtp_sink_uploads_stored_total{region="eu"}', 0.0)
+
+        deadline = time.monotonic() + 300
+        while stored_uploads() < published.uploads and time.monotonic() < deadline:
+            time.sleep(1)
+        assert stored_uploads() == published.uploads
+        committed, state_records = _worker_positions(settings)
+        assert committed == [OFFSET_INVALID] * settings.topic_partitions
+        assert state_records == 0
+        os.kill(worker.popen.pid, signal.SIGKILL)
+        worker.popen.wait(10)
+        worker = start_worker(settings.with_(state_checkpoint_s=1.0))
+        assert wait_drained(settings, [worker, sink], timeout=300)
+        committed, state_records = _worker_positions(settings)
+        assert min(committed) > 0 and state_records > 0
+    finally:
+        worker.stop()
+        sink.stop()
+    uploads, samples, distinct = _stored(settings)
+    assert (uploads, samples, distinct) == (published.uploads, published.samples, published.samples)
+    _reconciles(settings, uploads)
+    wh = open_warehouse(settings)
+    try:
+        c = compare(wh, published.truth, [v.vin for v in fleet])
+    finally:
+        wh.close()
     assert not c.problems, c.problems[:5]
     assert c.trips_found == c.trips_expected > 0 and c.charges_found == c.charges_expected
 

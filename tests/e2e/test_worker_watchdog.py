@@ -63,7 +63,12 @@ def test_a_worker_catching_up_with_a_large_registry_is_not_restarted(region_stac
     """Uploads wait for the registry (the gate) far longer than VTP_WORKER_STALL_S; the
     watchdog sees the registry moving and leaves the worker alone."""
     settings = region_stack(
-        "cn", "catchup", worker_stall_s=3.0, sink_batch_messages=200, sink_flush_ms=300
+        "cn",
+        "catchup",
+        worker_stall_s=3.0,
+        state_checkpoint_s=1.0,
+        sink_batch_messages=200,
+        sink_flush_ms=300,
     )
     fleet = build_fleet(10, owners=3, vehicles=4, regions=("cn",))
     register_fleet(settings, fleet)

@@ -189,14 +189,17 @@ def test_the_watchdog_leaves_a_worker_alone_that_was_seeked_to_its_end():
     assert watch.stalled(seeked, now=1000) == []
 
 
+UPLOADS = TP("uploads", 0)
+
+
 class _Bookkeeping:
     """The parts of a Faust Consumer that its commit bookkeeping reads."""
 
     def __init__(self, acked: list[int], committed: int | None):
-        self._acked = {"tp": list(acked)}
-        self._acked_index = {"tp": set(acked)}
-        self._gap = {"tp": IntervalTree()}
-        self._committed_offset = {"tp": committed}
+        self._acked = {UPLOADS: list(acked)}
+        self._acked_index = {UPLOADS: set(acked)}
+        self._gap = {UPLOADS: IntervalTree()}
+        self._committed_offset = {UPLOADS: committed}
 
 
 class _Consumer:
@@ -212,8 +215,8 @@ class _Consumer:
 
 def test_unpatched_faust_commits_past_offsets_it_never_processed():
     new_offset = faust_fixes._faust_new_offset
-    assert new_offset(_Bookkeeping([32], committed=31), "tp") == 33  # 31 was never processed
-    assert new_offset(_Bookkeeping([40, 41, 42, 43, 44], committed=0), "tp") == 45
+    assert new_offset(_Bookkeeping([32], committed=31), UPLOADS) == 33  # 31 was never processed
+    assert new_offset(_Bookkeeping([40, 41, 42, 43, 44], committed=0), UPLOADS) == 45
     consumer = _Consumer()  # and a skip on a plain topic is a gap, i.e. processed
     asyncio.run(faust_fixes._faust_add_gap(consumer, TP("plain", 0), 248, 808))
     assert consumer._gap[TP("plain", 0)].overlaps(248, 809)
@@ -222,24 +225,24 @@ def test_unpatched_faust_commits_past_offsets_it_never_processed():
 def test_a_commit_never_passes_an_offset_that_was_not_processed():
     new_offset = faust_fixes._new_offset_from_committed
     # committed 31 = 31 is the next to process; Faust committed 33 here (off by one)
-    assert new_offset(_Bookkeeping([32], committed=31), "tp") is None
+    assert new_offset(_Bookkeeping([32], committed=31), UPLOADS) is None
     # committed 0: Faust skipped the check altogether and committed 45
-    assert new_offset(_Bookkeeping([40, 41, 42, 43, 44], committed=0), "tp") is None
+    assert new_offset(_Bookkeeping([40, 41, 42, 43, 44], committed=0), UPLOADS) is None
     book = _Bookkeeping([31, 32, 33, 35], committed=31)
-    assert new_offset(book, "tp") == 34
-    assert book._acked["tp"] == [35] and book._acked_index["tp"] == {35}
+    assert new_offset(book, UPLOADS) == 34
+    assert book._acked[UPLOADS] == [35] and book._acked_index[UPLOADS] == {35}
     # offsets acked again after a seek back are dropped, not counted
     book = _Bookkeeping([10, 11, 12, 13], committed=12)
-    assert new_offset(book, "tp") == 14
-    assert book._acked["tp"] == []
+    assert new_offset(book, UPLOADS) == 14
+    assert book._acked[UPLOADS] == []
     # nothing committed yet: the first run read counts, as in Faust
-    assert new_offset(_Bookkeeping([0, 1, 2, 5], committed=None), "tp") == 3
+    assert new_offset(_Bookkeeping([0, 1, 2, 5], committed=None), UPLOADS) == 3
 
 
 def test_gaps_fill_the_run_on_compacted_topics_only_a_skip_elsewhere_restarts(monkeypatch):
     book = _Bookkeeping([3, 4, 8], committed=3)
-    book._gap["tp"].addi(5, 8)  # 5..7 compacted away
-    assert faust_fixes._new_offset_from_committed(book, "tp") == 9
+    book._gap[UPLOADS].addi(5, 8)  # 5..7 compacted away
+    assert faust_fixes._new_offset_from_committed(book, UPLOADS) == 9
 
     restarts = []
     monkeypatch.setattr(faust_fixes, "exit_for_restart", lambda: restarts.append(1))
@@ -253,6 +256,26 @@ def test_gaps_fill_the_run_on_compacted_topics_only_a_skip_elsewhere_restarts(mo
     consumer.log_start = 808
     asyncio.run(faust_fixes._add_gap_unless_gapless(consumer, TP("plain", 0), 248, 808))
     assert consumer._gap[TP("plain", 0)].overlaps(248, 809) and restarts == [1]
+
+
+def test_a_commit_stops_below_the_topics_limit_and_moves_on_when_it_rises(monkeypatch):
+    limits = {0: 0}
+    monkeypatch.setattr(faust_fixes, "_commit_limits", {})
+    faust_fixes.commit_below("uploads", limits.__getitem__)
+    new_offset = faust_fixes._new_offset_from_committed
+    book = _Bookkeeping([31, 32, 33, 34], committed=31)
+    assert new_offset(book, UPLOADS) is None  # no checkpoint covers any of them yet
+    assert book._acked[UPLOADS] == [31, 32, 33, 34]  # kept for when one does
+    limits[0] = 33
+    assert new_offset(book, UPLOADS) == 33
+    assert book._acked[UPLOADS] == [33, 34] and book._acked_index[UPLOADS] == {33, 34}
+    book._committed_offset[UPLOADS] = 33
+    limits[0] = 100  # past what was processed: the run still ends where processing did
+    assert new_offset(book, UPLOADS) == 35
+    other = TP("registry", 0)  # other topics commit as before
+    book._acked[other], book._acked_index[other] = [5, 6], {5, 6}
+    book._gap[other], book._committed_offset[other] = IntervalTree(), 5
+    assert new_offset(book, other) == 7
 
 
 def test_the_producer_keeps_refreshing_every_topic_it_sends_to():

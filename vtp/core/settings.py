@@ -148,6 +148,11 @@ class Settings:
     changelog_compaction_lag_s: float = setting(
         86400.0, "longest a superseded worker state (e.g. an erased owner's) stays in Kafka"
     )
+    state_checkpoint_s: float = setting(
+        5.0,
+        "the worker writes the vehicle states that changed at most this often, and commits "
+        "the uploads read only then (a restart reads up to this much again); 0 every batch",
+    )
     worker_stall_s: float = setting(
         60.0, "a worker whose offsets did not move this long with work outstanding restarts; 0 off"
     )
@@ -209,6 +214,14 @@ class Settings:
             raise SettingsError(
                 "VTP_VEHICLE_STATE_TTL_S must be 0 or at least VTP_MAX_BACKLOG_S + "
                 f"VTP_MAX_CLOCK_SKEW_S ({self.max_backlog_s + self.max_clock_skew_s:.0f} s)"
+            )
+        if self.state_checkpoint_s < 0:
+            raise SettingsError("VTP_STATE_CHECKPOINT_S must be 0 or more")
+        if 0 < self.worker_stall_s <= 2 * self.state_checkpoint_s:
+            # Commits move once per checkpoint: a stall watch shorter than two would
+            # restart a worker that is only waiting for its next one.
+            raise SettingsError(
+                "VTP_WORKER_STALL_S must be 0 or more than twice VTP_STATE_CHECKPOINT_S"
             )
         if self.changelog_compaction_lag_s <= 0:
             raise SettingsError("VTP_CHANGELOG_COMPACTION_LAG_S must be more than 0")
