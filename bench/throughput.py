@@ -11,6 +11,9 @@ region, as deployed), the fleet's backlog is produced first, then:
    until drained; the CPU each process used per sample, and the bytes each internal topic
    holds per byte of input.
 
+And Faust's per-event path alone on the same backlog (``bench.faust_floor``): an agent
+taking the raw uploads as the worker does and doing nothing with them.
+
 Then, at about 10 samples per upload, vtp fed at half the rate it drained at: how long an
 upload takes from the broker (received_at) to the warehouse (stored_at), p50 and p99.
 
@@ -23,6 +26,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,7 +47,15 @@ from vtp.core.regions import REGIONS
 from vtp.core.settings import Settings, load_settings
 from vtp.core.topics import create_topics
 from vtp.core.warehouse import ChdbWarehouse, open_warehouse, rows
-from vtp.harness import Process, read_outcomes, start_sink, start_worker, wait_drained
+from vtp.harness import (
+    Process,
+    read_outcomes,
+    settings_env,
+    start_sink,
+    start_worker,
+    topic_message_count,
+    wait_drained,
+)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 BLOCK_MESSAGES = 10_000  # messages per Avro container block in the baseline
@@ -147,6 +160,28 @@ def raw_baseline(settings: Settings, folder: Path) -> tuple[int, float]:
     ((stored,),) = rows(warehouse.query("SELECT count() FROM raw_samples"))
     warehouse.close()
     return int(stored), seconds
+
+
+@dataclass
+class FaustFloor:
+    events: int
+    cpu_s: float  # the whole process, start-up included
+    steady_cpu_s: float  # from its first batch to its last
+
+
+def faust_floor(settings: Settings) -> FaustFloor:
+    """Faust's per-event path alone on the region's uploads (``bench.faust_floor``)."""
+    expected = topic_message_count(settings, settings.topics.uploads)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "floor.json"
+        subprocess.run(
+            [sys.executable, "-m", "bench.faust_floor", str(expected), str(out)],
+            env=settings_env(settings),
+            capture_output=True,
+            timeout=600,
+            check=True,
+        )
+        return FaustFloor(**json.loads(out.read_text()))
 
 
 # -- vtp ------------------------------------------------------------------------------
@@ -359,9 +394,18 @@ def run(vehicles: int, minutes: float, per_upload: int, latency_s: float) -> Non
                 stored, seconds = raw_baseline(settings, Path(folder))
                 raw_samples += stored
                 raw_s += seconds
+        floors = [faust_floor(settings) for settings in stacks.values()]
         drain, processes = drain_with_vtp(stacks, samples)
         vtp_rate, raw_rate = samples / drain.seconds, raw_samples / raw_s
         print(f"  raw columnar baseline  {raw_rate:>10,.0f} samples/s ({raw_samples:,} rows)")
+        events = sum(f.events for f in floors)
+        steady = sum(f.steady_cpu_s for f in floors) / events * 1e6
+        print(
+            f"  Faust alone (an agent taking the raw uploads, doing nothing): "
+            f"{sum(f.cpu_s for f in floors) / events * 1e6:.1f} µs CPU per upload "
+            f"({steady:.1f} after start-up, {steady * events / samples:.1f} per sample): "
+            f"at most {samples / events * 1e6 / steady:,.0f} samples/s per core"
+        )
         print(
             f"  vtp, aggregation on    {vtp_rate:>10,.0f} samples/s ({drain.seconds:.1f} s), "
             f"{vtp_rate / raw_rate:.3f} of the baseline"
