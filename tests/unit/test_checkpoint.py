@@ -29,10 +29,13 @@ def test_offsets_become_committable_only_once_a_write_covers_them():
         checkpoints = Checkpoints(5.0, write, clock)
         assert not checkpoints.due() and checkpoints.limit(0) == 0
         checkpoints.processed({0: 41, 2: 7})
+        clock.now += 0.9
         checkpoints.processed({0: 40})  # never backwards
-        assert not checkpoints.due()  # the interval is not over
-        clock.now += 5.0
-        assert checkpoints.due()
+        clock.now += 0.9
+        assert not checkpoints.due()  # the interval is not over, batches keep coming
+        clock.now += 3.2
+        checkpoints.processed({})
+        assert checkpoints.due()  # the interval is over
         await checkpoints.run()
         assert writes == [0]  # while writing, nothing new is committable
         assert (checkpoints.limit(0), checkpoints.limit(2), checkpoints.limit(1)) == (42, 8, 0)
@@ -40,6 +43,20 @@ def test_offsets_become_committable_only_once_a_write_covers_them():
         assert not checkpoints.due()  # nothing processed since
 
     asyncio.run(scenario())
+
+
+def test_a_stream_that_went_quiet_is_checkpointed_without_waiting_for_the_interval():
+    clock = Clock()
+
+    async def write() -> None:
+        pass
+
+    checkpoints = Checkpoints(60.0, write, clock)
+    checkpoints.processed({0: 9})
+    clock.now += 11.0
+    assert not checkpoints.due()
+    clock.now += 1.0  # a fifth of the interval without a batch
+    assert checkpoints.due()
 
 
 def test_a_batch_done_while_a_write_runs_waits_for_the_next_one():

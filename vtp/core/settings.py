@@ -150,8 +150,9 @@ class Settings:
     )
     state_checkpoint_s: float = setting(
         5.0,
-        "the worker writes the vehicle states that changed at most this often, and commits "
-        "the uploads read only then (a restart reads up to this much again); 0 every batch",
+        "how often the worker writes the vehicle states that changed (sooner once uploads "
+        "stop for a fifth of it) and commits the uploads read; a restart reads up to this "
+        "much again; 0 every batch",
     )
     worker_stall_s: float = setting(
         60.0, "a worker whose offsets did not move this long with work outstanding restarts; 0 off"
