@@ -246,7 +246,14 @@ class Sessions:
                 if h.header(headers, h.CONTROL) != h.ERASURE_CONTROL.decode():
                     continue
                 if key not in self._decoded and self.table.get(key) is None:
-                    continue  # nothing aggregated for it here
+                    # Nothing checkpointed for it (yet: uploads read since the last
+                    # checkpoint are read again after a restart), so the erasure's horizon
+                    # is recorded in a new state, for any vehicle registered here.
+                    try:
+                        if self.registry(key.decode()) is None:
+                            continue
+                    except UnicodeDecodeError:
+                        continue
                 owner = h.header(headers, h.ERASED_OWNER)
                 horizon = h.header(headers, h.ERASURE_HORIZON_MS)
                 if owner and horizon and horizon.isdigit():

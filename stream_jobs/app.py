@@ -180,7 +180,7 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     # murmur2 partitioner), so a worker holds the registry entries and the dedup
     # state of exactly the vehicles whose uploads it is assigned.
     vehicles = bytes_table(app, "vehicles", settings, use_partitioner=False)
-    seen = SeenTable(app, settings)
+    seen = SeenTable(bytes_table(app, "seen_uploads", settings), settings)
     registry = RegistryView(vehicles)
     gate = RegistryGate(settings, app_id)
     store = default_store()
@@ -222,14 +222,18 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
         seen.forget()
         checkpoints.forget()
 
+    # Under the lock: a checkpoint the timer is writing finishes first (Faust waits for
+    # the agents' batches, not for timers), and its limits then count for nothing.
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # signal= comes in **_
     async def measure_the_registry_again(app: faust.App, assigned: set[TP], **_: Any) -> None:
         gate.reset()  # partitions it had no target for may be assigned now
-        forget_what_memory_holds()
+        async with sessions.lock:
+            forget_what_memory_holds()
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # signal= comes in **_
     async def drop_decoded_states(app: faust.App, revoked: set[TP], **_: Any) -> None:
-        forget_what_memory_holds()
+        async with sessions.lock:
+            forget_what_memory_holds()
 
     @app.timer(interval=max(0.1, min(1.0, settings.state_checkpoint_s)))
     @exit_on_error
@@ -302,7 +306,9 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
             metrics.UPLOADS_IN.inc(len(raws))
             async with sessions.lock:  # the seen ids too are written at checkpoints
                 outcomes = route_batch(raws, store, registry, seen.uploads, limits)
-                seen.heard(raws)
+                seen.heard(
+                    [r for r, o in zip(raws, outcomes, strict=True) if isinstance(o, Routed)]
+                )
                 # The batch's offsets are committed at the first checkpoint after every
                 # routed copy, aggregate record and dead letter of it is acknowledged.
                 pending = [

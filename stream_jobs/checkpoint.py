@@ -40,6 +40,7 @@ class Checkpoints:
         self._processed: dict[int, int] = {}  # partition -> next offset after the batches done
         self._covered: dict[int, int] = {}  # partition -> next offset the last write covers
         self._last = self._last_batch = clock()
+        self._epoch = 0  # moves with every forget()
 
     def processed(self, last_offsets: Mapping[int, int]) -> None:
         """A batch is done (every output acknowledged): partition -> its last offset."""
@@ -61,13 +62,16 @@ class Checkpoints:
         return now - self._last >= self.interval_s or now - self._last_batch >= self._idle_s
 
     async def run(self) -> None:
-        """Write; then what was processed before the write began may be committed."""
-        reached = dict(self._processed)
+        """Write; then what was processed before the write began may be committed
+        (unless partitions moved meanwhile: the memory written is not theirs)."""
+        reached, epoch = dict(self._processed), self._epoch
         await self._write()
-        self._covered.update(reached)
+        if epoch == self._epoch:
+            self._covered.update(reached)
         self._last = self._clock()
 
     def forget(self) -> None:
         """Partitions moved: commits start again from what Kafka has."""
         self._processed.clear()
         self._covered.clear()
+        self._epoch += 1

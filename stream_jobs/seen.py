@@ -8,7 +8,6 @@ import json
 
 import faust
 
-from stream_jobs.aggregate import bytes_table
 from stream_jobs.expiry import QuietSweep, forget_quiet, sweep_interval_s
 from stream_jobs.faust_fixes import put_durably
 from stream_jobs.validate import RawUpload, SeenUploads
@@ -16,20 +15,24 @@ from vtp.core.settings import Settings
 
 
 class SeenTable:
-    def __init__(self, app: faust.App, settings: Settings):
-        self.table = bytes_table(app, "seen_uploads", settings)
+    """``table``: the worker's changelog-backed ``seen_uploads`` table (``bytes_table``)."""
+
+    def __init__(self, table: faust.Table[bytes, bytes], settings: Settings):
+        self.table = table
         self._settings = settings
         self._sweep = QuietSweep(sweep_interval_s(settings.vehicle_state_ttl_s))
         self.forget()
 
     def forget(self) -> None:
-        """Partitions moved: what the table holds now is the truth."""
+        """Partitions moved, or a checkpoint wrote what changed: the table is the truth
+        (what memory holds of it lasts at most one checkpoint interval)."""
         self.uploads = SeenUploads(load=self._stored)
-        # VIN -> (the partition its messages came on, the latest broker time of one)
+        # routed VIN -> (the partition its messages came on, the latest broker time of one)
         self._heard: dict[str, tuple[int, int]] = {}
 
-    def heard(self, raws: list[RawUpload]) -> None:
-        for r in raws:
+    def heard(self, routed: list[RawUpload]) -> None:
+        """The batch's routed uploads (their VINs' entries are written at the checkpoint)."""
+        for r in routed:
             if r.key:
                 vin = r.key.decode(errors="replace")
                 _, before = self._heard.get(vin, (r.partition, 0))
@@ -43,12 +46,14 @@ class SeenTable:
     async def write(self) -> None:
         """Durably, the entries changed since the last write, each in the partition of
         its vehicle's messages (so a worker that takes the partition over has it)."""
-        changed, self.uploads.changed = self.uploads.changed, set()
         writes = []
-        for vin in changed:
+        for vin in self.uploads.changed:
             partition, touched = self._heard.get(vin, (None, None))
             value = json.dumps({"ids": self.uploads.by_vin[vin], "touched": touched})
             writes.append(put_durably(self.table, vin.encode(), value.encode(), partition))
+        # Memory keeps nothing past a checkpoint: a key met once (a dead letter, a vehicle
+        # not registered here) must not stay for good.
+        self.forget()
         await asyncio.gather(*writes)
 
     async def forget_quiet(self, assigned: set[int]) -> int:

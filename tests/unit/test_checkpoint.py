@@ -123,3 +123,18 @@ def test_a_checkpoint_interval_the_stall_watch_cannot_live_with_is_refused(env, 
 
 def test_the_stall_watch_off_allows_any_interval():
     assert load_settings({"VTP_STATE_CHECKPOINT_S": "300", "VTP_WORKER_STALL_S": "0"})
+
+
+def test_a_write_that_partitions_moved_under_covers_nothing():
+    async def scenario() -> None:
+        checkpoints: Checkpoints
+
+        async def write() -> None:
+            checkpoints.forget()  # a rebalance while the write was under way
+
+        checkpoints = Checkpoints(0.0, write)
+        checkpoints.processed({3: 999})
+        await checkpoints.run()
+        assert checkpoints.limit(3) == 0 and not checkpoints.due()
+
+    asyncio.run(scenario())
