@@ -1,4 +1,5 @@
-# Every target installs what it needs: a fresh clone needs only python3, a JDK 17 and Maven.
+# Every target installs what it needs: a fresh clone needs only python3, a JDK 17, Maven
+# and apt-get (the checking tools are unpacked from Debian's packages, not installed).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP  := $(VENV)/.installed
 REGIONS ?= cn eu
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo check test test-unit test-integration test-e2e bench lint typecheck layers stack-up stack-down stack-status kafka-jars clean
+.PHONY: help install demo check test test-unit test-integration test-e2e test-deploy bench lint typecheck layers stack-up stack-down stack-status kafka-jars tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -22,16 +23,22 @@ install: $(STAMP) ## create .venv and install vtp with its dev tools
 kafka-jars: $(STAMP) ## resolve the pinned Apache Kafka jars with Maven into .cache/
 	$(BIN)/vtp stack fetch
 
+tools: $(STAMP) ## fetch the checking tools (promtool, prometheus, amtool) from Debian into .cache/
+	$(BIN)/python -m deploy.tools
+
 demo: $(STAMP) kafka-jars ## run the whole pipeline on a simulated fleet and print what owners see
 	$(BIN)/vtp demo
 
 check: lint typecheck layers ## every static check: lint, types, the import contract
 
-test: $(STAMP) kafka-jars check ## the checks, then the whole suite (unit, integration, e2e)
+test: $(STAMP) kafka-jars tools check ## the checks, then the whole suite (unit, deploy, integration, e2e)
 	$(BIN)/pytest -q -ra
 
 test-unit: $(STAMP) ## unit tests only (no broker)
 	$(BIN)/pytest -q -ra tests/unit
+
+test-deploy: $(STAMP) tools ## deploy/ artefacts checked by promtool and amtool
+	$(BIN)/pytest -q -ra tests/deploy
 
 test-integration: $(STAMP) kafka-jars ## integration tests only (real broker and engine)
 	$(BIN)/pytest -q -ra tests/integration

@@ -36,6 +36,7 @@ from owner_api.known import KnownOwners
 from owner_api.scopes import ROUTE_SCOPE, SCOPES, SIGNAL_SCOPE, visible_columns
 from owner_api.tokens import Claims, TokenError, issue, verify
 from owner_api.worker_notice import WorkerNotice
+from vtp.core import metrics
 from vtp.core.keys import KeyFolder
 from vtp.core.settings import Settings
 from vtp.core.warehouse import Warehouse
@@ -480,7 +481,7 @@ def create_app(
         actor = Caller(Claims(owner, region, 0), uuid.uuid4().hex)
         audit(actor, "erase", "owner", sum(deleted.values()), f"erasure_id={erasure_id}")
 
-    jobs = ErasureJobs(wh, erasure_lock, erased, WorkerNotice(settings))
+    jobs = ErasureJobs(wh, erasure_lock, erased, WorkerNotice(settings), region)
     app.state.erasure_jobs = jobs
 
     @app.post("/v1/erasure", responses=ERRORS, status_code=202)
@@ -528,7 +529,9 @@ def create_app(
             )
         except TokenError as exc:
             raise token_error(exc) from None
+        queries = metrics.ANALYST_QUERIES
         if not analyst_slots.acquire(blocking=False):
+            queries.labels(region, "too_many_queries").inc()
             raise ApiError(
                 429,
                 "too_many_queries",
@@ -537,9 +540,11 @@ def create_app(
         try:
             result = run_analyst_query(wh, body.sql, analyst_limits)
         except AnalystQueryError as exc:
+            queries.labels(region, exc.code).inc()
             raise ApiError(400, exc.code, str(exc)) from None
         finally:
             analyst_slots.release()
+        queries.labels(region, "ok").inc()
         log.info("analyst %s ran a query returning %d rows", claims.owner_id, result.num_rows)
         return {"columns": result.column_names, "rows": result_rows(result)}
 

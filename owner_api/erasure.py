@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from owner_api import store
 from owner_api.worker_notice import WorkerNotice
+from vtp.core import metrics
 from vtp.core.warehouse import Warehouse
 
 log = logging.getLogger("vtp.owner_api")
@@ -37,9 +38,14 @@ class ErasureJobs:
         write_lock: Callable[[], contextlib.AbstractContextManager[object]],
         done: Callable[[str, str, dict[str, int]], None],
         notice: WorkerNotice | None,
+        region: str,
     ):
         self._warehouse, self._write_lock, self._done = warehouse, write_lock, done
         self._notice = notice
+        self._region = region
+        # When the oldest erasure not completed yet was requested (ms), as last read.
+        self._oldest_pending_ms: int | None = None
+        metrics.ERASURE_OLDEST_PENDING_SECONDS.labels(region).set_function(self._oldest_age_s)
         # An erasure's vehicles, found before its deletes and kept until the worker has
         # been told (a retry after the deletes would no longer find them in the warehouse).
         self._vins: dict[str, set[str]] = {}
@@ -63,16 +69,27 @@ class ErasureJobs:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                for owner, erasure_id, requested_ms in store.pending_erasures(self._warehouse):
+                pending = store.pending_erasures(self._warehouse)
+                self._pending(pending)
+                for owner, erasure_id, requested_ms in pending:
                     if self._stopping.is_set():
                         return
                     self._erase(owner, erasure_id, requested_ms)
+                self._pending([])
             except Exception:  # the warehouse failed: the erasure stays pending, tried again
                 log.exception("erasures: a job failed; trying again in 5 s")
                 self._stopping.wait(5)
                 continue
             self._wake.wait(1.0)
             self._wake.clear()
+
+    def _pending(self, pending: list[tuple[str, str, int]]) -> None:
+        metrics.ERASURES_PENDING.labels(self._region).set(len(pending))
+        self._oldest_pending_ms = min((p[2] for p in pending), default=None)
+
+    def _oldest_age_s(self) -> float:
+        oldest = self._oldest_pending_ms
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
 
     def _erase(self, owner: str, erasure_id: str, requested_ms: int) -> None:
         started = time.perf_counter()
@@ -87,6 +104,7 @@ class ErasureJobs:
         store.complete_erasure(self._warehouse, owner, erasure_id, requested_ms, deleted)
         self._vins.pop(erasure_id, None)
         self.completed += 1
+        metrics.ERASURES_COMPLETED.labels(self._region).inc()
         took = time.perf_counter() - started
         log.info("erasure %s of owner %s done in %.1f s: %s", erasure_id, owner, took, deleted)
         self._done(owner, erasure_id, deleted)

@@ -72,6 +72,21 @@ SINK_INSERT_SECONDS = Histogram(
     "aggregate records",
     ["region"],
 )
+ANALYST_QUERIES = Counter(
+    "vtp_analyst_queries_total",
+    "Analyst SQL queries by outcome: ok, query_refused (not allowed), query_failed, "
+    "query_cancelled (a limit was reached), too_many_queries (all slots busy)",
+    ["region", "outcome"],
+)
+ERASURES_PENDING = Gauge(
+    "vtp_erasures_pending", "Erasures requested and not completed yet", ["region"]
+)
+ERASURE_OLDEST_PENDING_SECONDS = Gauge(
+    "vtp_erasure_oldest_pending_seconds",
+    "How long ago the oldest pending erasure was requested (0 when none is pending)",
+    ["region"],
+)
+ERASURES_COMPLETED = Counter("vtp_erasures_completed_total", "Erasures completed", ["region"])
 CONSUMER_LAG = Gauge(
     "vtp_consumer_lag_messages", "High watermark minus position", ["group", "topic", "partition"]
 )
