@@ -70,7 +70,7 @@ def _state_file(settings: Settings) -> Path:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock across processes; the kernel drops it if the holder dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
@@ -117,7 +117,7 @@ def fetch_jars(settings: Settings) -> Path:
     marker = libs.parent / ".complete"
     if marker.exists():
         return libs
-    with _locked(libs.parent / ".lock"):  # a concurrent caller waits, then finds the marker
+    with locked(libs.parent / ".lock"):  # a concurrent caller waits, then finds the marker
         if marker.exists():
             return libs
         mvn = _mvn()
@@ -463,7 +463,7 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 def start_broker(settings: Settings, timeout: float = 90.0) -> BrokerState:
     """Start the local broker and return once it answers metadata requests."""
     home = broker_dir(settings)
-    with _locked(home / ".start.lock"):  # a concurrent `stack up` waits, then is refused
+    with locked(home / ".start.lock"):  # a concurrent `stack up` waits, then is refused
         _refuse_if_running(settings)
         java = _java()
         port = _pick_port(settings.broker_port)

@@ -8,15 +8,13 @@ the machine). Later calls, and runs, are offline. ``tool("promtool")`` is the pa
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from deploy.broker import locked
 from vtp.core.settings import Settings, load_settings
 
 # Debian package -> the programs of it vtp's tests run
@@ -33,14 +31,6 @@ class ToolError(RuntimeError):
 
 def debian_root(settings: Settings) -> Path:
     return settings.cache_dir / "tools" / "debian"
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -73,7 +63,7 @@ def fetch_tools(settings: Settings) -> Path:
     marker = root / ".complete"
     if marker.exists():
         return root
-    with _locked(root.parent / ".debian.lock"):
+    with locked(root.parent / ".debian.lock"):
         if marker.exists():
             return root
         shutil.rmtree(root, ignore_errors=True)

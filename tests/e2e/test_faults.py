@@ -54,6 +54,22 @@ def _reconciles(settings, stored_uploads: int) -> None:
     assert produced == stored_uploads + outcomes.deadlettered_total + outcomes.quarantined_total
 
 
+def _everything_once(settings, published, fleet):
+    """Every upload and sample stored once, the counts reconcile, and every trip, charge
+    and day is found as the simulator drove it; returns the comparison."""
+    uploads, samples, distinct = _stored(settings)
+    assert (uploads, samples, distinct) == (published.uploads, published.samples, published.samples)
+    _reconciles(settings, uploads)
+    wh = open_warehouse(settings)
+    try:
+        c = compare(wh, published.truth, [v.vin for v in fleet])
+    finally:
+        wh.close()
+    assert not c.problems, c.problems[:5]
+    assert c.trips_found == c.trips_expected > 0 and c.charges_found == c.charges_expected
+    return c
+
+
 def test_a_worker_killed_ten_times_loses_nothing_and_counts_nothing_twice(region_stack):
     settings = region_stack("eu", "kills", sink_batch_messages=200, sink_flush_ms=300)
     fleet = build_fleet(71, owners=4, vehicles=8, regions=("eu",))
@@ -74,17 +90,7 @@ def test_a_worker_killed_ten_times_loses_nothing_and_counts_nothing_twice(region
     finally:
         worker.stop()
         sink.stop()
-    uploads, samples, distinct = _stored(settings)
-    assert (uploads, samples, distinct) == (published.uploads, published.samples, published.samples)
-    _reconciles(settings, uploads)
-    wh = open_warehouse(settings)
-    try:
-        c = compare(wh, published.truth, [v.vin for v in fleet])
-    finally:
-        wh.close()
-    print(f"\n{kills} kills:\n{c.table()}")
-    assert not c.problems, c.problems[:5]
-    assert c.trips_found == c.trips_expected > 0 and c.charges_found == c.charges_expected
+    print(f"\n{kills} kills:\n{_everything_once(settings, published, fleet).table()}")
 
 
 def _worker_positions(settings) -> tuple[list[int], int]:
@@ -157,16 +163,7 @@ def test_a_worker_killed_before_its_first_checkpoint_reads_everything_again(regi
     finally:
         worker.stop()
         sink.stop()
-    uploads, samples, distinct = _stored(settings)
-    assert (uploads, samples, distinct) == (published.uploads, published.samples, published.samples)
-    _reconciles(settings, uploads)
-    wh = open_warehouse(settings)
-    try:
-        c = compare(wh, published.truth, [v.vin for v in fleet])
-    finally:
-        wh.close()
-    assert not c.problems, c.problems[:5]
-    assert c.trips_found == c.trips_expected > 0 and c.charges_found == c.charges_expected
+    _everything_once(settings, published, fleet)
 
 
 def test_the_broker_stopped_and_started_mid_run_loses_nothing(tmp_path):
