@@ -1,10 +1,10 @@
 """The Faust worker of one region: validate raw uploads, check residency, route them.
 
 The agents are thin: they turn Faust events into RawUpload values, call the pure
-functions in stream_jobs.validate, and send each outcome to its topic. Offsets are
-acked after the batch body finishes, so routing is at-least-once; a replayed message
-keeps its raw source offset, which lets the dedup table and the sink tell a replay
-from a duplicate. Every topic, table and changelog is the region's own (the region is
+functions in stream_jobs.validate, and send each outcome to its topic. The raw
+uploads' offsets are committed once a checkpoint of the worker's state covers them
+(stream_jobs.checkpoint), so routing is at-least-once; a replayed message keeps its raw
+source offset, which lets the dedup table and the sink tell a replay from a duplicate. Every topic, table and changelog is the region's own (the region is
 in every name); nothing is sent anywhere else.
 """
 
