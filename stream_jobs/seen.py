@@ -40,8 +40,8 @@ class SeenTable:
 
     def _stored(self, vin: str) -> dict[str, str]:
         stored = json.loads(self.table.get(vin.encode()) or b"{}")
-        ids: dict[str, str] = stored.get("ids", stored)
-        return ids  # before vtp kept "touched": ids only
+        ids: dict[str, str] = stored.get("ids", stored)  # before vtp kept "touched": ids only
+        return ids
 
     async def write(self) -> None:
         """Durably, the entries changed since the last write, each in the partition of
