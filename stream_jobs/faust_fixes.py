@@ -3,6 +3,8 @@ every record once and commit only what it processed. Why each exists, what it wa
 doing and the upstream issue: docs/adr/0001-faust-fixes.md.
 
 - seek before resume: ``_recovery_completed_seeking_first`` (faust#596)
+- fetch what was active when the fetch began: ``_wait_next_records_on_a_copy`` (no
+  upstream issue yet)
 - durable table writes: ``put_durably`` (the rest of faust#273)
 - exit on agent error: ``exit_on_error`` (faust#527)
 - no gaps on plain topics: ``refuse_gaps_on``, ``_add_gap_unless_gapless`` (faust#606)
@@ -38,6 +40,7 @@ FIXED_AIOKAFKA_VERSION = "0.14.0"
 # The originals, taken at import (before install() replaces them): the tests show what
 # each one does wrong, so a library upgrade that fixes it shows up as a failing test.
 _faust_on_recovery_completed = Recovery.on_recovery_completed
+_faust_wait_next_records = Consumer._wait_next_records
 _faust_new_offset = Consumer._new_offset
 EXIT_AGENT_FAILED = 70  # EX_SOFTWARE
 log = logging.getLogger("vtp.worker")
@@ -108,6 +111,30 @@ async def _recovery_completed_seeking_first(self: Recovery, generation_id: int =
     self.log.info("Worker ready")
 
 
+async def _wait_next_records_on_a_copy(self: Consumer, timeout: float) -> tuple[Any, Any]:
+    # Upstream hands the consumer thread its live set of active partitions, which the
+    # recovery empties ("Done reading from changelog topics") while a fetch waits on it;
+    # aiokafka reads an empty set as "every partition" and hands over the uploads too,
+    # moving its position past them, and Faust drops them as inactive. The seek to the
+    # committed offsets had already happened, so the restarted worker never saw them and
+    # its watchdog restarted it again (tests/e2e/test_worker_watchdog.py). The thread gets
+    # a copy taken when the fetch begins; Faust filters what comes back on the live set.
+    if not self.flow_active:
+        await self.wait(self.can_resume_flow)  # type: ignore[arg-type]
+    try:
+        self.not_waiting_next_records.set()
+        if self.app.client_only:
+            return await self._getmany(active_partitions=None, timeout=timeout), None
+        active = self._get_active_partitions()
+        fetching = frozenset(active)
+        if not fetching:
+            await self.sleep(1)  # as upstream: nothing to fetch, yield to the loop
+            return {}, active
+        return await self._getmany(active_partitions=cast(Any, fetching), timeout=timeout), active
+    finally:
+        self.not_waiting_next_records.set()
+
+
 def install() -> None:
     """Apply the fixes that replace library methods; refuses (before patching anything)
     any other Faust or aiokafka than the ones they were written against."""
@@ -124,6 +151,7 @@ def install() -> None:
             "metadata knows out of the client's refreshed topics, then update or drop that fix"
         )
     Recovery.on_recovery_completed = _recovery_completed_seeking_first  # type: ignore[method-assign]
+    Consumer._wait_next_records = _wait_next_records_on_a_copy  # type: ignore[method-assign]
     Consumer._add_gap = _add_gap_unless_gapless  # type: ignore[method-assign]
     Consumer._new_offset = _new_offset_from_committed  # type: ignore[method-assign]
     AIOKafkaClient._wait_on_metadata = _wait_on_metadata_tracking

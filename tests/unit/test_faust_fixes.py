@@ -26,6 +26,7 @@ def unpatched_after_each_test(monkeypatch):
     for owner, name in [
         (Recovery, "on_recovery_completed"),
         (Consumer, "_add_gap"),
+        (Consumer, "_wait_next_records"),
         (Consumer, "_new_offset"),
         (AIOKafkaClient, "_wait_on_metadata"),
     ]:
@@ -358,3 +359,54 @@ def test_the_worker_consumer_waits_at_most_100_ms_for_a_fetch():
 
 def test_unpatched_faust_lets_a_fetch_of_idle_partitions_hold_the_uploads_1500_ms():
     assert _worker_consumer_fetch_wait(faust_fixes._faust_create_worker_consumer) == 1500
+
+
+STREAM, CHANGES = TP("vtp.cn.uploads", 0), TP("vtp-cn-worker-seen-changelog", 0)
+
+
+def _fetch_while_recovery_finishes(wait_next_records) -> tuple[dict, set]:
+    """A real Faust consumer (never started) fetching while the recovery finishes: its
+    changelog partition active, the uploads paused; during the fetch the recovery pauses
+    the changelog ("Done reading from changelog topics"). Records wait in aiokafka for
+    both. Returns what the consumer thread handed over and what Faust keeps of it."""
+
+    async def fetch() -> tuple[dict, set]:
+        app = faust.App("vtp-test-copy", broker="kafka://127.0.0.1:9", store="memory://")
+        consumer = app.consumer
+        consumer._set_active_tps({STREAM, CHANGES})
+        consumer.pause_partitions({STREAM})
+
+        async def thread_getmany(active_partitions, timeout):
+            consumer.pause_partitions({CHANGES})  # meanwhile, on the app's loop
+            waiting = {STREAM: ["upload 3"], CHANGES: ["change 9"]}
+            # aiokafka's Fetcher.fetched_records: an empty set skips no partition
+            return {
+                tp: r
+                for tp, r in waiting.items()
+                if not active_partitions or tp in active_partitions
+            }
+
+        consumer._getmany = thread_getmany
+        try:
+            records, active = await wait_next_records(consumer, 1.0)
+        finally:
+            consumer._thread.thread_loop.close()  # never started
+        kept = {tp for tp in records if tp in active}  # Consumer.getmany's filter
+        return records, kept
+
+    return asyncio.run(fetch())
+
+
+def test_unpatched_faust_lets_a_fetch_take_the_paused_uploads_and_drops_them():
+    handed_over, kept = _fetch_while_recovery_finishes(faust_fixes._faust_wait_next_records)
+    assert STREAM in handed_over and kept == set()  # aiokafka moved past "upload 3"
+
+
+def test_a_fetch_takes_only_what_was_active_when_it_began():
+    handed_over, kept = _fetch_while_recovery_finishes(faust_fixes._wait_next_records_on_a_copy)
+    assert handed_over == {CHANGES: ["change 9"]} and kept == set()  # uploads stay in aiokafka
+
+
+def test_install_fetches_on_a_copy():
+    faust_fixes.install()
+    assert Consumer._wait_next_records is faust_fixes._wait_next_records_on_a_copy
