@@ -44,13 +44,7 @@ from vtp.core import headers as h
 from vtp.core import metrics
 from vtp.core.headers import deadletter_headers
 from vtp.core.settings import Settings
-
-
-def changelog_configs(settings: Settings) -> dict[str, str]:
-    """Kafka compacts a table's changelog within this lag, so a value the worker replaced
-    (an erased owner's state, a forgotten vehicle's) is gone from Kafka within it."""
-    return {"max.compaction.lag.ms": str(int(settings.changelog_compaction_lag_s * 1000))}
-
+from vtp.core.topics import SESSIONS_TABLE, changelog_configs
 
 # Every topic the worker reads or writes carries bytes it encodes and decodes itself.
 RAW_TOPIC: dict[str, Any] = {
@@ -120,7 +114,7 @@ class Sessions:
         self.region = settings.need_region()
         self.settings = settings
         self.topics = settings.topics
-        self.table = bytes_table(app, "vehicle_sessions", settings)
+        self.table = bytes_table(app, SESSIONS_TABLE, settings)
         self.registry = registry
         self.config = session_config(settings)
         self.lock = asyncio.Lock()

@@ -46,7 +46,7 @@ from vtp.core import metrics
 from vtp.core.headers import deadletter_headers
 from vtp.core.kafka import retry_kafka
 from vtp.core.settings import Settings
-from vtp.core.topics import check_cluster_region
+from vtp.core.topics import REGISTRY_TABLE, SEEN_TABLE, check_cluster_region
 
 log = logging.getLogger("vtp.worker")
 
@@ -159,7 +159,7 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
         broker=f"kafka://{settings.bootstrap()}",
         store="memory://",
         topic_partitions=settings.topic_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.topic_replication,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
@@ -179,8 +179,8 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     # Both tables are keyed by VIN, as are both source topics (same partition count,
     # murmur2 partitioner), so a worker holds the registry entries and the dedup
     # state of exactly the vehicles whose uploads it is assigned.
-    vehicles = bytes_table(app, "vehicles", settings, use_partitioner=False)
-    seen = SeenTable(bytes_table(app, "seen_uploads", settings), settings)
+    vehicles = bytes_table(app, REGISTRY_TABLE, settings, use_partitioner=False)
+    seen = SeenTable(bytes_table(app, SEEN_TABLE, settings), settings)
     registry = RegistryView(vehicles)
     gate = RegistryGate(settings, app_id)
     store = default_store()

@@ -6,6 +6,7 @@ Every process serves one region: ``--region R`` or ``VTP_REGION``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -63,8 +64,13 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    from vtp.core.topics import create_topics
+    from dataclasses import asdict
 
+    from vtp.core.topics import create_topics, topic_plan
+
+    if args.plan:
+        print(json.dumps([asdict(t) for t in topic_plan(_settings(args))], indent=2))
+        return 0
     created = create_topics(_settings(args))
     print(f"created: {', '.join(created) or 'none (all existed)'}")
     return 0
@@ -217,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("stack", _stack, "the region's local Kafka broker: fetch jars, up, down, status")
     p.add_argument("action", choices=["fetch", "up", "down", "status"])
-    command("topics", _topics, "create the region's topics (idempotent; checks existing ones)")
+    p = command("topics", _topics, "create the region's topics (idempotent; checks existing ones)")
+    p.add_argument(
+        "--plan", action="store_true", help="print every topic the region uses, as JSON; no broker"
+    )
     p = command("worker", _worker, "run the region's Faust worker (validate, route, aggregate)")
     p.add_argument("--loglevel", default="info")
     command("sink", _sink, "write the region's validated uploads into its warehouse")

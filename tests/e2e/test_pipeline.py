@@ -438,3 +438,20 @@ def test_topics_in_a_shape_vtp_cannot_use_are_refused_and_a_sink_without_a_regis
         TopicError, match=r"message\.timestamp\.type=CreateTime, vtp needs LogAppendTime"
     ):
         create_topics(settings)
+
+
+def test_topics_with_fewer_replicas_or_weaker_writes_than_configured_are_refused(
+    base_settings, tmp_path
+):
+    from vtp.core.topics import TopicError, create_topics
+
+    settings = base_settings.with_(
+        region="eu", data_dir=tmp_path, topic_prefix=f"durable{os.getpid()}"
+    )
+    assert len(create_topics(settings)) == 7  # one broker: 1 replica, min.insync 1
+    wanted = settings.with_(topic_replication=2, topic_min_insync=2)
+    with pytest.raises(TopicError) as refused:
+        create_topics(wanted)
+    message = str(refused.value)
+    assert f"{settings.topics.uploads} has 1 replicas, VTP_TOPIC_REPLICATION is 2" in message
+    assert f"{settings.topics.control} has min.insync.replicas=1, vtp needs 2" in message

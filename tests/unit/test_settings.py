@@ -58,6 +58,8 @@ def test_reading_settings_writes_nothing_to_the_environment():
         ({"VTP_REGION": "us"}, "not one of cn, eu"),  # a region is opened in code, not here
         ({"VTP_VEHICLE_STATE_TTL_S": "86400"}, "at least VTP_MAX_BACKLOG_S"),
         ({"VTP_CHANGELOG_COMPACTION_LAG_S": "0"}, "more than 0"),
+        ({"VTP_TOPIC_MIN_INSYNC": "2"}, "at most VTP_TOPIC_REPLICATION"),
+        ({"VTP_TOPIC_REPLICATION": "3", "VTP_TOPIC_MIN_INSYNC": "0"}, "at least 1"),
     ],
 )
 def test_bad_values_are_named(env, fragment):

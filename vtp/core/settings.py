@@ -126,6 +126,14 @@ class Settings:
     )
     topic_prefix: str = setting("vtp", "prefix of every topic, consumer group and app id")
     topic_partitions: int = setting(4, "partitions of every topic")
+    topic_replication: int = setting(
+        1, "replicas of every topic, the worker's own included; 3 on a cluster"
+    )
+    topic_min_insync: int = setting(
+        1,
+        "min.insync.replicas of every topic: replicas that must have a write before it is "
+        "acknowledged (every producer waits for all in-sync ones); 2 on a cluster",
+    )
     max_clock_skew_s: float = setting(
         300.0, "how far after the broker's receive time a timestamp may be"
     )
@@ -205,6 +213,11 @@ class Settings:
                 raise SettingsError(f"{exc} (VTP_REGION or --region)") from None
         if self.sink_batch_messages < 1:
             raise SettingsError("VTP_SINK_BATCH_MESSAGES must be at least 1")
+        if not 1 <= self.topic_min_insync <= self.topic_replication:
+            raise SettingsError(
+                "VTP_TOPIC_MIN_INSYNC must be at least 1 and at most VTP_TOPIC_REPLICATION "
+                "(a write could never be acknowledged)"
+            )
         if self.warehouse_readers < 1:
             raise SettingsError("VTP_WAREHOUSE_READERS must be at least 1")
         if self.topic_partitions < 1:

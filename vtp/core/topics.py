@@ -10,6 +10,7 @@ never decides how late or early its data is.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported without __all__
@@ -59,17 +60,67 @@ def check_cluster_region(settings: Settings, admin: AdminClient | None = None) -
         )
 
 
-def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
-    t = settings.topics
+# The worker's tables (stream_jobs declares them by these names); Faust creates their
+# changelog topics, compacted, when the worker starts.
+REGISTRY_TABLE, SEEN_TABLE, SESSIONS_TABLE = "vehicles", "seen_uploads", "vehicle_sessions"
+WORKER_TABLES = (REGISTRY_TABLE, SEEN_TABLE, SESSIONS_TABLE)
+
+
+def changelog_configs(settings: Settings) -> dict[str, str]:
+    """Kafka compacts a table's changelog within this lag, so a value the worker replaced
+    (an erased owner's state, a forgotten vehicle's) is gone from Kafka within it."""
     return {
-        t.uploads: {"message.timestamp.type": "LogAppendTime"},
-        t.vehicles: {"cleanup.policy": "compact"},
-        t.validated: {},
-        t.control: {},
-        t.aggregates: {},
-        t.deadletter: {},
-        t.quarantine: {},
+        "max.compaction.lag.ms": str(int(settings.changelog_compaction_lag_s * 1000)),
+        "min.insync.replicas": str(settings.topic_min_insync),
     }
+
+
+def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
+    """The topics `vtp topics` creates, with the configs vtp needs of them."""
+    t = settings.topics
+    durable = {"min.insync.replicas": str(settings.topic_min_insync)}
+    return {
+        t.uploads: {"message.timestamp.type": "LogAppendTime", **durable},
+        t.vehicles: {"cleanup.policy": "compact", **durable},
+        t.validated: durable,
+        t.control: durable,
+        t.aggregates: durable,
+        t.deadletter: durable,
+        t.quarantine: durable,
+    }
+
+
+@dataclass(frozen=True)
+class PlannedTopic:
+    name: str
+    partitions: int
+    replicas: int
+    config: dict[str, str]
+    created_by: str  # `vtp topics`, or the worker (Faust) when it starts
+
+
+def topic_plan(settings: Settings) -> list[PlannedTopic]:
+    """Every topic a region uses, as `vtp topics` and the worker create them: what a
+    cluster operator declares up front (the Helm chart's KafkaTopic resources)."""
+    n, replicas = settings.topic_partitions, settings.topic_replication
+    app = settings.topics.worker_app
+    plan = [
+        PlannedTopic(name, n, replicas, c, "vtp topics")
+        for name, c in topic_specs(settings).items()
+    ]
+    plan += [
+        PlannedTopic(
+            f"{app}-{table}-changelog",
+            n,
+            replicas,
+            {"cleanup.policy": "compact", **changelog_configs(settings)},
+            "worker",
+        )
+        for table in WORKER_TABLES
+    ]
+    # Faust's leader election: one partition, nothing stored in it
+    plan.append(PlannedTopic(f"{app}-__assignor-__leader", 1, replicas, {}, "worker"))
+    return plan
 
 
 def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
@@ -80,7 +131,10 @@ def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     existing = retry_kafka(lambda: admin.list_topics(timeout=timeout).topics, "list topics")
     missing = [
         NewTopic(
-            name, num_partitions=settings.topic_partitions, replication_factor=1, config=config
+            name,
+            num_partitions=settings.topic_partitions,
+            replication_factor=settings.topic_replication,
+            config=config,
         )
         for name, config in specs.items()
         if name not in existing
@@ -105,11 +159,17 @@ def check_topics(
     meta = retry_kafka(lambda: admin.list_topics(timeout=timeout).topics, "list topics")
     problems = []
     for name in specs:
-        partitions = len(meta[name].partitions)
-        if partitions != settings.topic_partitions:
+        partitions = meta[name].partitions
+        if len(partitions) != settings.topic_partitions:
             problems.append(
-                f"{name} has {partitions} partitions, VTP_TOPIC_PARTITIONS is "
+                f"{name} has {len(partitions)} partitions, VTP_TOPIC_PARTITIONS is "
                 f"{settings.topic_partitions}"
+            )
+        replicas = min(len(p.replicas) for p in partitions.values())
+        if replicas < settings.topic_replication:
+            problems.append(
+                f"{name} has {replicas} replicas, VTP_TOPIC_REPLICATION is "
+                f"{settings.topic_replication}"
             )
     resources = [ConfigResource("topic", name) for name, config in specs.items() if config]
     for resource, future in (admin.describe_configs(resources) if resources else {}).items():
@@ -122,5 +182,5 @@ def check_topics(
         raise TopicError(
             "topics exist in a shape vtp cannot use: "
             + "; ".join(problems)
-            + ". Recreate them (or set VTP_TOPIC_PARTITIONS to match)."
+            + ". Recreate them, or set VTP_TOPIC_* to match (more replicas are fine)."
         )
