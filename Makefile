@@ -23,7 +23,7 @@ install: $(STAMP) ## create .venv and install vtp with its dev tools
 kafka-jars: $(STAMP) ## resolve the pinned Apache Kafka jars with Maven into .cache/
 	$(BIN)/vtp stack fetch
 
-tools: $(STAMP) ## fetch the checking tools (promtool, prometheus, amtool) from Debian into .cache/
+tools: $(STAMP) ## fetch or build the checking tools (promtool, amtool, helm, kubeconform, kube-score, …) into .cache/
 	$(BIN)/python -m deploy.tools
 
 demo: $(STAMP) kafka-jars ## run the whole pipeline on a simulated fleet and print what owners see

@@ -98,7 +98,7 @@ def _java() -> str:
     return found
 
 
-def _mvn() -> str:
+def mvn_path() -> str:
     found = shutil.which("mvn")
     if not found:
         raise BrokerError(
@@ -120,7 +120,7 @@ def fetch_jars(settings: Settings) -> Path:
     with locked(libs.parent / ".lock"):  # a concurrent caller waits, then finds the marker
         if marker.exists():
             return libs
-        mvn = _mvn()
+        mvn = mvn_path()
         _java()  # Maven needs it too; say so before Maven says it less clearly
         _run_maven(mvn, settings.kafka_version, libs)
         marker.write_text(settings.kafka_version)
@@ -155,11 +155,11 @@ def _run_maven(mvn: str, version: str, libs: Path) -> None:
         raise BrokerError(
             f"Maven could not resolve Apache Kafka {version} (exit {done.returncode}); "
             f"check the version and access to Maven Central. Maven said:\n"
-            + _maven_error(done.stdout + done.stderr)
+            + maven_error(done.stdout + done.stderr)
         )
 
 
-def _maven_error(output: str) -> str:
+def maven_error(output: str) -> str:
     plain = re.sub(r"\x1b\[[0-9;]*m", "", output)  # Maven colours even in batch mode
     lines = [line for line in plain.splitlines() if line.strip()]
     # The first [ERROR] line carries the cause; the rest is Maven's generic advice.

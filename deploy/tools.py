@@ -1,9 +1,15 @@
 """The checking tools operators' artefacts are tested with, fetched once into the cache.
 
-``python -m deploy.tools`` (``make tools``): Prometheus and its ``promtool``, and
-Alertmanager's ``amtool``, from Debian's own packages (``apt-get download``, then
-unpacked with ``dpkg-deb -x`` under ``<cache>/tools/debian``: nothing is installed on
-the machine). Later calls, and runs, are offline. ``tool("promtool")`` is the path.
+``python -m deploy.tools`` (``make tools``) gets them all:
+
+- Prometheus and its ``promtool``, and Alertmanager's ``amtool``, from Debian's own
+  packages (``apt-get download``, then unpacked with ``dpkg-deb -x`` under
+  ``<cache>/tools/debian``: nothing is installed on the machine);
+- Helm, kubeconform, kube-score and vtp's compose and dashboard checks, built from Go
+  modules (``deploy.gotools``);
+- the Kubernetes and Strimzi schemas kubeconform reads (``deploy.k8s_schemas``).
+
+Later calls, and runs, are offline. ``tool("promtool")`` is a tool's path.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 from deploy.broker import locked
+from deploy.gotools import OWN, UPSTREAM, GoToolError, build_all, go_tool
+from deploy.k8s_schemas import SchemaError, fetch_schemas
 from vtp.core.settings import Settings, load_settings
 
 # Debian package -> the programs of it vtp's tests run
@@ -90,8 +98,11 @@ def _bin(root: Path, name: str) -> Path | None:
 
 
 def tool(name: str, settings: Settings | None = None) -> Path:
-    """The path of a fetched tool (fetching them first if need be)."""
-    root = fetch_tools(settings or load_settings())
+    """The path of a fetched tool (fetching or building it first if need be)."""
+    settings = settings or load_settings()
+    if name in UPSTREAM or name in OWN:
+        return go_tool(name, settings)
+    root = fetch_tools(settings)
     path = _bin(root, name)
     if path is None:
         raise ToolError(f"{name} is not among the fetched tools")
@@ -99,14 +110,19 @@ def tool(name: str, settings: Settings | None = None) -> Path:
 
 
 def main() -> None:
+    settings = load_settings()
     try:
-        root = fetch_tools(load_settings())
-    except ToolError as exc:
+        root = fetch_tools(settings)
+        built = build_all(settings)
+        schemas = fetch_schemas(settings)
+    except (ToolError, GoToolError, SchemaError) as exc:
         sys.exit(f"vtp tools: {exc}")
     print(
         f"checking tools in {root / 'usr' / 'bin'}: "
         + ", ".join((root / ".complete").read_text().split())
     )
+    print(f"built from Go modules in {built[0].parent}: {', '.join(p.name for p in built)}")
+    print(f"schemas for kubeconform in {schemas}: {(schemas / '.complete').read_text().strip()}")
 
 
 if __name__ == "__main__":

@@ -534,7 +534,7 @@ def _fitting_tables(
 
 def run_sink(settings: Settings) -> None:
     """`vtp sink --region R`, until SIGTERM/SIGINT (which finish the current batch)."""
-    metrics.serve_metrics(settings.metrics_port)
+    metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     sink = RegionSink(settings)
     signal.signal(signal.SIGTERM, sink.stop)
     signal.signal(signal.SIGINT, sink.stop)

@@ -404,7 +404,7 @@ def _last_offsets(events: Sequence[EventT[Any]]) -> dict[int, int]:
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """`vtp worker`: run the validate job until SIGTERM/SIGINT."""
     check_cluster_region(settings)
-    metrics.serve_metrics(settings.metrics_port)
+    metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     app, gate = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel)
 

@@ -67,7 +67,7 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
     except BaseException:
         sock.close()
         raise
-    metrics.serve_metrics(settings.metrics_port)
+    metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     migrate(warehouse)
     write_lock = threading.RLock()
     sink = SinkSupervisor(settings, warehouse, write_lock) if with_sink else None

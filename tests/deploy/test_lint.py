@@ -21,7 +21,11 @@ def _run(*command: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_deploy_yaml_passes_yamllint():
-    files = sorted(p for p in (ROOT / "deploy").rglob("*") if p.suffix in (".yml", ".yaml"))
+    files = sorted(
+        p
+        for p in (ROOT / "deploy").rglob("*")
+        if p.suffix in (".yml", ".yaml") and "templates" not in p.parts  # Helm's are not YAML yet
+    )
     assert len(files) >= 5
     done = _run(BIN / "yamllint", "-c", ROOT / "deploy" / "yamllint.yml", "-s", *files)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -92,9 +92,10 @@ CONSUMER_LAG = Gauge(
 )
 
 
-def serve_metrics(port: int) -> int | None:
-    """Serve /metrics on loopback; port 0 means off. Returns the port served."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
+    """Serve /metrics on ``host`` (loopback unless a deployment opens it); port 0 means
+    off. Returns the port served."""
     if port <= 0:
         return None
-    start_http_server(port, addr="127.0.0.1")
+    start_http_server(port, addr=host)
     return port

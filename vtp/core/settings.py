@@ -182,7 +182,10 @@ class Settings:
     warehouse_readers: int = setting(
         4, "embedded warehouse: connections that read side by side (writes go one at a time)"
     )
-    metrics_port: int = setting(0, "Prometheus endpoint on 127.0.0.1; 0 off")
+    metrics_port: int = setting(0, "port of the Prometheus endpoint; 0 off")
+    metrics_host: str = setting(
+        "127.0.0.1", "where it listens: loopback unless opened (`0.0.0.0` in a pod)"
+    )
     api_host: str = setting("127.0.0.1", "where `vtp serve` listens")
     api_port: int = setting(
         0, "its port; 0 picks a free one (written to `<data_dir>/<region>/serve.json`)"

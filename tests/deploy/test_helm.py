@@ -1,0 +1,232 @@
+"""The Helm chart (deploy/helm/vtp), rendered for both regions' example values and
+checked by the tools operators use: `helm lint --strict` (values.schema.json),
+kubeconform against Kubernetes' and Strimzi's own schemas, kube-score. Then what those
+tools cannot know: the topics match `vtp topics --plan`, egress is an allow-list, every
+VTP_* variable is a setting vtp accepts, and secrets reach only the processes that use
+them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deploy.k8s_schemas import fetch_schemas, schema_locations
+from deploy.tools import tool
+from vtp.core.regions import REGIONS
+from vtp.core.settings import documented_settings, load_settings
+from vtp.core.topics import topic_plan
+
+pytestmark = pytest.mark.deploy
+
+HELM = Path(__file__).resolve().parents[2] / "deploy" / "helm"
+CHART = HELM / "vtp"
+KUBERNETES = "1.31.0"
+
+
+def _run(
+    name: str, *args: str | Path, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(tool(name)), *map(str, args)], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+def _helm(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return _run("helm", *args)
+
+
+def _render(region: str, *extra: str) -> str:
+    done = _helm(
+        "template", f"vtp-{region}", CHART, "-f", HELM / f"values-{region}.yaml",
+        "--kube-version", KUBERNETES, "--namespace", f"vtp-{region}", *extra,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _manifests(region: str) -> list[dict[str, Any]]:
+    return [m for m in yaml.safe_load_all(_render(region)) if m]
+
+
+def _kubeconform(manifests: str) -> subprocess.CompletedProcess[str]:
+    locations = [
+        a
+        for loc in schema_locations(fetch_schemas(load_settings()))
+        for a in ("-schema-location", loc)
+    ]
+    return _run("kubeconform", "-strict", "-summary", *locations, "-", stdin=manifests)
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_the_chart_lints_strictly_with_each_regions_values(region):
+    done = _helm(
+        "lint",
+        "--strict",
+        CHART,
+        "-f",
+        HELM / f"values-{region}.yaml",
+        "--kube-version",
+        KUBERNETES,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("values", "refusal"),
+    [
+        (["--set", "region=us"], "value must be one of 'cn', 'eu'"),
+        (["--set", "image.tag=latest"], "/image/tag"),
+        (["--set", "topics.replication=0"], "/topics/replication"),
+        (["--set", "worker.env.KAFKA_DEBUG=all"], "'KAFKA_DEBUG' does not match"),  # VTP_* only
+        (["--set", "unknown=1"], "additional properties 'unknown' not allowed"),
+        (["--set", "kafka.egress.cidrs=null"], "missing property 'cidrs'"),  # eu: no Strimzi
+    ],
+)
+def test_values_outside_the_schema_are_refused_with_the_path_that_is_wrong(values, refusal):
+    done = _helm(
+        "template", "x", CHART, "-f", HELM / "values-eu.yaml", "--kube-version", KUBERNETES, *values
+    )
+    assert done.returncode != 0 and refusal in done.stderr, done.stderr
+
+
+def test_the_chart_without_a_region_does_not_render():
+    done = _helm("lint", "--strict", CHART, "--kube-version", KUBERNETES)
+    assert done.returncode != 0 and "/region" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_the_manifests_are_valid_kubernetes_and_strimzi_resources(region):
+    done = _kubeconform(_render(region))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Invalid: 0, Errors: 0, Skipped: 0" in done.stdout, done.stdout
+
+
+def test_kubeconform_refuses_a_misspelt_field_of_either_kind():
+    """The check can fail: a field Strimzi does not know, and one Kubernetes does not."""
+    for wrong in (
+        _render("cn").replace("  topicName:", "  topicNme:", 1),
+        _render("cn").replace("  revisionHistoryLimit:", "  revisionHistoryLimt:", 1),
+    ):
+        done = _kubeconform(wrong)
+        assert done.returncode != 0 and "additional properties" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_kube_score_finds_nothing_to_fix(region):
+    done = _run(
+        "kube-score", "score", "-", "--output-format", "ci",
+        "--enable-optional-test", "container-seccomp-profile",
+        "--enable-optional-test", "container-ports-check",
+        stdin=_render(region),
+    )  # fmt: skip
+    problems = [
+        line for line in done.stdout.splitlines() if line.startswith(("[CRITICAL]", "[WARNING]"))
+    ]
+    assert done.returncode == 0 and not problems, "\n".join(problems) or done.stderr
+    assert "[OK] vtp-" + region + "-worker" in done.stdout
+
+
+def _settings_of(values: dict[str, Any]):
+    t = values["topics"]
+    return load_settings(
+        {
+            "VTP_REGION": values["region"],
+            "VTP_TOPIC_PREFIX": t["prefix"],
+            "VTP_TOPIC_PARTITIONS": str(t["partitions"]),
+            "VTP_TOPIC_REPLICATION": str(t["replication"]),
+            "VTP_TOPIC_MIN_INSYNC": str(t["minInsync"]),
+            "VTP_CHANGELOG_COMPACTION_LAG_S": str(t["changelogCompactionLagSeconds"]),
+        }
+    )
+
+
+def test_the_kafka_topics_are_the_ones_vtp_topics_and_the_worker_create():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    values.update(region="cn")
+    declared = {
+        m["spec"]["topicName"]: (
+            m["spec"]["partitions"],
+            m["spec"]["replicas"],
+            m["spec"].get("config", {}),
+        )
+        for m in _manifests("cn")
+        if m["kind"] == "KafkaTopic"
+    }
+    planned = {
+        t.name: (t.partitions, t.replicas, t.config) for t in topic_plan(_settings_of(values))
+    }
+    assert declared == planned
+
+
+def _containers(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        m["metadata"]["labels"]["app.kubernetes.io/component"]: m["spec"]["template"]["spec"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "Job")
+    }
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_every_variable_the_pods_get_is_a_setting_vtp_accepts(region):
+    known = {d.variable for d in documented_settings()}
+    for component, pod in _containers(_manifests(region)).items():
+        env = pod["containers"][0]["env"]
+        names = [e["name"] for e in env]
+        assert len(names) == len(set(names)), component
+        unknown = {n for n in names if n not in known} - {"VTP_KAFKA_SASL_PASSWORD"}
+        assert not unknown, f"{component}: {unknown}"
+        plain = {e["name"]: e["value"] for e in env if "value" in e and e["name"] in known}
+        settings = load_settings(plain)  # raises on a value vtp refuses
+        assert settings.region == region and settings.metrics_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_secrets_reach_only_the_processes_that_use_them(region):
+    pods = _containers(_manifests(region))
+
+    def secret_env(component: str) -> set[str]:
+        return {
+            e["name"]
+            for e in pods[component]["containers"][0]["env"]
+            if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
+        }
+
+    def key_files(component: str) -> set[str]:
+        volumes = {v["name"]: v for v in pods[component]["volumes"]}
+        return (
+            {i["path"] for i in volumes["keys"]["secret"]["items"]} if "keys" in volumes else set()
+        )
+
+    assert "VTP_WAREHOUSE" not in secret_env("worker") and key_files("worker") == set()
+    assert "VTP_WAREHOUSE" in secret_env("sink") and key_files("sink") == {"pseudonym.key"}
+    serve_keys = key_files("serve")
+    assert "pseudonym.key" in serve_keys and {
+        p.split("/")[0] for p in serve_keys - {"pseudonym.key"}
+    } == {"owner", "grant", "analyst"}
+    for pod in pods.values():
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_egress_is_an_allow_list_of_the_regions_kafka_and_clickhouse(region):
+    policies = {
+        m["metadata"]["labels"]["app.kubernetes.io/component"]: m["spec"]
+        for m in _manifests(region)
+        if m["kind"] == "NetworkPolicy"
+    }
+    assert set(policies) == set(_containers(_manifests(region)))  # every pod has one
+    for component, spec in policies.items():
+        assert "Egress" in spec["policyTypes"]
+        assert all(rule.get("to") for rule in spec["egress"]), f"{component}: a rule open to all"
+        blocks = {
+            b["ipBlock"]["cidr"] for rule in spec["egress"] for b in rule["to"] if "ipBlock" in b
+        }
+        values = yaml.safe_load((HELM / f"values-{region}.yaml").read_text())
+        clickhouse = set(values["clickhouse"]["egress"]["cidrs"])
+        assert (clickhouse <= blocks) == (component in ("sink", "serve")), component
