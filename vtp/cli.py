@@ -111,7 +111,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from vtp.core.keys import add_key, load_keyring, retire_key
+    from vtp.core.keys import add_key, load_keyring, pseudonym_key, retire_key
 
     settings = _settings(args)
     if args.action == "rotate":
@@ -122,6 +122,8 @@ def _keys(args: argparse.Namespace) -> int:
         return 0 if gone else 1
     for kind, kids in load_keyring(settings).kids().items():
         print(f"{kind}: {', '.join(kids)} (signing: {kids[-1]})")
+    pseudonym_key(settings)  # made here too, so one process makes every key of a region
+    print("pseudonym key: present")
     return 0
 
 

@@ -96,6 +96,8 @@ def test_token_keys_and_serve_refuse_what_they_cannot_do_in_one_line(tmp_path):
     assert listed.returncode == 0 and listed.stdout.count("owner-") >= 2
     secret = next((eu.keys_path / "owner").glob("*.key")).read_text().strip()
     assert secret not in listed.stdout + token.stdout
+    pseudonym = (eu.keys_path / "pseudonym.key").read_text().strip()  # one process makes all
+    assert "pseudonym key: present" in listed.stdout and pseudonym not in listed.stdout
     rotated = vtp("keys", "rotate", "--kind", "owner", "--region", "eu", data_dir=tmp_path)
     assert rotated.returncode == 0 and "signs from now on" in rotated.stdout
     assert (
