@@ -47,6 +47,7 @@ class BrokerState:
     data_dir: str
     log_path: str
     version: str
+    secure_bootstrap: str = ""  # the SASL_SSL listener, when started with one
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -54,6 +55,33 @@ class BrokerState:
     @classmethod
     def from_json(cls, text: str) -> BrokerState:
         return cls(**json.loads(text))
+
+
+SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+
+
+@dataclass(frozen=True)
+class SecureListener:
+    """A SASL_SSL listener beside the plaintext one, for testing the clients' security
+    the way a deployed cluster asks for it (TLS, SCRAM-SHA-512)."""
+
+    keystore: Path  # the broker's PKCS#8 private key and certificate chain, PEM
+    scram_users: dict[str, str]  # user -> password, made when the storage is formatted
+
+    def properties(self, port: int) -> list[str]:
+        return [
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={SCRAM_LOGIN}",
+            "listener.name.sasl_ssl.ssl.keystore.type=PEM",
+            f"listener.name.sasl_ssl.ssl.keystore.location={self.keystore}",
+        ]
+
+    def format_arguments(self) -> list[str]:
+        return [
+            a
+            for user, password in self.scram_users.items()
+            for a in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]")
+        ]
 
 
 def broker_dir(settings: Settings) -> Path:
@@ -181,12 +209,12 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port(avoid: int = 0) -> int:
+def _free_port(*avoid: int) -> int:
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port: int = s.getsockname()[1]
-        if port != avoid:
+        if port not in avoid:
             return port
 
 
@@ -367,7 +395,15 @@ def _refuse_if_running(settings: Settings) -> None:
     )
 
 
-def _server_properties(data: Path, port: int, controller_port: int) -> str:
+def _server_properties(
+    data: Path,
+    port: int,
+    controller_port: int,
+    secure: SecureListener | None = None,
+    secure_port: int = 0,
+) -> str:
+    plain = f"PLAINTEXT://127.0.0.1:{port}"
+    served = f"{plain},SASL_SSL://127.0.0.1:{secure_port}" if secure else plain
     return "\n".join(
         [
             "process.roles=broker,controller",
@@ -375,10 +411,11 @@ def _server_properties(data: Path, port: int, controller_port: int) -> str:
             # Static voters, not a formatted --standalone quorum: the controller port can
             # then change on every start (it lives only in this file, not in the storage).
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners={served},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners={served}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            *(secure.properties(secure_port) if secure else []),
             "inter.broker.listener.name=PLAINTEXT",
             f"log.dirs={data}",
             "num.partitions=4",
@@ -400,7 +437,9 @@ def _server_properties(data: Path, port: int, controller_port: int) -> str:
     )
 
 
-def _format_once(java: str, libs: Path, data: Path, properties: Path) -> None:
+def _format_once(
+    java: str, libs: Path, data: Path, properties: Path, extra: list[str] | None = None
+) -> None:
     if (data / "meta.properties").exists():
         return
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -416,6 +455,7 @@ def _format_once(java: str, libs: Path, data: Path, properties: Path) -> None:
             f"--cluster-id={cluster_id}",
             "-c",
             str(properties),
+            *(extra or []),
         ],
         capture_output=True,
         text=True,
@@ -460,19 +500,23 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         process.wait(10)
 
 
-def start_broker(settings: Settings, timeout: float = 90.0) -> BrokerState:
-    """Start the local broker and return once it answers metadata requests."""
+def start_broker(
+    settings: Settings, timeout: float = 90.0, secure: SecureListener | None = None
+) -> BrokerState:
+    """Start the local broker and return once it answers metadata requests; with
+    ``secure``, a SASL_SSL listener too (BrokerState.secure_bootstrap)."""
     home = broker_dir(settings)
     with locked(home / ".start.lock"):  # a concurrent `stack up` waits, then is refused
         _refuse_if_running(settings)
         java = _java()
         port = _pick_port(settings.broker_port)
-        controller_port = _free_port(avoid=port)
+        controller_port = _free_port(port)
+        secure_port = _free_port(port, controller_port) if secure else 0
         libs = fetch_jars(settings)
         data, log_path = home / "data", home / "logs" / "broker.log"
         properties = home / "server.properties"
-        properties.write_text(_server_properties(data, port, controller_port))
-        _format_once(java, libs, data, properties)
+        properties.write_text(_server_properties(data, port, controller_port, secure, secure_port))
+        _format_once(java, libs, data, properties, secure.format_arguments() if secure else None)
         process = _launch(java, libs, properties, log_path)
         bootstrap = f"127.0.0.1:{port}"
         try:
@@ -489,6 +533,7 @@ def start_broker(settings: Settings, timeout: float = 90.0) -> BrokerState:
             data_dir=str(data),
             log_path=str(log_path),
             version=settings.kafka_version,
+            secure_bootstrap=f"127.0.0.1:{secure_port}" if secure else "",
         )
         _write_state(settings, state)
     return state

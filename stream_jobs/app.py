@@ -31,6 +31,7 @@ from stream_jobs import faust_fixes, flow_log
 from stream_jobs.aggregate import RAW_TOPIC, Accepted, Sessions, bytes_table
 from stream_jobs.checkpoint import Checkpoints
 from stream_jobs.faust_fixes import exit_on_error, put_durably
+from stream_jobs.kafka_security import worker_credentials
 from stream_jobs.seen import SeenTable
 from stream_jobs.validate import (
     DeadLettered,
@@ -157,6 +158,7 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
     app = faust.App(
         app_id,
         broker=f"kafka://{settings.bootstrap()}",
+        broker_credentials=worker_credentials(settings.kafka_extra),
         store="memory://",
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,

@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from deploy.broker import BrokerError
         from sinks.sink import SinkError
+        from vtp.core.kafka import KafkaRefused
         from vtp.core.keys import KeyFileError
         from vtp.core.registry_copy import RegistryUnavailable
         from vtp.core.topics import TopicError
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             SinkError,
             ServeError,
             TopicError,
+            KafkaRefused,
             KeyFileError,
             RegistryUnavailable,
         )

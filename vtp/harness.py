@@ -321,6 +321,7 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[
             "bootstrap.servers": settings.bootstrap(),
             "group.id": f"vtp-observer-{os.getpid()}-{time.monotonic_ns()}",
             "enable.auto.commit": False,
+            **settings.kafka_extra,
         }
     )
     found: dict[tuple[str, str], tuple[str, int | None]] = {}

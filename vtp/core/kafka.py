@@ -60,6 +60,38 @@ TRANSIENT = frozenset(
 )
 
 
+# librdkafka reports a refused login or TLS handshake only to the client's error_cb; a
+# synchronous call just times out with _TRANSPORT, which is worth retrying otherwise.
+REFUSED = frozenset(
+    {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._SSL}
+)
+
+
+class KafkaRefused(RuntimeError):
+    """The cluster refused this client's credentials or TLS: retrying will not help."""
+
+
+class ClientErrors:
+    """A librdkafka ``error_cb`` that keeps the errors only callbacks report, so a call
+    that keeps timing out can say why (``raise_if_refused``)."""
+
+    def __init__(self) -> None:
+        self.refused: KafkaError | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        if error.code() in REFUSED:
+            self.refused = error
+
+    def raise_if_refused(self, client: Any, bootstrap: str) -> None:
+        client.poll(0)  # serves the callbacks waiting since the call
+        if self.refused is not None:
+            raise KafkaRefused(
+                f"the Kafka cluster at {bootstrap} refused the connection "
+                f"({self.refused.str()}); check VTP_KAFKA_EXTRA (security.protocol, ssl.*, "
+                "sasl.*) and VTP_KAFKA_BOOTSTRAP"
+            )
+
+
 def is_transient(exc: BaseException) -> bool:
     if not isinstance(exc, KafkaException) or not exc.args:
         return False

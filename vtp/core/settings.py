@@ -121,7 +121,8 @@ class Settings:
     broker_port: int = setting(0, "port of the local broker; 0 picks a free loopback port")
     kafka_extra: dict[str, Any] = setting(
         {},
-        "JSON of librdkafka keys passed through (e.g. security) to the SDK, sinks, admin",
+        "JSON of librdkafka keys (security, tuning) for every Kafka client; the worker's "
+        "aiokafka gets the security.protocol, ssl.* and sasl.* ones translated",
         secret=mask_secret_keys,
     )
     topic_prefix: str = setting("vtp", "prefix of every topic, consumer group and app id")

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported without __all__
     AdminClient,
     ConfigResource,
     NewTopic,
 )
 
-from vtp.core.kafka import retry_kafka
+from vtp.core.kafka import ClientErrors, retry_kafka
 from vtp.core.regions import REGIONS
 from vtp.core.settings import Settings
 
@@ -42,14 +44,22 @@ def foreign_topics(names: list[str], settings: Settings) -> list[str]:
     return sorted(found)
 
 
-def check_cluster_region(settings: Settings, admin: AdminClient | None = None) -> None:
+def check_cluster_region(settings: Settings) -> None:
     """Refuse to work on a cluster that holds another region's topics: a region's
     processes talk only to that region's cluster (VTP_KAFKA_BOOTSTRAP pointing at another
     region's broker would otherwise put this region's data there)."""
-    admin = admin or AdminClient(
-        {"bootstrap.servers": settings.bootstrap(), **settings.kafka_extra}
-    )
-    names = list(retry_kafka(lambda: admin.list_topics(timeout=30).topics, "list topics"))
+    errors = ClientErrors()
+    config: dict[str, Any] = {"bootstrap.servers": settings.bootstrap(), "error_cb": errors}
+    admin = AdminClient({**config, **settings.kafka_extra})
+
+    def listed() -> list[str]:
+        try:
+            return list(admin.list_topics(timeout=10).topics)
+        except KafkaException:
+            errors.raise_if_refused(admin, settings.bootstrap())
+            raise
+
+    names = retry_kafka(listed, "list topics")
     foreign = foreign_topics(names, settings)
     if foreign:
         raise TopicError(
@@ -126,7 +136,7 @@ def topic_plan(settings: Settings) -> list[PlannedTopic]:
 def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create the region's missing topics and check the others; returns those created."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap(), **settings.kafka_extra})
-    check_cluster_region(settings, admin)
+    check_cluster_region(settings)
     specs = topic_specs(settings)
     existing = retry_kafka(lambda: admin.list_topics(timeout=timeout).topics, "list topics")
     missing = [
