@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 REGIONS ?= cn eu
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo check test test-unit test-integration test-e2e test-deploy bench lint typecheck layers stack-up stack-down stack-status kafka-jars tools clean
+.PHONY: help install demo check test test-unit test-integration test-e2e test-deploy deploy-check bench lint typecheck layers stack-up stack-down stack-status kafka-jars tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,8 +37,10 @@ test: $(STAMP) kafka-jars tools check ## the checks, then the whole suite (unit,
 test-unit: $(STAMP) ## unit tests only (no broker)
 	$(BIN)/pytest -q -ra tests/unit
 
-test-deploy: $(STAMP) tools ## deploy/ artefacts checked by promtool and amtool
+deploy-check: $(STAMP) tools ## every deploy/ artefact checked by its real tool (helm, kubeconform, kube-score, compose-go, promtool, amtool, Grafana's model, hadolint, yamllint)
 	$(BIN)/pytest -q -ra tests/deploy
+
+test-deploy: deploy-check ## the same as deploy-check
 
 test-integration: $(STAMP) kafka-jars ## integration tests only (real broker and engine)
 	$(BIN)/pytest -q -ra tests/integration
