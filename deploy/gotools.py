@@ -35,7 +35,7 @@ def go_root(settings: Settings) -> Path:
     return settings.cache_dir / "tools" / "go"
 
 
-def _environment(root: Path) -> dict[str, str]:
+def go_environment(root: Path) -> dict[str, str]:
     return {
         **os.environ,
         "GOPATH": str(root / "path"),
@@ -70,7 +70,7 @@ def _build(name: str, root: Path) -> None:
         done = subprocess.run(
             command,
             cwd=cwd,
-            env=_environment(root),
+            env=go_environment(root),
             capture_output=True,
             text=True,
             timeout=BUILD_TIMEOUT_S,

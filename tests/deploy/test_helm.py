@@ -230,3 +230,14 @@ def test_egress_is_an_allow_list_of_the_regions_kafka_and_clickhouse(region):
         values = yaml.safe_load((HELM / f"values-{region}.yaml").read_text())
         clickhouse = set(values["clickhouse"]["egress"]["cidrs"])
         assert (clickhouse <= blocks) == (component in ("sink", "serve")), component
+
+
+def test_the_operator_gets_the_rules_promtool_tests_and_targets_named_as_they_expect():
+    manifests = {m["kind"]: m for m in _manifests("eu")}
+    rules = yaml.safe_load((HELM.parent / "prometheus" / "rules" / "vtp.yml").read_text())
+    assert manifests["PrometheusRule"]["spec"]["groups"] == rules["groups"]
+    relabel = manifests["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert {r["targetLabel"]: r.get("replacement", "$1") for r in relabel} == {
+        "job": "vtp-$1",  # the rules select job=~"vtp-.*"
+        "region": "$1",
+    }
