@@ -14,4 +14,8 @@ GRANT SELECT ON vtp_eu.analyst_samples TO vtp_analyst;
 GRANT SELECT ON vtp_eu.analyst_trips TO vtp_analyst;
 GRANT SELECT ON vtp_eu.analyst_charges TO vtp_analyst;
 GRANT SELECT ON vtp_eu.analyst_daily_summaries TO vtp_analyst;
+-- The limits `vtp sql` and the owner API put on every analyst query (AnalystLimits'
+-- defaults), for those who reach the views directly (Grafana's warehouse datasource,
+-- clickhouse-client): read-only, and none of the limits can be changed by the user.
+CREATE SETTINGS PROFILE IF NOT EXISTS vtp_analyst_limits SETTINGS readonly = 2 CONST, max_execution_time = 10 CONST, timeout_overflow_mode = 'throw' CONST, max_memory_usage = 1073741824 CONST, max_rows_to_read = 200000000 CONST, read_overflow_mode = 'throw' CONST, max_result_rows = 100000 CONST, result_overflow_mode = 'throw' CONST, max_result_bytes = 67108864 CONST, allow_introspection_functions = 0 CONST TO vtp_analyst;
 -- CREATE USER alice IDENTIFIED WITH sha256_password BY '...' DEFAULT ROLE vtp_analyst;

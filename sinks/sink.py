@@ -170,6 +170,7 @@ class RegionSink:
             self.store.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        metrics.forget_lag(self.group, [(tp.topic, tp.partition) for tp in partitions])
         for tp in partitions:
             self._recorded.pop((tp.topic, tp.partition), None)
         for topic in (self.topic, self.aggregates_topic):

@@ -234,6 +234,7 @@ def create_app(settings: Settings) -> tuple[faust.App, RegistryGate]:
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # signal= comes in **_
     async def drop_decoded_states(app: faust.App, revoked: set[TP], **_: Any) -> None:
+        metrics.forget_lag(app_id, [(tp.topic, tp.partition) for tp in revoked])
         async with sessions.lock:
             forget_what_memory_holds()
 

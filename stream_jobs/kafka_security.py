@@ -63,7 +63,9 @@ def _ssl_context(extra: Mapping[str, Any]) -> ssl.SSLContext:
 def worker_credentials(extra: Mapping[str, Any]) -> faust.types.auth.CredentialsT | None:
     """Faust's broker credentials for ``extra``; None for plaintext."""
     unknown = sorted(
-        k for k in extra if k.startswith(("ssl.", "sasl.", "security.")) and k not in TRANSLATED
+        k
+        for k in extra
+        if k.startswith(("ssl.", "sasl.", "security.", "enable.ssl.")) and k not in TRANSLATED
     )
     if unknown:
         raise KafkaSecurityError(
@@ -80,7 +82,8 @@ def worker_credentials(extra: Mapping[str, Any]) -> faust.types.auth.Credentials
     context = _ssl_context(extra) if protocol.endswith("SSL") else None
     if not protocol.startswith("SASL"):
         return faust.SSLCredentials(context)
-    mechanism = str(extra.get("sasl.mechanism") or extra.get("sasl.mechanisms") or "PLAIN").upper()
+    # No default: librdkafka's is GSSAPI, aiokafka's PLAIN; the two must not disagree.
+    mechanism = str(extra.get("sasl.mechanism") or extra.get("sasl.mechanisms") or "").upper()
     if mechanism not in MECHANISMS:
         raise KafkaSecurityError(
             f"VTP_KAFKA_EXTRA: sasl.mechanism {mechanism!r} is not one of {', '.join(MECHANISMS)}"

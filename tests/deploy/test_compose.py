@@ -53,7 +53,8 @@ def test_the_stack_matches_the_compose_spec_schema():
 def test_the_stack_loads_as_docker_compose_would_for_each_region(region):
     project = _project(region)
     assert project["name"] == f"vtp-{region}"
-    assert set(VTP_SERVICES) | {"kafka", "clickhouse", "prometheus"} == set(project["services"])
+    infrastructure = {"kafka", "clickhouse", "prometheus", "alertmanager"}
+    assert set(VTP_SERVICES) | infrastructure == set(project["services"])
 
 
 @pytest.mark.parametrize(
@@ -101,6 +102,7 @@ def test_prometheus_of_the_stack_loads_vtps_rules_and_labels_the_region(tmp_path
         done.stdout + done.stderr
     )
     assert content.count("labels: {region: cn}") == 3
+    assert 'targets: ["alertmanager:9093"]' in content  # the rules fire somewhere
 
 
 @pytest.mark.parametrize("region", REGIONS)

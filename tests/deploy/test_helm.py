@@ -7,15 +7,18 @@ them."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
 from deploy.k8s_schemas import fetch_schemas, schema_locations
 from deploy.tools import tool
+from stream_jobs.kafka_security import worker_credentials
 from vtp.core.regions import REGIONS
 from vtp.core.settings import documented_settings, load_settings
 from vtp.core.topics import topic_plan
@@ -172,17 +175,29 @@ def _containers(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("region", REGIONS)
-def test_every_variable_the_pods_get_is_a_setting_vtp_accepts(region):
+def test_every_variable_the_pods_get_is_a_setting_vtp_accepts(region, tmp_path):
+    """As the pod would see it: its mounted files made here (a CA, the SASL password),
+    then vtp's own settings and the worker's Kafka credentials made from them."""
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+    (tmp_path / "password").write_text('pa"ss\\word with spaces\n')  # JSON would break on it
+    mounted = {
+        "/etc/vtp/kafka-ca/ca.crt": str(tmp_path / "ca.crt"),
+        "/etc/vtp/kafka-sasl/password": str(tmp_path / "password"),
+    }
     known = {d.variable for d in documented_settings()}
     for component, pod in _containers(_manifests(region)).items():
         env = pod["containers"][0]["env"]
         names = [e["name"] for e in env]
         assert len(names) == len(set(names)), component
-        unknown = {n for n in names if n not in known} - {"VTP_KAFKA_SASL_PASSWORD"}
-        assert not unknown, f"{component}: {unknown}"
-        plain = {e["name"]: e["value"] for e in env if "value" in e and e["name"] in known}
+        assert set(names) <= known, f"{component}: {set(names) - known}"
+        plain = {e["name"]: e["value"] for e in env if "value" in e}
+        for where, here in mounted.items():
+            plain = {k: v.replace(where, here) for k, v in plain.items()}
         settings = load_settings(plain)  # raises on a value vtp refuses
         assert settings.region == region and settings.metrics_host == "0.0.0.0"
+        credentials = worker_credentials(settings.kafka_extra)
+        assert credentials is not None and credentials.protocol.value == "SASL_SSL"
+        assert credentials.password == 'pa"ss\\word with spaces', component
 
 
 @pytest.mark.parametrize("region", REGIONS)
@@ -241,3 +256,75 @@ def test_the_operator_gets_the_rules_promtool_tests_and_targets_named_as_they_ex
         "job": "vtp-$1",  # the rules select job=~"vtp-.*"
         "region": "$1",
     }
+
+
+def test_with_strimzi_the_clients_log_in_as_the_kafkauser_with_its_secret():
+    manifests = _manifests("cn")
+    user = next(m for m in manifests if m["kind"] == "KafkaUser")["metadata"]["name"]
+    for component, pod in _containers(manifests).items():
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert json.loads(env["VTP_KAFKA_EXTRA"])["sasl.username"] == user, component
+        sasl = next(v for v in pod["volumes"] if v["name"] == "kafka-sasl")["secret"]
+        assert (sasl["secretName"], sasl["items"]) == (
+            user,
+            [{"key": "password", "path": "password"}],
+        )
+
+
+@pytest.mark.parametrize(
+    ("values", "refusal"),
+    [
+        (["--set", "kafka.egress.cidrs={0.0.0.0/0}"], "cidrs/0"),
+        (["--set", "clickhouse.egress.cidrs={::/0}"], "cidrs/0"),
+        (["--set", "worker.env.VTP_REGION=cn"], "VTP_REGION"),  # the chart's own
+        (["--set", "topics.minInsync=4"], "no write could ever be acknowledged"),
+        (["--set", "podDisruptionBudget.maxUnavailable=0%"], "maxUnavailable"),
+        (["--set", "serve.port=9100"], "serve.port and metrics.port must differ"),
+    ],
+)
+def test_values_that_would_open_the_region_or_never_run_are_refused(values, refusal):
+    done = _helm(
+        "template", "x", CHART, "-f", HELM / "values-eu.yaml", "--kube-version", KUBERNETES, *values
+    )
+    assert done.returncode != 0 and refusal in done.stderr, done.stderr
+
+
+def test_with_strimzi_the_listener_and_its_secrets_are_what_the_clients_use():
+    for values in (["--set", "kafka.sasl.enabled=false"], ["--set", "kafka.sasl.mechanism=PLAIN"]):
+        done = _helm(
+            "template",
+            "x",
+            CHART,
+            "-f",
+            HELM / "values-cn.yaml",
+            "--kube-version",
+            KUBERNETES,
+            *values,
+        )
+        assert done.returncode != 0 and "wants SCRAM-SHA-512" in done.stderr, done.stderr
+    brokers = _helm(
+        "template", "x", CHART, "-f", HELM / "values-cn.yaml", "--kube-version", KUBERNETES,
+        "--set", "kafka.strimzi.brokers=1",
+    )  # fmt: skip
+    assert brokers.returncode != 0 and "more than kafka.strimzi.brokers" in brokers.stderr
+
+
+def test_the_regions_data_outlives_the_release():
+    kept = {
+        m["kind"]
+        for m in _manifests("cn")
+        if m["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep"
+    }
+    assert kept == {"Kafka", "KafkaNodePool", "KafkaTopic"}
+
+
+def test_nobody_scrapes_metrics_when_no_monitoring_namespace_is_named():
+    done = _helm(
+        "template", "x", CHART, "-f", HELM / "values-eu.yaml", "--kube-version", KUBERNETES,
+        "--set", "monitoringNamespaces=null", "--set", "serve.clientNamespaces=null",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for policy in (
+        m for m in yaml.safe_load_all(done.stdout) if m and m["kind"] == "NetworkPolicy"
+    ):
+        assert all(rule.get("from") for rule in policy["spec"]["ingress"] or [])

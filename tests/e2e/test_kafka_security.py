@@ -6,6 +6,7 @@ certificate made here (trustme); a client with the wrong password gets nowhere."
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -43,6 +44,8 @@ def secure_cluster(tmp_path_factory) -> tuple[Settings, str]:
     broker_settings = load_settings({}).with_(data_dir=folder / "broker")
     fetch_jars(broker_settings)
     state = start_broker(broker_settings, secure=SecureListener(keystore, {"vtp": PASSWORD}))
+    password_file = folder / "sasl-password"  # as the Helm chart mounts it
+    password_file.write_text(PASSWORD)
     try:
         region = load_settings({}).with_(
             region="eu",
@@ -54,8 +57,8 @@ def secure_cluster(tmp_path_factory) -> tuple[Settings, str]:
                 "ssl.ca.location": str(ca_file),
                 "sasl.mechanism": "SCRAM-SHA-512",
                 "sasl.username": "vtp",
-                "sasl.password": PASSWORD,
             },
+            kafka_sasl_password_file=str(password_file),
             sink_batch_messages=200,
             sink_flush_ms=300,
             sink_aggregates_flush_ms=300,
@@ -84,12 +87,16 @@ def test_the_whole_region_runs_over_tls_with_scram(secure_cluster):
     finally:
         wh.close()
     assert stored == published.uploads and read_outcomes(settings).deadlettered_total == 0
-    assert PASSWORD not in processes[0].log_path.read_text()
+    for process in processes:
+        assert PASSWORD not in process.log_path.read_text()
 
 
 def test_a_worker_with_the_wrong_password_fails_and_says_why(secure_cluster):
     settings, _ = secure_cluster
-    wrong = settings.with_(kafka_extra={**settings.kafka_extra, "sasl.password": "not-it"})
+    wrong_file = Path(settings.kafka_sasl_password_file).with_name("wrong-password")
+    wrong_file.write_text("not-it")
+    extra = {k: v for k, v in settings.kafka_extra.items() if k != "sasl.password"}
+    wrong = settings.with_(kafka_extra=extra, kafka_sasl_password_file=str(wrong_file))
     worker = start_worker(wrong)
     try:
         deadline = time.monotonic() + 120

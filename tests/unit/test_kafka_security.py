@@ -69,6 +69,11 @@ def test_ssl_alone_and_hostname_checks_off_when_asked(ca_file):
         ({**SCRAM, "sasl.mechanism": "GSSAPI"}, "'GSSAPI' is not one of"),
         ({**SCRAM, "sasl.password": ""}, "needs sasl.username and sasl.password"),
         ({"security.protocol": "SSL", "ssl.certificate.location": "c.pem"}, "needs both"),
+        (  # the librdkafka clients would stop verifying; the worker must not differ
+            {"security.protocol": "SSL", "enable.ssl.certificate.verification": "false"},
+            "enable.ssl.certificate.verification",
+        ),
+        ({k: v for k, v in SCRAM.items() if k != "sasl.mechanism"}, "'' is not one of"),
     ],
 )
 def test_what_the_worker_cannot_honour_is_refused_by_name(extra, refusal):

@@ -141,3 +141,32 @@ def test_an_installed_vtp_keeps_its_state_outside_site_packages(tmp_path, monkey
     assert local_root("var", "XDG_DATA_HOME", ".local/share", installed) == tmp_path / "data/vtp"
     checkout = Path(__file__).resolve().parents[2]
     assert Settings().data_dir == checkout / "var" and Settings().cache_dir == checkout / ".cache"
+
+
+def test_the_sasl_password_comes_from_a_file_and_never_shows(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-from-a-secret\n")
+    extra = '{"security.protocol": "SASL_SSL", "sasl.username": "vtp-cn"}'
+    settings = load_settings(
+        {"VTP_KAFKA_EXTRA": extra, "VTP_KAFKA_SASL_PASSWORD_FILE": str(secret)}
+    )
+    assert settings.kafka_extra["sasl.password"] == "s3cret-from-a-secret"
+    assert "s3cret" not in settings.shown("kafka_extra") + repr(settings)
+    assert load_settings(as_environment(settings)) == settings  # a child process reads it again
+    assert settings.for_region("cn").kafka_extra == settings.kafka_extra
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "refusal"),
+    [
+        (None, "{}", "No such file"),
+        ("", "{}", "is empty"),
+        ("one", '{"sasl.password": "other"}', "keep one"),
+    ],
+)
+def test_a_sasl_password_file_that_cannot_be_used_is_named(tmp_path, content, extra, refusal):
+    secret = tmp_path / "password"
+    if content is not None:
+        secret.write_text(content)
+    with pytest.raises(SettingsError, match=refusal):
+        load_settings({"VTP_KAFKA_EXTRA": extra, "VTP_KAFKA_SASL_PASSWORD_FILE": str(secret)})

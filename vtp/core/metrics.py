@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 UPLOADS_IN = Counter("vtp_uploads_in_total", "Raw uploads read by the validate job")
@@ -90,6 +93,14 @@ ERASURES_COMPLETED = Counter("vtp_erasures_completed_total", "Erasures completed
 CONSUMER_LAG = Gauge(
     "vtp_consumer_lag_messages", "High watermark minus position", ["group", "topic", "partition"]
 )
+
+
+def forget_lag(group: str, partitions: Iterable[tuple[str, int]]) -> None:
+    """Partitions this process no longer reads: their lag is another member's to report
+    (a value left here would stay frozen and count twice in the sums)."""
+    for topic, partition in partitions:
+        with contextlib.suppress(KeyError):
+            CONSUMER_LAG.remove(group, topic, str(partition))
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:

@@ -125,6 +125,11 @@ class Settings:
         "aiokafka gets the security.protocol, ssl.* and sasl.* ones translated",
         secret=mask_secret_keys,
     )
+    kafka_sasl_password_file: str = setting(
+        "",
+        "file holding the SASL password (a mounted Secret); it becomes VTP_KAFKA_EXTRA's "
+        "sasl.password, so the password is never in the environment",
+    )
     topic_prefix: str = setting("vtp", "prefix of every topic, consumer group and app id")
     topic_partitions: int = setting(4, "partitions of every topic")
     topic_replication: int = setting(
@@ -210,6 +215,8 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if self.kafka_sasl_password_file:
+            object.__setattr__(self, "kafka_extra", self._with_sasl_password())
         if self.region:
             try:
                 object.__setattr__(self, "region", known_region(self.region))
@@ -243,6 +250,24 @@ class Settings:
             )
         if self.changelog_compaction_lag_s <= 0:
             raise SettingsError("VTP_CHANGELOG_COMPACTION_LAG_S must be more than 0")
+
+    def _with_sasl_password(self) -> dict[str, Any]:
+        try:
+            password = Path(self.kafka_sasl_password_file).read_text().strip()
+        except OSError as exc:
+            raise SettingsError(
+                f"VTP_KAFKA_SASL_PASSWORD_FILE={self.kafka_sasl_password_file}: {exc.strerror}"
+            ) from None
+        if not password:
+            raise SettingsError(
+                f"VTP_KAFKA_SASL_PASSWORD_FILE={self.kafka_sasl_password_file} is empty"
+            )
+        if self.kafka_extra.get("sasl.password", password) != password:  # same: a copy of these
+            raise SettingsError(
+                "VTP_KAFKA_SASL_PASSWORD_FILE and VTP_KAFKA_EXTRA's sasl.password both give "
+                "a password: keep one"
+            )
+        return {**self.kafka_extra, "sasl.password": password}
 
     def for_region(self, region: str) -> Settings:
         """These settings for one region (``--region`` on the command line)."""

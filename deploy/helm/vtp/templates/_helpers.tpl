@@ -54,16 +54,54 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* librdkafka keys (VTP_KAFKA_EXTRA); the password comes from the env var before it. */}}
+{{/* With Strimzi, the KafkaUser's name is the SCRAM user name. */}}
+{{- define "vtp.saslUsername" -}}
+{{- if .Values.kafka.strimzi.enabled -}}
+{{ include "vtp.fullname" . }}
+{{- else -}}
+{{ .Values.kafka.sasl.username }}
+{{- end -}}
+{{- end -}}
+
+{{/* librdkafka keys (VTP_KAFKA_EXTRA); the password is a file (VTP_KAFKA_SASL_PASSWORD_FILE). */}}
 {{- define "vtp.kafkaExtra" -}}
 {{- $extra := dict "security.protocol" "SSL" "ssl.ca.location" "/etc/vtp/kafka-ca/ca.crt" -}}
 {{- if .Values.kafka.sasl.enabled -}}
 {{- $_ := set $extra "security.protocol" "SASL_SSL" -}}
 {{- $_ := set $extra "sasl.mechanism" .Values.kafka.sasl.mechanism -}}
-{{- $_ := set $extra "sasl.username" .Values.kafka.sasl.username -}}
-{{- $_ := set $extra "sasl.password" "$(VTP_KAFKA_SASL_PASSWORD)" -}}
+{{- $_ := set $extra "sasl.username" (include "vtp.saslUsername" .) -}}
 {{- end -}}
 {{- $extra | toJson -}}
+{{- end -}}
+
+{{/*
+What the schema cannot say: checked before anything renders. A release never changes
+region (its topics, keys and data are that region's); Strimzi's listener wants SCRAM and
+its own Secrets; a write needs at most as many in-sync replicas as there are replicas,
+and there are at most as many replicas as brokers.
+*/}}
+{{- define "vtp.checks" -}}
+{{- $account := lookup "v1" "ServiceAccount" .Release.Namespace (include "vtp.fullname" .) -}}
+{{- if $account -}}
+{{- $was := index ($account.metadata.labels | default dict) "vtp.io/region" | default "" -}}
+{{- if and $was (ne $was .Values.region) -}}
+{{- fail (printf "release %s serves region %s, not %s: install another region as a release of its own" .Release.Name $was .Values.region) -}}
+{{- end -}}
+{{- end -}}
+{{- if gt (int .Values.topics.minInsync) (int .Values.topics.replication) -}}
+{{- fail "topics.minInsync is more than topics.replication: no write could ever be acknowledged" -}}
+{{- end -}}
+{{- if .Values.kafka.strimzi.enabled -}}
+{{- if gt (int .Values.topics.replication) (int .Values.kafka.strimzi.brokers) -}}
+{{- fail "topics.replication is more than kafka.strimzi.brokers" -}}
+{{- end -}}
+{{- if or (not .Values.kafka.sasl.enabled) (ne .Values.kafka.sasl.mechanism "SCRAM-SHA-512") (ne .Values.kafka.sasl.passwordSecret.key "password") (ne .Values.kafka.caSecret.key "ca.crt") -}}
+{{- fail "kafka.strimzi.enabled: the Strimzi listener wants SCRAM-SHA-512 with the KafkaUser's Secret (key password) and the cluster CA (key ca.crt)" -}}
+{{- end -}}
+{{- end -}}
+{{- if eq (int .Values.serve.port) (int .Values.metrics.port) -}}
+{{- fail "serve.port and metrics.port must differ" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "vtp.env" -}}
@@ -72,11 +110,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: VTP_KAFKA_BOOTSTRAP
   value: {{ include "vtp.bootstrap" . | quote }}
 {{- if .Values.kafka.sasl.enabled }}
-- name: VTP_KAFKA_SASL_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "vtp.saslSecret" . }}
-      key: {{ .Values.kafka.sasl.passwordSecret.key }}
+- name: VTP_KAFKA_SASL_PASSWORD_FILE
+  value: /etc/vtp/kafka-sasl/password
 {{- end }}
 - name: VTP_KAFKA_EXTRA
   value: {{ include "vtp.kafkaExtra" . | quote }}
@@ -107,4 +142,35 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     secretKeyRef:
       name: {{ required "clickhouse.urlSecret.name: the Secret holding the warehouse URL" .Values.clickhouse.urlSecret.name }}
       key: {{ .Values.clickhouse.urlSecret.key }}
+{{- end -}}
+
+
+{{/* The Kafka CA, and the SASL password as a file: every Kafka client's volumes. */}}
+{{- define "vtp.kafkaVolumes" -}}
+- name: kafka-ca
+  secret:
+    secretName: {{ include "vtp.caSecret" . }}
+    items:
+      - key: {{ .Values.kafka.caSecret.key }}
+        path: ca.crt
+{{- if .Values.kafka.sasl.enabled }}
+- name: kafka-sasl
+  secret:
+    secretName: {{ include "vtp.saslSecret" . }}
+    defaultMode: 0400
+    items:
+      - key: {{ .Values.kafka.sasl.passwordSecret.key }}
+        path: password
+{{- end }}
+{{- end -}}
+
+{{- define "vtp.kafkaMounts" -}}
+- name: kafka-ca
+  mountPath: /etc/vtp/kafka-ca
+  readOnly: true
+{{- if .Values.kafka.sasl.enabled }}
+- name: kafka-sasl
+  mountPath: /etc/vtp/kafka-sasl
+  readOnly: true
+{{- end }}
 {{- end -}}
