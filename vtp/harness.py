@@ -366,6 +366,18 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[
         consumer.close()
 
 
+def stored_uploads(settings: Settings) -> int:
+    """Uploads the region's warehouse holds (opened for this count, then closed)."""
+    from vtp.core.warehouse import open_warehouse, rows
+
+    warehouse = open_warehouse(settings)
+    try:
+        count: int = rows(warehouse.query("SELECT count() FROM uploads"))[0][0]
+        return count
+    finally:
+        warehouse.close()
+
+
 def read_outcomes(settings: Settings) -> Outcomes:
     """What the region's dead-letter and quarantine topics hold, per raw message."""
     dead = _read_to_end(settings, settings.topics.deadletter)

@@ -18,8 +18,7 @@ from producers.publish import publish_fleet, register_fleet
 from producers.simulator import build_fleet
 from vtp.core.settings import Settings, load_settings
 from vtp.core.topics import create_topics
-from vtp.core.warehouse import open_warehouse, rows
-from vtp.harness import read_outcomes, start_sink, start_worker, wait_drained
+from vtp.harness import read_outcomes, start_sink, start_worker, stored_uploads, wait_drained
 
 pytestmark = pytest.mark.e2e
 PASSWORD = f"pw-{uuid4().hex}"
@@ -81,11 +80,7 @@ def test_the_whole_region_runs_over_tls_with_scram(secure_cluster):
     finally:
         for p in processes:
             p.stop()
-    wh = open_warehouse(settings)
-    try:
-        stored = rows(wh.query("SELECT count() FROM uploads"))[0][0]
-    finally:
-        wh.close()
+    stored = stored_uploads(settings)
     assert stored == published.uploads and read_outcomes(settings).deadlettered_total == 0
     for process in processes:
         assert PASSWORD not in process.log_path.read_text()

@@ -11,8 +11,14 @@ from producers.publish import DEFAULT_START_MS, publish_fleet, register_fleet
 from producers.sdk import publish_registrations
 from producers.simulator import build_fleet
 from schemas.registry import Period, Registration
-from vtp.core.warehouse import open_warehouse, rows
-from vtp.harness import group_position, read_outcomes, start_sink, start_worker, wait_drained
+from vtp.harness import (
+    group_position,
+    read_outcomes,
+    start_sink,
+    start_worker,
+    stored_uploads,
+    wait_drained,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +56,7 @@ def test_a_stalled_worker_restarts_in_place_and_the_pipeline_drains(region_stack
     # before restarting it logged what it was doing: offsets, fetch positions, producer
     for line in ("flow: ", "fetch: ", "producer: in_flight=", "TRACEBACK OF ALL RUNNING AGENT"):
         assert line in log
-    wh = open_warehouse(settings)
-    try:
-        stored = rows(wh.query("SELECT count() FROM uploads"))[0][0]
-    finally:
-        wh.close()
+    stored = stored_uploads(settings)
     outcomes = read_outcomes(settings)
     assert stored == first.uploads + later.uploads and outcomes.deadlettered_total == 0
 
@@ -96,9 +98,5 @@ def test_a_worker_catching_up_with_a_large_registry_is_not_restarted(region_stac
     assert "waiting for the vehicle registry to catch up (10 s)" in log  # longer than the stall
     assert processes[0].restarts == 0 and "[supervisor]" not in log
     assert log.count("[^Worker]: Ready") == 1
-    wh = open_warehouse(settings)
-    try:
-        stored = rows(wh.query("SELECT count() FROM uploads"))[0][0]
-    finally:
-        wh.close()
+    stored = stored_uploads(settings)
     assert stored == published.uploads and read_outcomes(settings).quarantined_total == 0
