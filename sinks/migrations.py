@@ -1,14 +1,43 @@
-"""Versioned DDL: files NNNN_name.sql in sinks/migrations, applied once each, in order."""
+"""Versioned DDL: files NNNN_name.sql in sinks/migrations, applied once each, in order.
+
+Written for one server; on a cluster (VTP_WAREHOUSE_CLUSTER) each statement is rendered
+for it by vtp.core.cluster_ddl. One process migrates at a time (sinks.migration_lock).
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from sinks.migration_lock import migration_lock
+from vtp.core.cluster_ddl import bookkeeping_ddl, bookkeeping_sync, render_migration
+from vtp.core.settings import Settings
 from vtp.core.warehouse import Warehouse, rows
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """Where the migrations run and how long one waits for another's."""
+
+    cluster: str = ""  # empty: a single server (or the embedded engine)
+    lock_timeout_s: float = 900.0
+    lock_stale_s: float = 600.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MigrationOptions:
+        return cls(
+            settings.warehouse_cluster,
+            settings.migration_lock_timeout_s,
+            settings.migration_lock_stale_s,
+        )
+
+
+# One server, the default lock times: what tests and tools without settings migrate with.
+DEFAULT_OPTIONS = MigrationOptions()
 
 
 def statements(text: str) -> list[str]:
@@ -31,22 +60,40 @@ def available(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, Path]]:
     return found
 
 
-def migrate(warehouse: Warehouse, directory: Path = MIGRATIONS_DIR) -> list[int]:
+def plan(cluster: str, directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, list[str]]]:
+    """Every migration as the statements that would run for ``cluster`` (empty: one
+    server); refuses, naming it, a statement that has no cluster rendering."""
+    return [
+        (version, name, render_migration(statements(path.read_text()), cluster))
+        for version, name, path in available(directory)
+    ]
+
+
+def migrate(
+    warehouse: Warehouse,
+    directory: Path = MIGRATIONS_DIR,
+    options: MigrationOptions = DEFAULT_OPTIONS,
+) -> list[int]:
     """Apply pending migrations; returns the versions applied now."""
-    warehouse.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
-        "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = MergeTree ORDER BY version"
-    )
-    done = {row[0] for row in rows(warehouse.query("SELECT version FROM schema_migrations"))}
-    applied = []
-    for version, name, path in available(directory):
-        if version in done:
-            continue
-        for statement in statements(path.read_text()):
+    cluster = options.cluster
+    pending = plan(cluster, directory)  # a statement with no rendering fails before any runs
+    with migration_lock(
+        warehouse, cluster, options.lock_timeout_s, options.lock_stale_s
+    ) as progress:
+        warehouse.execute(bookkeeping_ddl(cluster))
+        for statement in bookkeeping_sync(cluster):
             warehouse.execute(statement)
-        warehouse.execute(
-            "INSERT INTO schema_migrations (version, name) VALUES ({v:UInt32}, {n:String})",
-            {"v": version, "n": name},
-        )
-        applied.append(version)
+        done = {row[0] for row in rows(warehouse.query("SELECT version FROM schema_migrations"))}
+        applied = []
+        for version, name, rendered in pending:
+            if version in done:
+                continue
+            for statement in rendered:
+                warehouse.execute(statement)
+                progress()
+            warehouse.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ({v:UInt32}, {n:String})",
+                {"v": version, "n": name},
+            )
+            applied.append(version)
     return applied

@@ -43,6 +43,7 @@ from sinks.columnar import (
     written_with_newest,
 )
 from sinks.erased import drop_erased_samples, held_by_owner, keep_aggregate
+from sinks.migrations import MigrationOptions
 from sinks.store import SinkStore, WarehouseSinkStore
 from sinks.unbatch import expand, uploads_in
 from vtp.core import headers as h
@@ -93,7 +94,10 @@ class RegionSink:
             check_cluster_region(settings)
         if store is None:
             store = WarehouseSinkStore(
-                warehouse or open_warehouse(settings), pseudonym_key(settings), warehouse is None
+                warehouse or open_warehouse(settings),
+                pseudonym_key(settings),
+                warehouse is None,
+                MigrationOptions.from_settings(settings),
             )
         self.store = store
         self.store.prepare()

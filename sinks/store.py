@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from sinks.classify import StoredCopies
 from sinks.columnar import FACTS_SQL, ONE_STREAM, SAMPLES_SQL, STRUCTURE, SampleRows
-from sinks.migrations import migrate
+from sinks.migrations import DEFAULT_OPTIONS, MigrationOptions, migrate
 from sinks.pseudonyms import backfill, record_pairs
 from vtp.core.warehouse import Input, Warehouse, rows
 
@@ -59,14 +59,21 @@ class SinkStore(Protocol):
 
 
 class WarehouseSinkStore:
-    def __init__(self, warehouse: Warehouse, pseudonym_key: bytes, owns: bool):
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        pseudonym_key: bytes,
+        owns: bool,
+        migration: MigrationOptions = DEFAULT_OPTIONS,
+    ):
         self.warehouse = warehouse
+        self._migration = migration
         self.description = warehouse.description
         self._key = pseudonym_key
         self._owns = owns  # a warehouse handed in stays open for its owner
 
     def prepare(self) -> None:
-        migrate(self.warehouse)
+        migrate(self.warehouse, options=self._migration)
         backfill(self.warehouse, self._key)
 
     def recorded_ranges(self, topic: str, partition: int, from_offset: int) -> dict[int, int]:

@@ -25,7 +25,7 @@ from typing import Protocol
 import uvicorn
 
 from owner_api.app import create_app
-from sinks.migrations import migrate
+from sinks.migrations import MigrationOptions, migrate
 from sinks.supervisor import SinkSupervisor
 from vtp.core import metrics
 from vtp.core.keys import KeyFolder
@@ -68,7 +68,7 @@ def run_serve(settings: Settings, with_sink: bool = True) -> int:
         sock.close()
         raise
     metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
-    migrate(warehouse)
+    migrate(warehouse, options=MigrationOptions.from_settings(settings))
     write_lock = threading.RLock()
     sink = SinkSupervisor(settings, warehouse, write_lock) if with_sink else None
     erasure_lock = (lambda: write_lock) if sink else contextlib.nullcontext

@@ -10,7 +10,7 @@ import httpx
 
 from owner_api.analyst import AnalystLimits, AnalystQueryError, result_rows, run_analyst_query
 from owner_api.tokens import analyst_claims, issue
-from sinks.migrations import migrate
+from sinks.migrations import MigrationOptions, migrate
 from vtp.core.keys import load_keyring
 from vtp.core.settings import Settings
 from vtp.core.warehouse import WarehouseBusy, open_warehouse
@@ -27,7 +27,7 @@ def query_locally_or_via_service(
     except WarehouseBusy:
         return _via_service(settings, sql)
     try:
-        migrate(warehouse)
+        migrate(warehouse, options=MigrationOptions.from_settings(settings))
         result = run_analyst_query(warehouse, sql, AnalystLimits.from_settings(settings))
         return result.column_names, result_rows(result)
     finally:

@@ -170,3 +170,15 @@ def test_a_sasl_password_file_that_cannot_be_used_is_named(tmp_path, content, ex
         secret.write_text(content)
     with pytest.raises(SettingsError, match=refusal):
         load_settings({"VTP_KAFKA_EXTRA": extra, "VTP_KAFKA_SASL_PASSWORD_FILE": str(secret)})
+
+
+def test_a_warehouse_cluster_is_an_identifier_on_a_server_only():
+    server = {"VTP_WAREHOUSE": "http://u:p@ch:8123/vtp_{region}"}
+    assert (
+        load_settings({**server, "VTP_WAREHOUSE_CLUSTER": "vtp_eu"}).warehouse_cluster == "vtp_eu"
+    )
+    assert load_settings(server).warehouse_cluster == ""  # one server, as before
+    with pytest.raises(SettingsError, match=r"VTP_WAREHOUSE_CLUSTER.*not a ClickHouse identifier"):
+        load_settings({**server, "VTP_WAREHOUSE_CLUSTER": "eu-1; DROP"})
+    with pytest.raises(SettingsError, match=r"needs a ClickHouse server.*'chdb'"):
+        load_settings({"VTP_WAREHOUSE_CLUSTER": "vtp_eu"})

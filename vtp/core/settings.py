@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.codec import MAX_SAMPLES_PER_UPLOAD, MAX_UPLOAD_BYTES
+from vtp.core.cluster_ddl import ClusterDDLError, check_cluster_name
 from vtp.core.regions import REGIONS, UnknownRegion, known_region
 
 
@@ -188,6 +189,21 @@ class Settings:
     warehouse_readers: int = setting(
         4, "embedded warehouse: connections that read side by side (writes go one at a time)"
     )
+    warehouse_cluster: str = setting(
+        "",
+        "ClickHouse server: the cluster (a `remote_servers` name) to create the tables on, "
+        "each replicated per shard behind a Distributed table; empty: one server",
+    )
+    migration_lock_timeout_s: float = setting(
+        900.0,
+        "how long a process waits for another's schema migration; longer than "
+        "VTP_MIGRATION_LOCK_STALE_S, so a waiter outlives a dead holder's lock",
+    )
+    migration_lock_stale_s: float = setting(
+        600.0,
+        "a migration lock whose holder made no progress this long is broken; more than the "
+        "longest statement (on a cluster, distributed_ddl_task_timeout: 180 s by default)",
+    )
     metrics_port: int = setting(0, "port of the Prometheus endpoint; 0 off")
     metrics_host: str = setting(
         "127.0.0.1", "where it listens: loopback unless opened (`0.0.0.0` in a pod)"
@@ -231,6 +247,12 @@ class Settings:
             )
         if self.warehouse_readers < 1:
             raise SettingsError("VTP_WAREHOUSE_READERS must be at least 1")
+        if self.warehouse_cluster:
+            self._check_cluster()
+        if self.migration_lock_timeout_s < 0 or self.migration_lock_stale_s <= 0:
+            raise SettingsError(
+                "VTP_MIGRATION_LOCK_TIMEOUT_S must be 0 or more, VTP_MIGRATION_LOCK_STALE_S more than 0"
+            )
         if self.topic_partitions < 1:
             raise SettingsError("VTP_TOPIC_PARTITIONS must be at least 1")
         if 0 < self.vehicle_state_ttl_s < self.max_backlog_s + self.max_clock_skew_s:
@@ -250,6 +272,18 @@ class Settings:
             )
         if self.changelog_compaction_lag_s <= 0:
             raise SettingsError("VTP_CHANGELOG_COMPACTION_LAG_S must be more than 0")
+
+    def _check_cluster(self) -> None:
+        try:
+            check_cluster_name(self.warehouse_cluster)
+        except ClusterDDLError as exc:
+            raise SettingsError(f"VTP_WAREHOUSE_CLUSTER: {exc}") from None
+        if not self.warehouse.startswith(("http://", "https://")):
+            raise SettingsError(
+                f"VTP_WAREHOUSE_CLUSTER={self.warehouse_cluster} needs a ClickHouse server: "
+                f"VTP_WAREHOUSE={self.shown('warehouse')!r} has no cluster (the embedded engine "
+                "is one process); set VTP_WAREHOUSE to a server URL or leave the cluster empty"
+            )
 
     def _with_sasl_password(self) -> dict[str, Any]:
         try:
