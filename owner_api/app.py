@@ -481,7 +481,9 @@ def create_app(
         actor = Caller(Claims(owner, region, 0), uuid.uuid4().hex)
         audit(actor, "erase", "owner", sum(deleted.values()), f"erasure_id={erasure_id}")
 
-    jobs = ErasureJobs(wh, erasure_lock, erased, WorkerNotice(settings), region)
+    jobs = ErasureJobs(
+        wh, erasure_lock, erased, WorkerNotice(settings), region, settings.warehouse_cluster
+    )
     app.state.erasure_jobs = jobs
 
     @app.post("/v1/erasure", responses=ERRORS, status_code=202)

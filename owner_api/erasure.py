@@ -39,8 +39,10 @@ class ErasureJobs:
         done: Callable[[str, str, dict[str, int]], None],
         notice: WorkerNotice | None,
         region: str,
+        cluster: str = "",
     ):
         self._warehouse, self._write_lock, self._done = warehouse, write_lock, done
+        self._cluster = cluster  # VTP_WAREHOUSE_CLUSTER: where the deletes run
         self._notice = notice
         self._region = region
         # When the oldest erasure not completed yet was requested (ms), as last read.
@@ -96,7 +98,7 @@ class ErasureJobs:
         if erasure_id not in self._vins:
             self._vins[erasure_id] = store.owner_vins(self._warehouse, owner)
         with self._write_lock():  # no sink batch in flight while the owner's rows go
-            deleted = store.erase_owner(self._warehouse, owner)
+            deleted = store.erase_owner(self._warehouse, owner, self._cluster)
         if self._notice is not None:
             vins = self._vins[erasure_id] | self._notice.registry_vehicles(owner)
             told = self._notice.send(owner, requested_ms, vins)

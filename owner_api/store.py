@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from owner_api.scopes import EXPORT_COLUMNS, SIGNAL_SCOPE
+from vtp.core.cluster_ddl import local_table, on_cluster
 from vtp.core.warehouse import Warehouse, rows
 
 SIGNALS = tuple(SIGNAL_SCOPE)
@@ -455,18 +456,25 @@ def record_erasure(wh: Warehouse, owner: str) -> tuple[str, int]:
     return erasure_id, requested
 
 
-def erase_owner(wh: Warehouse, owner: str) -> dict[str, int]:
+def erase_owner(wh: Warehouse, owner: str, cluster: str = "") -> dict[str, int]:
     """Remove every row of the owner from every owner table; rows deleted per table.
 
     ALTER TABLE ... DELETE rewrites the parts that hold the rows (compliance-grade,
     unlike a lightweight DELETE, which only hides them until a merge)."""
     deleted = owner_row_counts(wh, owner)
     for table in ERASED_TABLES:
-        wh.execute(
-            f"ALTER TABLE {table} DELETE WHERE owner_id = {{o:String}} SETTINGS mutations_sync = 2",
-            {"o": owner},
-        )
+        wh.execute(erase_statement(table, cluster), {"o": owner})
     return deleted
+
+
+def erase_statement(table: str, cluster: str = "") -> str:
+    """The delete of one owner's rows (``{o:String}``) from ``table``. On a cluster it runs
+    on every shard's local table (a Distributed table takes no mutation); mutations_sync = 2
+    waits for every replica of each shard."""
+    return (
+        f"ALTER TABLE {local_table(table, cluster)}{on_cluster(cluster)} "
+        "DELETE WHERE owner_id = {o:String} SETTINGS mutations_sync = 2"
+    )
 
 
 def complete_erasure(

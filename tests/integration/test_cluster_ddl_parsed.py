@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from owner_api.store import ERASED_TABLES, erase_statement
 from sinks.migrations import plan
 from vtp.core.cluster_ddl import (
     SHARD_KEYS,
@@ -181,3 +182,16 @@ def test_the_lock_statements_parse_on_a_cluster(engine):
         syntax_tree(engine, sql)
         assert cluster_of(engine, sql) == CLUSTER
     assert "IF NOT EXISTS" not in reprinted(engine, create)  # a second creator must fail
+
+
+def test_an_erasure_on_a_cluster_mutates_each_shards_local_table(engine):
+    for table in ERASED_TABLES:
+        sql = erase_statement(table, CLUSTER)
+        tree = syntax_tree(engine, sql, {"o": "owner-1"})
+        assert tree.label.split()[-1] == f"{table}_local"
+        assert tree.find("AlterCommand").label == "AlterCommand DELETE"
+        assert cluster_of(engine, sql) == CLUSTER
+        assert reprinted(engine, sql).endswith("SETTINGS mutations_sync = 2")
+    single = erase_statement("samples")
+    assert syntax_tree(engine, single, {"o": "o"}).label.split()[-1] == "samples"
+    assert cluster_of(engine, single) is None
