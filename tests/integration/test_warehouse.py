@@ -4,6 +4,7 @@ The server driver runs the same SQL when VTP_TEST_CLICKHOUSE_URL names a server.
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -38,9 +39,15 @@ def warehouse(request, tmp_path):
             pytest.skip(
                 "no ClickHouse server: set VTP_TEST_CLICKHOUSE_URL=http://host:8123/db to run"
             )
-        wh = ServerWarehouse(SERVER_URL.rstrip("/") + "_{region}", "test")  # its own database
-    else:
-        wh = ChdbWarehouse(tmp_path / "wh")
+        # A database of its own per run (dropped after), so a run never depends on what an
+        # earlier one left and two runs never share one.
+        url = SERVER_URL.rstrip("/") + f"_{uuid.uuid4().hex[:12]}_{{region}}"
+        wh = ServerWarehouse(url, "test")
+        yield wh
+        wh.execute(f"DROP DATABASE IF EXISTS `{wh.description.rsplit('/', 1)[1]}` SYNC")
+        wh.close()
+        return
+    wh = ChdbWarehouse(tmp_path / "wh")
     yield wh
     wh.close()
 
