@@ -76,6 +76,32 @@ def _topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrations(args: argparse.Namespace) -> int:
+    from sinks.migrations import MigrationOptions, migrate, plan
+    from vtp.core.cluster_ddl import check_cluster_name
+
+    if args.plan:
+        settings = _settings(args, region_needed=False)
+        cluster = check_cluster_name(args.cluster) if args.cluster else settings.warehouse_cluster
+        where = f"cluster {cluster}" if cluster else "a single server"
+        print(f"-- vtp's migrations for {where}, in order; each version runs once")
+        for version, name, rendered in plan(cluster):
+            print(f"\n-- {version:04d}_{name}")
+            for statement in rendered:
+                print(f"{statement};")
+        return 0
+    from vtp.core.warehouse import open_warehouse
+
+    settings = _settings(args)
+    warehouse = open_warehouse(settings)
+    try:
+        applied = migrate(warehouse, options=MigrationOptions.from_settings(settings))
+    finally:
+        warehouse.close()
+    print(f"applied: {', '.join(map(str, applied)) or 'none (up to date)'}")
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     from stream_jobs.app import run_worker
 
@@ -229,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plan", action="store_true", help="print every topic the region uses, as JSON; no broker"
     )
+    p = command(
+        "migrations", _migrations, "bring the region's warehouse schema up to date (one at a time)"
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the SQL for VTP_WAREHOUSE_CLUSTER (or one server); no warehouse",
+    )
+    p.add_argument("--cluster", default="", help="with --plan: render for this cluster instead")
     p = command("worker", _worker, "run the region's Faust worker (validate, route, aggregate)")
     p.add_argument("--loglevel", default="info")
     command("sink", _sink, "write the region's validated uploads into its warehouse")
@@ -279,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from deploy.broker import BrokerError
         from sinks.sink import SinkError
+        from vtp.core.cluster_ddl import ClusterDDLError
         from vtp.core.kafka import KafkaRefused
         from vtp.core.keys import KeyFileError
         from vtp.core.registry_copy import RegistryUnavailable
@@ -286,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         from vtp.core.warehouse import WarehouseError
         from vtp.serve import ServeError
 
+        if isinstance(exc, ClusterDDLError):
+            print(f"vtp: {exc}", file=sys.stderr)
+            return 2
         known = (
             BrokerError,
             WarehouseError,
