@@ -241,10 +241,10 @@ def run_analyst_query(warehouse: Warehouse, sql: str, limits: AnalystLimits) -> 
                 "SELECT formatQuerySingleLine({q:String})", {"q": text}, settings
             )
         )[0][0]
-        ast = rows(warehouse.analyst_query(f"EXPLAIN AST {canonical}", None, settings))
+        ast = warehouse.analyst_lines(f"EXPLAIN AST {canonical}", None, settings)
     except WarehouseError as exc:
         raise AnalystQueryError(f"the query does not parse: {_first_line(exc)}") from None
-    check_ast(parse_ast([line for (line,) in ast]))
+    check_ast(parse_ast(ast))
     # The canonical text is one formatted SELECT (no comments, balanced), so it can be
     # wrapped: the engine stops at the row limit instead of handing over everything.
     bounded = f"SELECT * FROM ({canonical}) LIMIT {limits.max_result_rows + 1}"

@@ -259,3 +259,13 @@ def test_results_are_bounded_in_size_and_strange_text_and_deep_nesting_are_answe
         wh, "SELECT substring('é', 1, 1) AS half, [substring('é', 1, 1)] AS a", LIMITS
     )
     assert result_rows(odd) == [["\ufffd", ["\ufffd"]]]
+
+
+def test_literals_with_escapes_come_back_as_written(region):
+    # The parse check reads EXPLAIN's text output, where these are escaped.
+    _, wh, _ = region
+    sql = r"SELECT 'a\\b' AS slash, 'it''s' AS quote, 'x\ty' AS tab, 'a\bz' AS backspace"
+    result = run_analyst_query(wh, sql, LIMITS)
+    assert result.to_pylist() == [
+        {"slash": "a\\b", "quote": "it's", "tab": "x\ty", "backspace": "a\bz"}
+    ]

@@ -48,7 +48,7 @@ def engine(tmp_path_factory):
 
 
 def syntax_tree(engine: ChdbWarehouse, sql: str, params: dict | None = None) -> Node:
-    lines = [r[0] for r in rows(engine.query("EXPLAIN AST " + sql, params))]
+    lines = engine.analyst_lines("EXPLAIN AST " + sql, params, {})
     root = Node("root")
     stack: list[tuple[int, Node]] = [(-1, root)]
     for line in lines:

@@ -13,25 +13,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import clickhouse_connect
 import pyarrow as pa
 import pytest
-from chdb.state import connect
-from chdb.state.sqlitelike import to_arrowTable
 
 from sinks.migration_lock import Holder, MigrationLockTimeout, migration_lock
 from sinks.migrations import MigrationOptions, available, migrate
 from vtp.core.cluster_ddl import LOCK_TABLE, lock_create
-from vtp.core.warehouse import ChdbWarehouse, WarehouseError, _run_on, rows
+from vtp.core.warehouse import ChdbWarehouse, WarehouseError, rows
 
 
 class Connection:
-    """A warehouse on a chdb connection of its own: its statements run beside another
-    connection's in the engine, with no lock of ChdbWarehouse's between them."""
+    """A warehouse on a client of its own on the engine: its statements run beside another
+    client's, with no pool or lock of ChdbWarehouse's between them."""
 
     description = "chdb connection"
 
     def __init__(self, path: Path, before: Any = None, refused: Any = None):
-        self._connection = connect(str(path))
+        self._client = clickhouse_connect.get_client(interface="chdb", path=str(path))
         self._before = before  # called with each statement before it runs
         self._refused = refused  # called when this connection is refused the lock
 
@@ -39,17 +38,20 @@ class Connection:
         if self._before:
             self._before(self, sql)
         try:
-            _run_on(self._connection, sql, "CSV", params)
-        except WarehouseError:
+            self._client.command(sql, parameters=params or None)
+        except Exception as exc:
             if self._refused and sql.startswith(f"CREATE TABLE {LOCK_TABLE} "):
                 self._refused()
-            raise
+            raise WarehouseError(str(exc)) from None
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
-        return to_arrowTable(_run_on(self._connection, sql, "Arrow", params))
+        try:
+            return self._client.query_arrow(sql, parameters=params or None)
+        except Exception as exc:
+            raise WarehouseError(str(exc)) from None
 
     def close(self) -> None:
-        self._connection.close()
+        self._client.close()
 
 
 def tables(warehouse) -> set[str]:

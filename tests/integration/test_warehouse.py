@@ -247,14 +247,14 @@ def test_a_reader_that_cannot_be_cleaned_after_a_failure_is_dropped(tmp_path, mo
     wh = ChdbWarehouse(tmp_path / "wh", readers=1)
     try:
         assert rows(wh.query("SELECT 1")) == [(1,)]
-        (first,) = wh._idle_readers
-        monkeypatch.setattr(warehouse_module, "_drain", lambda connection: False)
+        (first,) = wh._readers._idle
+        monkeypatch.setattr(warehouse_module, "_drain", lambda client: False)
         with pytest.raises(WarehouseError, match="no_such_column"):
             wh.query("SELECT no_such_column")
         monkeypatch.undo()
-        assert wh._idle_readers == []  # not pooled again: it may hold the failure's output
+        assert wh._readers._idle == []  # not pooled again: it may hold the failure's output
         assert rows(wh.query("SELECT 2")) == [(2,)]  # a fresh reader in its slot
-        assert wh._idle_readers and wh._idle_readers[0] is not first
+        assert wh._readers._idle and wh._readers._idle[0] is not first
     finally:
         wh.close()
 
@@ -330,3 +330,38 @@ def test_inputs_and_settings_are_checked_before_anything_runs(warehouse):
         warehouse.execute_inputs("SELECT * FROM @lines", given, None, {"max_threads": "1'; DROP"})
     with pytest.raises(ValueError, match="unsafe"):
         warehouse.execute_inputs("SELECT * FROM @lines", given, None, {"a b": 1})
+
+
+def test_embedded_inserts_never_leave_owner_rows_in_the_system_temp_folder(tmp_path, monkeypatch):
+    # clickhouse-connect's chdb backend stages inserts in /tmp, where a killed process
+    # would leave them beyond an erasure's reach: vtp stages them in the warehouse folder.
+    import tempfile
+
+    wh = ChdbWarehouse(tmp_path / "wh")
+    try:
+        migrate(wh)
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+        assert wh.insert_arrow("samples", samples_table([upload("u-1")]), "t-0-0-1") == 3
+        assert rows(wh.query("SELECT count() FROM samples")) == [(3,)]
+        assert list(wh.inputs_folder.iterdir()) == []
+    finally:
+        wh.close()
+
+
+def test_what_a_cluster_adds_to_each_client_is_a_setting_the_engine_knows(tmp_path):
+    from vtp.core.warehouse import cluster_session
+    from vtp.core.warehouse_targets import EmbeddedEngine
+
+    assert cluster_session("") == {}
+    engine = EmbeddedEngine(tmp_path / "wh")
+    client = engine.client(cluster_session("vtp_cluster"))  # an unknown name fails here
+    try:
+        names = sorted(cluster_session("vtp_cluster"))
+        found = client.query_arrow(
+            "SELECT name, value FROM system.settings WHERE name IN {n:Array(String)} ORDER BY name",
+            parameters={"n": names},
+        )
+        assert rows(found) == [(name, "1") for name in names]
+    finally:
+        client.close()
+        engine.close()

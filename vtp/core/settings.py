@@ -187,7 +187,9 @@ class Settings:
         "chdb", "`chdb` (embedded) or a ClickHouse server URL", secret=mask_url_password
     )
     warehouse_readers: int = setting(
-        4, "embedded warehouse: connections that read side by side (writes go one at a time)"
+        4,
+        "warehouse clients that read side by side; as many write on a server "
+        "(embedded: writes go one at a time)",
     )
     warehouse_cluster: str = setting(
         "",

@@ -1,59 +1,46 @@
-"""The warehouse interface and its two drivers, sharing every SQL statement.
+"""The warehouse: ClickHouse through clickhouse-connect, embedded (chdb) or a server.
 
-- ChdbWarehouse: the ClickHouse engine in-process (chdb), one folder per region.
-  chdb locks the folder: only one process may open it at a time. Writes go one at a
-  time through one connection; reads run side by side on a few connections of their own
-  (the engine runs statements of different connections in parallel).
-- ServerWarehouse: a ClickHouse server over HTTP (clickhouse-connect).
+One driver runs both modes, so the tests on the embedded engine exercise the client code a
+server deployment runs; vtp.core.warehouse_targets holds the little that differs (where
+clients point, how bytes handed to a statement travel). Statements run on a few clients
+side by side: an owner API answers a request in a few milliseconds of engine time, and one
+connection would queue every request behind the others (measured on 100M samples: 181
+pages/s on one connection, 300 on four, on 2 cores). Writes have clients of their own, so
+a read never waits behind a long insert.
 
-Parameters are always bound with ClickHouse's ``{name:Type}`` syntax, never
-formatted into SQL text. Bytes a statement reads as a table (an Avro container the sink
-hands over whole, for instance) are named ``@name`` in its SQL and passed as ``Input``:
-the embedded engine reads them from a private temporary file, a server as external data
-sent with the query.
+Parameters are always bound with ClickHouse's ``{name:Type}`` syntax, never formatted
+into SQL text. Bytes a statement reads as a table (an Avro container the sink hands over
+whole, for instance) are named ``@name`` in its SQL and passed as ``Input``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import io
-import os
 import re
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
-from urllib.parse import unquote, urlparse
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyarrow as pa
 
 from vtp.core.settings import Settings
+from vtp.core.warehouse_targets import (
+    ClickHouseServer,
+    EmbeddedEngine,
+    Input,
+    Target,
+    WarehouseBusy,
+    WarehouseError,
+    bind_inputs,
+)
 
 if TYPE_CHECKING:
-    from chdb.state.sqlitelike import StreamingInserter
     from clickhouse_connect.driver.client import Client
-    from clickhouse_connect.driver.external import ExternalData
 
+__all__ = ["Input", "WarehouseBusy", "WarehouseError", "bind_inputs"]
 
-class WarehouseError(RuntimeError):
-    """A statement failed in the warehouse."""
-
-
-class WarehouseBusy(WarehouseError):
-    """The embedded warehouse folder is open in another process."""
-
-
-@dataclass(frozen=True)
-class Input:
-    """Bytes a statement reads as a table, ``@name`` in its SQL."""
-
-    data: bytes
-    fmt: str  # a ClickHouse input format: Avro, ArrowStream, ...
-    structure: str  # the columns, as ClickHouse's file() and external data take them
+_T = TypeVar("_T")
 
 
 # Settings a statement may carry; values are checked, never formatted in unchecked.
@@ -97,6 +84,14 @@ class Warehouse(Protocol):
         statement can change; it runs beside, not behind, the other statements."""
         ...
 
+    def analyst_lines(
+        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
+    ) -> list[str]:
+        """What a statement prints, line by line (``EXPLAIN``, whose output cannot take a
+        FORMAT clause: one after it belongs to the explained query), as ``analyst_query``
+        runs it."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -106,384 +101,137 @@ def rows(table: pa.Table) -> list[tuple[Any, ...]]:
     return list(zip(*columns, strict=True)) if columns else []
 
 
-def _param_text(value: Any) -> str:
-    """A parameter in the text form ClickHouse parses for ``{name:Type}``."""
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_param_literal(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):  # scalars are parsed in the escaped (TSV) form
-        return (
-            value.replace("\\", "\\\\")
-            .replace("\t", "\\t")
-            .replace("\n", "\\n")
-            .replace("\r", "\\r")
-        )
-    return str(value)
+class _Clients:
+    """Up to ``size`` clients of one target, opened when first needed and kept."""
 
-
-def _param_literal(value: Any) -> str:
-    if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    if value is None:
-        return "NULL"
-    return _param_text(value)
-
-
-class _ChdbResult(Protocol):
-    def bytes(self) -> bytes: ...
-
-
-class _ChdbSession(Protocol):
-    """What vtp uses of chdb's Session, which chdb leaves unannotated."""
-
-    def query(
-        self, sql: str, fmt: str = ..., *, params: dict[str, str] | None = ...
-    ) -> _ChdbResult: ...
-
-    def send_insert(self, query: str, fmt: str = ...) -> StreamingInserter: ...
-
-    def close(self) -> None: ...
-
-
-class ChdbWarehouse:
-    _session: _ChdbSession
-
-    def __init__(self, path: Path, readers: int = 4):
-        from chdb.session import Session
-
-        path.mkdir(parents=True, exist_ok=True)
-        self.description = f"chdb:{path}"
-        if _locked_by_another_process(path / "status"):
-            raise WarehouseBusy(
-                f"the embedded warehouse {path} is open in another process (a running "
-                "`vtp serve` or `vtp sink` for this region?); stop it first, ask the owner API, "
-                "or point VTP_WAREHOUSE at a ClickHouse server"
-            )
-        try:
-            self._session = Session(str(path))  # type: ignore[no-untyped-call]  # chdb: untyped
-        except Exception as exc:
-            raise WarehouseError(f"cannot open the embedded warehouse {path}: {exc}") from None
-        self._path = path
-        # One engine per process: `vtp serve` shares it between the sink and the API's
-        # request threads. Statements that change anything run one at a time here...
-        self._lock = threading.RLock()
-        # ...and reads on up to `readers` connections at once: an owner API answers a
-        # request in a few milliseconds of engine time, and one connection would queue
-        # every request behind the others (measured on 100M samples: 181 pages/s on one
-        # connection, 300 on four, on 2 cores).
-        self._max_readers = max(1, readers)
-        self._idle_readers: list[_ChdbSession] = []
-        self._open_readers = 0
-        self._readers_free = threading.Condition()
+    def __init__(self, target: Target, size: int):
+        self._target = target
+        self._size = max(1, size)
+        self._idle: list[Client] = []
+        self._open = 0
+        self._free = threading.Condition()
         self._closed = False
-        # Bytes handed to a statement (Input) wait here as files while it runs: inside the
-        # warehouse's folder (they are its data), emptied when it opens and closes.
-        self.inputs_folder = path / "vtp-inputs"
-        shutil.rmtree(self.inputs_folder, ignore_errors=True)
-        self.inputs_folder.mkdir()
-
-    def _run(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
-        with self._lock:
-            return _run_on(self._session, sql, fmt, params)
 
     @contextlib.contextmanager
-    def _reader(self) -> Iterator[_ChdbSession]:
-        with self._readers_free:
-            while not self._closed and not self._idle_readers:
-                if self._open_readers < self._max_readers:
-                    self._open_readers += 1
+    def lease(self) -> Iterator[Client]:
+        with self._free:
+            while not self._closed and not self._idle:
+                if self._open < self._size:
+                    self._open += 1
                     break
-                self._readers_free.wait()
+                self._free.wait()
             if self._closed:
-                raise WarehouseError(f"the embedded warehouse {self._path} is closed")
-            connection = self._idle_readers.pop() if self._idle_readers else None
-        if connection is None:
+                raise WarehouseError(f"the warehouse {self._target.description} is closed")
+            client = self._idle.pop() if self._idle else None
+        if client is None:
             try:
-                connection = self._open_reader()
-            except Exception as exc:
-                self._drop_reader(None)
-                raise WarehouseError(f"cannot open a reader on {self._path}: {exc}") from None
+                client = self._target.client()
+            except BaseException:
+                self._drop(None)
+                raise
         usable = True
         try:
-            yield connection
+            yield client
         except _Poisoned:
             usable = False
             raise
         finally:
             pooled = False
             if usable:
-                with self._readers_free:
+                with self._free:
                     if not self._closed:
-                        self._idle_readers.append(connection)
-                        self._readers_free.notify()
+                        self._idle.append(client)
+                        self._free.notify()
                         pooled = True
             if not pooled:
-                self._drop_reader(connection)
+                self._drop(client)
 
-    def _drop_reader(self, connection: _ChdbSession | None) -> None:
-        """A reader closed for good (the warehouse closed, or a failed statement's output
+    def _drop(self, client: Client | None) -> None:
+        """A client closed for good (the warehouse closed, or a failed statement's output
         could not be read away): its slot is free again."""
-        if connection is not None:
+        if client is not None:
             with contextlib.suppress(Exception):
-                connection.close()
-        with self._readers_free:
-            self._open_readers -= 1
-            self._readers_free.notify()
-
-    def _open_reader(self) -> _ChdbSession:
-        from chdb.state import connect
-
-        reader: _ChdbSession = connect(str(self._path))
-        return reader
-
-    def _read(self, sql: str, fmt: str, params: dict[str, Any] | None) -> _ChdbResult:
-        with self._reader() as connection:
-            return _run_on(connection, sql, fmt, params)
-
-    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
-        self._run(sql, "CSV", params)
-
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
-        from chdb.state.sqlitelike import to_arrowTable
-
-        result = self._read(sql, "Arrow", params)
-        return to_arrowTable(result)  # type: ignore[no-untyped-call]  # chdb: untyped
-
-    def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
-        return self._read(sql, fmt, params).bytes()
-
-    def query_inputs(
-        self, sql: str, inputs: Mapping[str, Input], params: dict[str, Any] | None = None
-    ) -> pa.Table:
-        with _input_files(inputs, self.inputs_folder) as sources:
-            return self.query(bind_inputs(sql, sources), params)
-
-    def execute_inputs(
-        self,
-        sql: str,
-        inputs: Mapping[str, Input],
-        params: dict[str, Any] | None,
-        settings: StatementSettings,
-    ) -> None:
-        with _input_files(inputs, self.inputs_folder) as sources:
-            self.execute(bind_inputs(sql, sources) + settings_clause(settings), params)
-
-    def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
-        if data.num_rows == 0:
-            return 0
-        buf = io.BytesIO()
-        with pa.ipc.new_stream(buf, data.schema) as writer:
-            writer.write_table(data)
-        columns = ", ".join(f"`{name}`" for name in data.column_names)
-        # A batch whose rows span more than 100 months is stored (a part per month), not
-        # refused on every retry.
-        settings = " SETTINGS throw_on_max_partitions_per_insert_block = 0"
-        if dedup_token is not None:
-            # Tokens are built by the sink from topic/partition/offsets: [a-z0-9.-] only.
-            settings += f", insert_deduplication_token = '{_safe_token(dedup_token)}'"
-        with self._lock:
-            try:
-                with self._session.send_insert(
-                    f"INSERT INTO {table} ({columns}){settings}", "ArrowStream"
-                ) as inserter:
-                    inserter.append(buf.getvalue())
-                    inserter.finish()
-            except Exception as exc:
-                _drain(self._session)
-                raise WarehouseError(f"insert into {table} failed: {exc}") from None
-        inserted: int = data.num_rows  # pyarrow has no annotations
-        return inserted
-
-    def analyst_query(
-        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
-    ) -> pa.Table:
-        from chdb.state import connect
-
-        options = "&".join(f"{k}={v}" for k, v in settings.items())
-        bound = {k: _param_text(v) for k, v in (params or {}).items()}
-        # A fresh connection per query: its settings are fixed from the start, and a
-        # failed query's leftovers die with it.
-        connection = connect(f"{self._path}?{options}")
-        try:
-            return connection.query(sql, "ArrowTable", params=bound)
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
-        finally:
-            connection.close()
+                client.close()
+        with self._free:
+            self._open -= 1
+            self._free.notify()
 
     def close(self) -> None:
-        """Closes the warehouse; a read still running closes its connection when it ends
-        (the engine lets go of the folder with the last one), later reads are refused."""
-        with self._lock, self._readers_free:
+        """Later leases are refused; a statement still running closes its client when it
+        ends (the embedded engine lets go of the folder with the last one)."""
+        with self._free:
             self._closed = True
-            for reader in self._idle_readers:
-                reader.close()
-            self._open_readers -= len(self._idle_readers)
-            self._idle_readers.clear()
-            self._readers_free.notify_all()
-            self._session.close()
-            shutil.rmtree(self.inputs_folder, ignore_errors=True)
-
-
-def _run_on(
-    connection: _ChdbSession, sql: str, fmt: str, params: dict[str, Any] | None
-) -> _ChdbResult:
-    bound = {k: _param_text(v) for k, v in (params or {}).items()}
-    try:
-        return connection.query(sql, fmt, params=bound)
-    except Exception as exc:
-        error = WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}")
-        if not _drain(connection):
-            raise _Poisoned(str(error)) from None
-        raise error from None
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._free.notify_all()
+        for client in idle:
+            with contextlib.suppress(Exception):
+                client.close()
 
 
 class _Poisoned(WarehouseError):
-    """A statement failed and what it had output could not be read away: the connection
-    must not answer anyone again."""
+    """A statement failed and what it had output could not be read away: the client must
+    not answer anyone again."""
 
 
-def _drain(connection: _ChdbSession) -> bool:
-    """chdb 4.4 hands what a failed statement had output to the next statement on the
-    same connection (another caller's answer would begin with it): read it away. False
-    when the connection still does not answer a plain ``SELECT 1``."""
+def _drain(client: Client) -> bool:
+    """chdb 4.4 hands what a failed statement had output to the next statement on the same
+    connection (another caller's answer would begin with it): read it away. False when
+    the client still does not answer a plain ``SELECT 1``."""
     try:
-        return connection.query("SELECT 1", "CSV").bytes() == b"1\n"
+        # the first answer may be the leftover
+        return any(client.raw_query("SELECT 1", fmt="CSV") == b"1\n" for _ in range(2))
     except Exception:  # the original error is what the caller needs
         return False
 
 
-_INPUT = re.compile(r"@([a-z_][a-z0-9_]*)")
+class ClickHouseWarehouse:
+    """The Warehouse on clickhouse-connect clients of one target."""
 
-
-def bind_inputs(sql: str, sources: Mapping[str, str]) -> str:
-    """``sql`` with each ``@name`` replaced by the table expression of that input."""
-    named = set(_INPUT.findall(sql))
-    if named != set(sources):
-        raise WarehouseError(f"the statement names inputs {sorted(named)}, given {sorted(sources)}")
-    return _INPUT.sub(lambda m: sources[m.group(1)], sql)
-
-
-@contextlib.contextmanager
-def _input_files(inputs: Mapping[str, Input], folder: Path) -> Iterator[dict[str, str]]:
-    """Each input in a file of ``folder``, as a ``file()`` expression; the files are gone
-    when the statement is."""
-    paths: list[str] = []
-    try:
-        sources = {}
-        for name, given in inputs.items():
-            handle, path = tempfile.mkstemp(dir=folder, suffix=f".{given.fmt.lower()}")
-            paths.append(path)
-            with os.fdopen(handle, "wb") as out:
-                out.write(given.data)
-            sources[name] = "file({})".format(
-                ", ".join(_param_literal(x) for x in (path, given.fmt, given.structure))
-            )
-        yield sources
-    finally:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
-
-def settings_clause(settings: StatementSettings) -> str:
-    """`` SETTINGS k = v, …`` for names and values vtp chose (checked, not escaped)."""
-    if not settings:
-        return ""
-    parts = []
-    for name, value in settings.items():
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"unsafe setting name {name!r}")
-        parts.append(
-            f"{name} = {value}" if isinstance(value, int) else f"{name} = '{_safe_token(value)}'"
-        )
-    return " SETTINGS " + ", ".join(parts)
-
-
-class _ClientArgs(TypedDict, total=False):
-    """The arguments of clickhouse_connect.get_client that vtp passes."""
-
-    host: str | None
-    port: int
-    username: str
-    password: str
-    secure: bool
-    database: str
-
-
-class ServerWarehouse:
-    def __init__(self, url: str, region: str):
-        import clickhouse_connect
-
-        parsed = urlparse(url.replace("{region}", region))
-        database = parsed.path.strip("/") or f"vtp_{region}"
-        if region not in database:
-            raise WarehouseError(
-                f"the warehouse database {database!r} is not the region's own: name it after "
-                "the region, e.g. VTP_WAREHOUSE=http://user:pass@host:8123/vtp_{region}"
-            )
-        self.description = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}/{database}"
-        self._connect: _ClientArgs = {
-            "host": parsed.hostname,
-            "port": parsed.port or (8443 if parsed.scheme == "https" else 8123),
-            "username": unquote(parsed.username or "default"),
-            "password": unquote(parsed.password or ""),
-            "secure": parsed.scheme == "https",
-        }
-        # A client (a session) per thread: one session used by two requests at once
-        # answers SESSION_IS_LOCKED.
-        self._local = threading.local()
-        self._clients: list[Client] = []
-        self._clients_lock = threading.Lock()
+    def __init__(self, target: Target, clients: int = 4):
+        self.description = target.description
+        self._target = target
+        self._readers = _Clients(target, clients)
+        self._writers = _Clients(target, 1 if target.serial_writes else clients)
+        # Open one client now: a wrong URL fails at start, and the embedded engine holds
+        # its folder from here on (another process gets WarehouseBusy).
         try:
-            admin = clickhouse_connect.get_client(**self._connect)
-            admin.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
-            admin.close()
-            self._connect["database"] = database
-            self._client  # noqa: B018 - connect now, so a wrong URL fails at start
-        except Exception as exc:
-            raise WarehouseError(f"cannot reach ClickHouse at {self.description}: {exc}") from None
+            with self._writers.lease():
+                pass
+        except BaseException:
+            target.close()
+            raise
 
-    @property
-    def _client(self) -> Client:
-        client: Client | None = getattr(self._local, "client", None)
-        if client is None:
-            import clickhouse_connect
-
-            client = self._local.client = clickhouse_connect.get_client(**self._connect)
-            with self._clients_lock:
-                self._clients.append(client)
-        return client
+    def _on(self, clients: _Clients, sql: str, call: Callable[[Client], _T]) -> _T:
+        with clients.lease() as client:
+            try:
+                return call(client)
+            except Exception as exc:
+                error = WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}")
+                if not _drain(client):
+                    raise _Poisoned(str(error)) from None
+                raise error from None
 
     def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
-        try:
-            self._client.command(sql, parameters=params or None)
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+        self._on(self._writers, sql, lambda c: c.command(sql, parameters=params or None))
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
-        try:
-            return self._client.query_arrow(sql, parameters=params or None)
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+        return self._on(self._readers, sql, lambda c: c.query_arrow(sql, parameters=params or None))
 
     def query_raw(self, sql: str, params: dict[str, Any] | None, fmt: str) -> bytes:
-        try:
-            return self._client.raw_query(sql, parameters=params or None, fmt=fmt)
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+        return self._on(
+            self._readers, sql, lambda c: c.raw_query(sql, parameters=params or None, fmt=fmt)
+        )
 
     def query_inputs(
         self, sql: str, inputs: Mapping[str, Input], params: dict[str, Any] | None = None
     ) -> pa.Table:
-        external, bound = _external(sql, inputs)
-        try:
-            return self._client.query_arrow(
-                bound, parameters=params or None, external_data=external
+        with self._target.with_inputs(sql, inputs) as (bound, external):
+            return self._on(
+                self._readers,
+                sql,
+                lambda c: c.query_arrow(bound, parameters=params or None, external_data=external),
             )
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
 
     def execute_inputs(
         self,
@@ -492,67 +240,112 @@ class ServerWarehouse:
         params: dict[str, Any] | None,
         settings: StatementSettings,
     ) -> None:
-        external, bound = _external(sql, inputs)
-        settings_clause(settings)  # the same checks as the embedded engine's
-        try:
-            self._client.raw_query(
-                bound,
-                parameters=params or None,
-                settings=dict(settings),
-                external_data=external,
+        checked = _checked(settings)
+        with self._target.with_inputs(sql, inputs) as (bound, external):
+            self._on(
+                self._writers,
+                sql,
+                lambda c: c.raw_query(
+                    bound, parameters=params or None, settings=checked, external_data=external
+                ),
             )
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
-
-    def analyst_query(
-        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
-    ) -> pa.Table:
-        try:
-            return self._client.query_arrow(sql, parameters=params or None, settings=settings)
-        except Exception as exc:
-            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         if data.num_rows == 0:
             return 0
+        # A batch whose rows span more than 100 months is stored (a part per month), not
+        # refused on every retry.
         settings: dict[str, Any] = {"throw_on_max_partitions_per_insert_block": 0}
-        if dedup_token:
-            settings["insert_deduplication_token"] = dedup_token
-        try:
-            self._client.insert_arrow(table, data, settings=settings)
-        except Exception as exc:
-            raise WarehouseError(f"insert into {table} failed: {exc}") from None
+        if dedup_token is not None:
+            # Tokens are built by the sink from topic/partition/offsets: [a-z0-9.-] only.
+            settings["insert_deduplication_token"] = _safe_token(dedup_token)
+        self._on(
+            self._writers,
+            f"INSERT INTO {table}",
+            lambda c: self._target.insert_arrow(c, table, data, settings),
+        )
         inserted: int = data.num_rows  # pyarrow has no annotations
         return inserted
 
-    def close(self) -> None:
-        with self._clients_lock:
-            for client in self._clients:
-                client.close()
-            self._clients.clear()
+    def analyst_query(
+        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
+    ) -> pa.Table:
+        return self._as_analyst(sql, settings, lambda c: c.query_arrow(sql, parameters=params))
 
+    def analyst_lines(
+        self, sql: str, params: dict[str, Any] | None, settings: dict[str, str]
+    ) -> list[str]:
+        # No format named: the engine's default, TabSeparated, one row per line.
+        text = self._as_analyst(
+            sql, settings, lambda c: c.raw_query(sql, parameters=params or None, fmt=None)
+        )
+        return [_tsv_value(line) for line in text.decode().splitlines()]
 
-def _external(sql: str, inputs: Mapping[str, Input]) -> tuple[ExternalData, str]:
-    """The inputs as external data sent with the query (a temporary table each)."""
-    from clickhouse_connect.driver.external import ExternalData
-
-    external = ExternalData()
-    for name, given in inputs.items():
-        external.add_file(file_name=name, data=given.data, fmt=given.fmt, structure=given.structure)
-    return external, bind_inputs(sql, {name: name for name in inputs})
-
-
-def _locked_by_another_process(status_file: Path) -> bool:
-    """ClickHouse holds an flock on <path>/status while an engine has the folder open."""
-    if not status_file.exists():
-        return False
-    with open(status_file, "a") as handle:
+    def _as_analyst(self, sql: str, settings: dict[str, str], call: Callable[[Client], _T]) -> _T:
+        # readonly last: once set, nothing on this client can change the limits before it.
+        fixed = {k: v for k, v in settings.items() if k != "readonly"}
+        if "readonly" in settings:
+            fixed["readonly"] = settings["readonly"]
+        # A fresh client per query: its settings are fixed from the start, and a failed
+        # query's leftovers die with it.
+        client = self._target.client(fixed)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+            return call(client)
+        except Exception as exc:
+            raise WarehouseError(f"{exc}\n-- while running: {sql.strip()[:500]}") from None
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self._writers.close()
+        self._readers.close()
+        self._target.close()
+
+
+class ChdbWarehouse(ClickHouseWarehouse):
+    """The embedded engine in the folder ``path``."""
+
+    def __init__(self, path: Path, readers: int = 4):
+        engine = EmbeddedEngine(path)
+        super().__init__(engine, readers)
+        self.inputs_folder = engine.inputs_folder
+
+
+class ServerWarehouse(ClickHouseWarehouse):
+    """A ClickHouse server; ``url`` names the region's database (``{region}`` is filled)."""
+
+    def __init__(self, url: str, region: str, clients: int = 4, cluster: str = ""):
+        super().__init__(ClickHouseServer(url, region, cluster_session(cluster)), clients)
+
+
+def cluster_session(cluster: str) -> dict[str, str]:
+    """What every statement on a cluster's Distributed tables needs."""
+    if not cluster:
+        return {}
+    # An insert returns once every shard has its rows: otherwise the Distributed table
+    # queues them on this node and answers at once (the sink would commit offsets for
+    # rows no shard holds yet), and its background sends regroup the rows, so a retried
+    # insert's deduplication token would no longer match what a shard stored. The old
+    # name, insert_distributed_sync, is an alias on current servers.
+    return {"distributed_foreground_insert": "1"}
+
+
+_TSV_ESCAPES = {"b": "\b", "f": "\f", "r": "\r", "n": "\n", "t": "\t", "0": "\0"}
+
+
+def _tsv_value(field: str) -> str:
+    """One TabSeparated field as the value it stands for."""
+    return re.sub(r"\\(.)", lambda m: _TSV_ESCAPES.get(m.group(1), m.group(1)), field)
+
+
+def _checked(settings: StatementSettings) -> dict[str, int | str]:
+    """Settings vtp chose, checked (names and values), never passed on unchecked."""
+    checked: dict[str, int | str] = {}
+    for name, value in settings.items():
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"unsafe setting name {name!r}")
+        checked[name] = value if isinstance(value, int) else _safe_token(value)
+    return checked
 
 
 def _safe_token(token: str) -> str:
@@ -567,7 +360,9 @@ def open_warehouse(settings: Settings) -> Warehouse:
     if settings.warehouse == "chdb":
         return ChdbWarehouse(settings.warehouse_path, settings.warehouse_readers)
     if settings.warehouse.startswith(("http://", "https://")):
-        return ServerWarehouse(settings.warehouse, region)
+        return ServerWarehouse(
+            settings.warehouse, region, settings.warehouse_readers, settings.warehouse_cluster
+        )
     shown = settings.shown("warehouse")
     raise WarehouseError(
         f"VTP_WAREHOUSE={shown!r}: use 'chdb' or an http(s):// URL of a ClickHouse server"
