@@ -269,3 +269,9 @@ def test_literals_with_escapes_come_back_as_written(region):
     assert result.to_pylist() == [
         {"slash": "a\\b", "quote": "it's", "tab": "x\ty", "backspace": "a\bz"}
     ]
+
+
+def test_values_with_unicode_line_separators_are_one_line_of_the_parse_check(region):
+    _, wh, _ = region
+    sql = "SELECT 'a\u2028b\x1cc' AS s, 1 AS `x\u2029y`"
+    assert run_analyst_query(wh, sql, LIMITS).to_pylist() == [{"s": "a\u2028b\x1cc", "x\u2029y": 1}]

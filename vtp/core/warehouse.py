@@ -110,17 +110,17 @@ class _Clients:
         self._idle: list[Client] = []
         self._open = 0
         self._free = threading.Condition()
-        self._closed = False
+        self.closed = False
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Client]:
         with self._free:
-            while not self._closed and not self._idle:
+            while not self.closed and not self._idle:
                 if self._open < self._size:
                     self._open += 1
                     break
                 self._free.wait()
-            if self._closed:
+            if self.closed:
                 raise WarehouseError(f"the warehouse {self._target.description} is closed")
             client = self._idle.pop() if self._idle else None
         if client is None:
@@ -135,11 +135,16 @@ class _Clients:
         except _Poisoned:
             usable = False
             raise
+        except Exception:
+            raise  # drained already: the client answers cleanly again
+        except BaseException:
+            usable = False  # interrupted mid-statement: its output may still be pending
+            raise
         finally:
             pooled = False
             if usable:
                 with self._free:
-                    if not self._closed:
+                    if not self.closed:
                         self._idle.append(client)
                         self._free.notify()
                         pooled = True
@@ -160,7 +165,7 @@ class _Clients:
         """Later leases are refused; a statement still running closes its client when it
         ends (the embedded engine lets go of the folder with the last one)."""
         with self._free:
-            self._closed = True
+            self.closed = True
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             self._free.notify_all()
@@ -242,11 +247,15 @@ class ClickHouseWarehouse:
     ) -> None:
         checked = _checked(settings)
         with self._target.with_inputs(sql, inputs) as (bound, external):
+            statement, client_settings = self._target.with_settings(bound, checked)
             self._on(
                 self._writers,
                 sql,
                 lambda c: c.raw_query(
-                    bound, parameters=params or None, settings=checked, external_data=external
+                    statement,
+                    parameters=params or None,
+                    settings=client_settings or None,
+                    external_data=external,
                 ),
             )
 
@@ -279,7 +288,10 @@ class ClickHouseWarehouse:
         text = self._as_analyst(
             sql, settings, lambda c: c.raw_query(sql, parameters=params or None, fmt=None)
         )
-        return [_tsv_value(line) for line in text.decode().splitlines()]
+        # Split on newlines only: TabSeparated leaves other line separators (U+2028, \x1c, ...)
+        # unescaped inside a value; bytes that are not UTF-8 cannot matter to a parse check.
+        lines = text.decode(errors="replace").split("\n")
+        return [_tsv_value(line) for line in (lines[:-1] if lines[-1] == "" else lines)]
 
     def _as_analyst(self, sql: str, settings: dict[str, str], call: Callable[[Client], _T]) -> _T:
         # readonly last: once set, nothing on this client can change the limits before it.
@@ -288,6 +300,8 @@ class ClickHouseWarehouse:
             fixed["readonly"] = settings["readonly"]
         # A fresh client per query: its settings are fixed from the start, and a failed
         # query's leftovers die with it.
+        if self._readers.closed:
+            raise WarehouseError(f"the warehouse {self.description} is closed")
         client = self._target.client(fixed)
         try:
             return call(client)
@@ -325,9 +339,10 @@ def cluster_session(cluster: str) -> dict[str, str]:
     # An insert returns once every shard has its rows: otherwise the Distributed table
     # queues them on this node and answers at once (the sink would commit offsets for
     # rows no shard holds yet), and its background sends regroup the rows, so a retried
-    # insert's deduplication token would no longer match what a shard stored. The old
-    # name, insert_distributed_sync, is an alias on current servers.
-    return {"distributed_foreground_insert": "1"}
+    # insert's deduplication token would no longer match what a shard stored. Named as
+    # servers before 23.x know it; newer ones take it as an alias of
+    # distributed_foreground_insert.
+    return {"insert_distributed_sync": "1"}
 
 
 _TSV_ESCAPES = {"b": "\b", "f": "\f", "r": "\r", "n": "\n", "t": "\t", "0": "\0"}
