@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from vtp.core.cluster_ddl import LOCK_TABLE, lock_create, lock_drop, lock_rename, lock_touch
 from vtp.core.warehouse import Warehouse, WarehouseError, rows
@@ -43,9 +44,20 @@ class Holder:
     pid: int
     at: float  # when it last made progress (its own clock, Unix seconds)
     token: str
+    # Which boot and pid namespace the pid counts in: containers sharing a host name
+    # each number their processes from 1, so a pid alone says nothing across them.
+    pids: str = ""
 
     def comment(self) -> str:
-        return json.dumps({"host": self.host, "pid": self.pid, "at": self.at, "token": self.token})
+        return json.dumps(
+            {
+                "host": self.host,
+                "pid": self.pid,
+                "at": self.at,
+                "token": self.token,
+                "pids": self.pids,
+            }
+        )
 
     @classmethod
     def parse(cls, comment: str) -> Holder | None:
@@ -53,9 +65,13 @@ class Holder:
         try:
             found = json.loads(comment)
             return cls(
-                str(found["host"]), int(found["pid"]), float(found["at"]), str(found["token"])
+                str(found["host"]),
+                int(found["pid"]),
+                float(found["at"]),
+                str(found["token"]),
+                str(found.get("pids", "")),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def __str__(self) -> str:
@@ -63,8 +79,22 @@ class Holder:
         return f"{self.host} pid {self.pid} (last progress {when})"
 
 
+# Tokens of the locks this process holds right now (a thread may migrate while another
+# waits): a lock naming this process but none of these was left by an earlier attempt.
+_HELD: set[str] = set()
+
+
+def pid_space() -> str:
+    """This process's boot and pid namespace; empty where /proc does not say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def me(now: float) -> Holder:
-    return Holder(socket.gethostname(), os.getpid(), now, uuid.uuid4().hex)
+    return Holder(socket.gethostname(), os.getpid(), now, uuid.uuid4().hex, pid_space())
 
 
 def stale_reason(holder: Holder | None, now: float, stale_s: float) -> str | None:
@@ -73,8 +103,14 @@ def stale_reason(holder: Holder | None, now: float, stale_s: float) -> str | Non
         return "its comment names no holder"
     if now - holder.at > stale_s:
         return f"no progress for {now - holder.at:.0f} s (more than {stale_s:.0f} s)"
-    here = holder.host == socket.gethostname()
-    if here and holder.pid != os.getpid() and not _alive(holder.pid):
+    space = pid_space()
+    if holder.host != socket.gethostname() or not space or holder.pids != space:
+        return None  # its pid counts elsewhere: only its age can tell
+    if holder.pid == os.getpid():
+        if holder.token in _HELD:
+            return None
+        return "this process took it in an earlier attempt and is not migrating now"
+    if not _alive(holder.pid):
         return f"process {holder.pid} is gone from this host"
     return None
 
@@ -121,6 +157,35 @@ def migration_lock(
     """Hold the migration lock inside the block; yields ``progress()``, which the holder
     calls after each statement so its lock does not look stale."""
     holder = me(clock())
+    # Known as ours before it exists: another thread of this process that looks at the
+    # lock meanwhile must not take it for one an earlier attempt left.
+    _HELD.add(holder.token)
+    try:
+        _take(warehouse, cluster, holder, timeout_s, stale_s, poll_s, clock, sleep)
+    except BaseException:
+        _HELD.discard(holder.token)
+        raise
+
+    def progress() -> None:
+        warehouse.execute(lock_touch(replace(holder, at=clock()).comment(), cluster))
+
+    try:
+        yield progress
+    finally:
+        _HELD.discard(holder.token)
+        _release(warehouse, cluster, holder)
+
+
+def _take(
+    warehouse: Warehouse,
+    cluster: str,
+    holder: Holder,
+    timeout_s: float,
+    stale_s: float,
+    poll_s: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> None:
     deadline = clock() + timeout_s
     waited = False
     while True:
@@ -129,6 +194,10 @@ def migration_lock(
             break
         except WarehouseError as exc:
             if not _already_exists(exc):
+                # It may have been created all the same (a timeout on a cluster, a lost
+                # answer): let go of it if so, rather than wait for it to go stale.
+                with contextlib.suppress(WarehouseError):
+                    _release(warehouse, cluster, holder, quiet=True)
                 raise
         exists, other = current_holder(warehouse)
         if exists and (reason := stale_reason(other, clock(), stale_s)):
@@ -147,14 +216,6 @@ def migration_lock(
     if waited:
         log.info("took the migration lock")
 
-    def progress() -> None:
-        warehouse.execute(lock_touch(replace(holder, at=clock()).comment(), cluster))
-
-    try:
-        yield progress
-    finally:
-        _release(warehouse, cluster, holder)
-
 
 def _break(warehouse: Warehouse, cluster: str, stale: Holder | None, reason: str) -> None:
     """Remove a stale lock: renamed away first, so only one breaker gets it, then dropped
@@ -167,17 +228,20 @@ def _break(warehouse: Warehouse, cluster: str, stale: Holder | None, reason: str
     _, renamed = current_holder(warehouse, aside)
     if renamed != stale:
         # Between our look and the rename a new holder took the lock: give it back.
-        warehouse.execute(lock_rename(LOCK_TABLE, cluster, source=aside))
+        try:
+            warehouse.execute(lock_rename(LOCK_TABLE, cluster, source=aside))
+        except WarehouseError:  # a third one took the name meanwhile: theirs stands
+            log.warning("a live migration lock was moved aside as %s and not restored", aside)
         return
     log.warning("broke the migration lock of %s: %s", stale or "an unknown holder", reason)
     warehouse.execute(lock_drop(cluster, aside))
 
 
-def _release(warehouse: Warehouse, cluster: str, holder: Holder) -> None:
+def _release(warehouse: Warehouse, cluster: str, holder: Holder, quiet: bool = False) -> None:
     exists, now_held_by = current_holder(warehouse)
     if exists and now_held_by is not None and now_held_by.token == holder.token:
         warehouse.execute(lock_drop(cluster))
-    else:
+    elif not quiet:
         log.warning(
             "the migration lock was no longer ours when we finished (held by %s): left alone",
             now_held_by,

@@ -13,7 +13,7 @@ from pathlib import Path
 from sinks.migration_lock import migration_lock
 from vtp.core.cluster_ddl import bookkeeping_ddl, bookkeeping_sync, render_migration
 from vtp.core.settings import Settings
-from vtp.core.warehouse import Warehouse, rows
+from vtp.core.warehouse import Warehouse, WarehouseError, rows
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -69,6 +69,16 @@ def plan(cluster: str, directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str,
     ]
 
 
+def _all_applied(warehouse: Warehouse, versions: list[int]) -> bool:
+    """Whether every version is recorded already (versions are only ever added, so a
+    replica that lags can only say no, and then the lock is taken to find out)."""
+    try:
+        done = {row[0] for row in rows(warehouse.query("SELECT version FROM schema_migrations"))}
+    except WarehouseError:  # no bookkeeping yet: a fresh warehouse
+        return False
+    return set(versions) <= done
+
+
 def migrate(
     warehouse: Warehouse,
     directory: Path = MIGRATIONS_DIR,
@@ -77,6 +87,8 @@ def migrate(
     """Apply pending migrations; returns the versions applied now."""
     cluster = options.cluster
     pending = plan(cluster, directory)  # a statement with no rendering fails before any runs
+    if _all_applied(warehouse, [version for version, _, _ in pending]):
+        return []  # every process starting up would otherwise queue for the lock
     with migration_lock(
         warehouse, cluster, options.lock_timeout_s, options.lock_stale_s
     ) as progress:

@@ -5,6 +5,7 @@ broken; a failed migration lets go of it."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import clickhouse_connect
 import pyarrow as pa
 import pytest
 
-from sinks.migration_lock import Holder, MigrationLockTimeout, migration_lock
+from sinks.migration_lock import Holder, MigrationLockTimeout, migration_lock, pid_space
 from sinks.migrations import MigrationOptions, available, migrate
 from vtp.core.cluster_ddl import LOCK_TABLE, lock_create
 from vtp.core.warehouse import ChdbWarehouse, WarehouseError, rows
@@ -173,10 +174,37 @@ def test_the_lock_of_a_process_gone_from_this_host_is_broken_at_once(warehouse, 
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    hold(warehouse, Holder(socket.gethostname(), int(gone.stdout), time.time(), "t"))
+    here = socket.gethostname(), int(gone.stdout)
+    hold(warehouse, Holder(*here, time.time(), "t", pid_space()))
     with caplog.at_level(logging.WARNING, "vtp.migrations"):
         assert migrate(warehouse, options=MigrationOptions(lock_timeout_s=0))
     assert f"process {int(gone.stdout)} is gone from this host" in caplog.text
+
+
+def test_a_pid_from_another_pid_namespace_is_not_taken_for_one_of_ours(warehouse):
+    # Two containers with one host name: the other's pid 1 is not our pid 1, alive or not.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    elsewhere = Holder(socket.gethostname(), int(gone.stdout), time.time(), "t", "other-boot/1")
+    hold(warehouse, elsewhere)
+    with pytest.raises(MigrationLockTimeout, match=f"pid {int(gone.stdout)}"):
+        migrate(warehouse, options=MigrationOptions(lock_timeout_s=0))
+
+
+def test_a_lock_this_process_left_in_an_earlier_attempt_is_taken_back(warehouse, caplog):
+    # e.g. its create answered with a timeout on a cluster but happened all the same.
+    hold(warehouse, Holder(socket.gethostname(), os.getpid(), time.time(), "old", pid_space()))
+    with caplog.at_level(logging.WARNING, "vtp.migrations"):
+        assert migrate(warehouse, options=MigrationOptions(lock_timeout_s=0))
+    assert "earlier attempt" in caplog.text
+    assert LOCK_TABLE not in tables(warehouse)
+
+
+def test_nothing_pending_takes_no_lock(warehouse):
+    migrate(warehouse)
+    hold(warehouse, Holder("other-host", 4242, time.time(), "t"))  # someone is migrating
+    assert migrate(warehouse, options=MigrationOptions(lock_timeout_s=0)) == []
 
 
 def test_a_failed_migration_lets_go_of_the_lock(warehouse, tmp_path):
