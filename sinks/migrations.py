@@ -14,6 +14,7 @@ from sinks.migration_lock import migration_lock
 from vtp.core.cluster_ddl import bookkeeping_ddl, bookkeeping_sync, render_migration
 from vtp.core.settings import Settings
 from vtp.core.warehouse import Warehouse, WarehouseError, rows
+from vtp.core.warehouse_targets import server_database
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -24,13 +25,16 @@ class MigrationOptions:
     """Where the migrations run and how long one waits for another's."""
 
     cluster: str = ""  # empty: a single server (or the embedded engine)
+    database: str = ""  # the region's database on the cluster's servers
     lock_timeout_s: float = 900.0
     lock_stale_s: float = 600.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MigrationOptions:
+        cluster = settings.warehouse_cluster
         return cls(
-            settings.warehouse_cluster,
+            cluster,
+            server_database(settings.warehouse, settings.need_region()) if cluster else "",
             settings.migration_lock_timeout_s,
             settings.migration_lock_stale_s,
         )
@@ -60,11 +64,13 @@ def available(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, Path]]:
     return found
 
 
-def plan(cluster: str, directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, list[str]]]:
+def plan(
+    cluster: str, directory: Path = MIGRATIONS_DIR, database: str = ""
+) -> list[tuple[int, str, list[str]]]:
     """Every migration as the statements that would run for ``cluster`` (empty: one
-    server); refuses, naming it, a statement that has no cluster rendering."""
+    server) in ``database``; refuses, naming it, a statement with no cluster rendering."""
     return [
-        (version, name, render_migration(statements(path.read_text()), cluster))
+        (version, name, render_migration(statements(path.read_text()), cluster, database))
         for version, name, path in available(directory)
     ]
 
@@ -86,7 +92,9 @@ def migrate(
 ) -> list[int]:
     """Apply pending migrations; returns the versions applied now."""
     cluster = options.cluster
-    pending = plan(cluster, directory)  # a statement with no rendering fails before any runs
+    pending = plan(
+        cluster, directory, options.database
+    )  # a statement with no rendering fails before any runs
     if _all_applied(warehouse, [version for version, _, _ in pending]):
         return []  # every process starting up would otherwise queue for the lock
     with migration_lock(

@@ -79,13 +79,17 @@ def _topics(args: argparse.Namespace) -> int:
 def _migrations(args: argparse.Namespace) -> int:
     from sinks.migrations import MigrationOptions, migrate, plan
     from vtp.core.cluster_ddl import check_cluster_name
+    from vtp.core.warehouse_targets import server_database
 
     if args.plan:
         settings = _settings(args, region_needed=False)
         cluster = check_cluster_name(args.cluster) if args.cluster else settings.warehouse_cluster
-        where = f"cluster {cluster}" if cluster else "a single server"
+        database = ""
+        if cluster:  # its tables name the region's database: the region must be known
+            database = server_database(settings.warehouse, _settings(args).need_region())
+        where = f"cluster {cluster}, database {database}" if cluster else "a single server"
         print(f"-- vtp's migrations for {where}, in order; each version runs once")
-        for version, name, rendered in plan(cluster):
+        for version, name, rendered in plan(cluster, database=database):
             print(f"\n-- {version:04d}_{name}")
             for statement in rendered:
                 print(f"{statement};")

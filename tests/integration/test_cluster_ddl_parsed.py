@@ -24,6 +24,7 @@ from vtp.core.cluster_ddl import (
 from vtp.core.warehouse import ChdbWarehouse, rows
 
 CLUSTER = "vtp_cluster"
+DATABASE = "vtp_eu"
 
 
 @dataclass
@@ -81,7 +82,7 @@ def engine_call(tree: Node) -> tuple[str, list[str]]:
 
 
 def cluster_statements() -> list[str]:
-    return [s for _, _, rendered in plan(CLUSTER) for s in rendered]
+    return [s for _, _, rendered in plan(CLUSTER, database=DATABASE) for s in rendered]
 
 
 def test_every_rendered_statement_parses_and_runs_on_the_cluster(engine):
@@ -119,7 +120,7 @@ def test_each_table_is_replicated_per_shard_behind_a_distributed_table(engine):
         assert function == "Distributed"
         assert args[:3] == [
             f"Identifier {CLUSTER}",
-            "Function currentDatabase",
+            f"Identifier {DATABASE}",  # named: each node's DDL worker has its own default
             f"Identifier {name}_local",
         ]
         key = tree.find("Storage definition").children[0].children[0].children[3]
@@ -127,7 +128,9 @@ def test_each_table_is_replicated_per_shard_behind_a_distributed_table(engine):
         assert [c.label for c in key.children[0].children] == [
             f"Identifier {c}" for c in SHARD_KEYS[name]
         ]
-        assert f" AS {name}_local " in reprinted(engine, sql)  # the local table's columns
+        assert f" AS {DATABASE}.{name}_local " in reprinted(
+            engine, sql
+        )  # the local table's columns
 
 
 def test_alters_go_to_the_local_tables_and_added_columns_to_both(engine):

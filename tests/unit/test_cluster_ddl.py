@@ -35,7 +35,7 @@ def test_a_single_server_runs_every_statement_exactly_as_written():
 
 
 def test_every_migration_renders_for_a_cluster():
-    rendered = [s for _, _, out in plan("vtp_cluster") for s in out]
+    rendered = [s for _, _, out in plan("vtp_cluster", database="vtp_eu") for s in out]
     assert len(rendered) > sum(len(statements(p.read_text())) for _, _, p in available())
     assert all("vtp_cluster" in s or s.startswith("INSERT") for s in rendered)
 
@@ -50,7 +50,7 @@ def test_a_table_without_a_shard_key_is_refused_on_a_cluster():
     sql = "CREATE TABLE IF NOT EXISTS new_table (x String) ENGINE = MergeTree ORDER BY x"
     assert render_statement(sql, "") == [sql]  # one server: as before
     with pytest.raises(ClusterDDLError, match=r"new_table has no shard key.*SHARD_KEYS"):
-        render_statement(sql, "c")
+        render_statement(sql, "c", "vtp_eu")
 
 
 def test_a_replacing_table_must_shard_by_columns_of_its_sorting_key(monkeypatch):
@@ -60,7 +60,7 @@ def test_a_replacing_table_must_shard_by_columns_of_its_sorting_key(monkeypatch)
         "ENGINE = ReplacingMergeTree(v) ORDER BY (owner_id)"
     )
     with pytest.raises(ClusterDDLError, match=r"\['vin'\].*ORDER BY"):
-        render_statement(sql, "c")
+        render_statement(sql, "c", "vtp_eu")
 
 
 def test_every_shard_key_of_a_replacing_table_is_in_its_sorting_key():
@@ -95,8 +95,16 @@ def test_the_dedup_window_becomes_the_replicated_one_or_is_added():
         "CREATE TABLE samples (vin String) ENGINE = MergeTree ORDER BY vin "
         "SETTINGS non_replicated_deduplication_window = 777"
     )
-    local, _ = render_statement(windowed, "c")
+    local, _ = render_statement(windowed, "c", "vtp_eu")
     assert local.endswith("SETTINGS replicated_deduplication_window = 777")
     bare = "CREATE TABLE grants (owner_id String) ENGINE = MergeTree ORDER BY owner_id"
-    local, _ = render_statement(bare, "c")
+    local, _ = render_statement(bare, "c", "vtp_eu")
     assert local.endswith("SETTINGS replicated_deduplication_window = 10000")
+
+
+def test_a_table_on_a_cluster_needs_the_database_named():
+    sql = "CREATE TABLE grants (owner_id String) ENGINE = MergeTree ORDER BY owner_id"
+    with pytest.raises(ClusterDDLError, match="database named"):
+        render_statement(sql, "c")
+    with pytest.raises(ClusterDDLError, match="not a ClickHouse identifier"):
+        render_statement(sql, "c", "vtp_eu; DROP")

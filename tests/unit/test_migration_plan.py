@@ -8,7 +8,11 @@ import pytest
 from sinks.migrations import plan, statements
 from vtp.cli import main
 
-SERVER = {"VTP_WAREHOUSE": "http://u:p@ch:8123/vtp_{region}", "VTP_WAREHOUSE_CLUSTER": "vtp_eu"}
+SERVER = {
+    "VTP_WAREHOUSE": "http://u:p@ch:8123/vtp_{region}",
+    "VTP_WAREHOUSE_CLUSTER": "vtp_eu",
+    "VTP_REGION": "eu",
+}
 
 
 @pytest.fixture
@@ -21,8 +25,9 @@ def environment(monkeypatch, tmp_path):
 def test_the_plan_prints_every_statement_for_the_configured_cluster(environment, capsys):
     assert main(["migrations", "--plan"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("-- vtp's migrations for cluster vtp_eu")
-    assert statements(printed) == [s for _, _, out in plan("vtp_eu") for s in out]
+    assert printed.startswith("-- vtp's migrations for cluster vtp_eu, database vtp_eu")
+    expected = plan("vtp_eu", database="vtp_eu")
+    assert statements(printed) == [s for _, _, out in expected for s in out]
     assert "-- 0008_upload_stored_at" in printed
 
 

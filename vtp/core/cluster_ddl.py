@@ -186,16 +186,17 @@ _INSERT = re.compile(r"INSERT\s+INTO\s+\w+\b", re.I)
 _ORDER_BY = re.compile(r"\bORDER\s+BY\s+(?P<key>\([^()]*\)|\w+\(\)|\w+)", re.I)
 
 
-def render_statement(sql: str, cluster: str) -> list[str]:
-    """The statements that do on ``cluster`` what ``sql`` does on one server; on a single
-    server (``cluster`` empty), ``sql`` itself, unchanged."""
+def render_statement(sql: str, cluster: str, database: str = "") -> list[str]:
+    """The statements that do on ``cluster`` what ``sql`` does on one server, in the
+    region's ``database``; on a single server (``cluster`` empty), ``sql`` itself."""
     if not cluster:
         return [sql]
     check_cluster_name(cluster)
     text = sql.strip()
     if match := _CREATE_TABLE.fullmatch(text):
         try:
-            return _create_table(_CreateTable(**match.groupdict(default="")), cluster)
+            table = _CreateTable(**match.groupdict(default=""))
+            return _create_table(table, cluster, _database_name(database))
         except ClusterDDLError as exc:
             raise ClusterDDLError(f"{exc}\n-- in: {_head(text)}") from None
     if match := _CREATE_VIEW.fullmatch(text):
@@ -217,11 +218,19 @@ def render_statement(sql: str, cluster: str) -> list[str]:
     raise ClusterDDLError(f"no cluster rendering for this statement: {_head(text)}")
 
 
-def render_migration(statements: list[str], cluster: str) -> list[str]:
-    return [out for sql in statements for out in render_statement(sql, cluster)]
+def render_migration(statements: list[str], cluster: str, database: str = "") -> list[str]:
+    return [out for sql in statements for out in render_statement(sql, cluster, database)]
 
 
-def _create_table(table: _CreateTable, cluster: str) -> list[str]:
+def _database_name(database: str) -> str:
+    # Named, never currentDatabase() or an unqualified AS: each node runs ON CLUSTER DDL in
+    # its DDL worker's default database, not the session's (ClickHouse issues 6104, 37318).
+    if not database:
+        raise ClusterDDLError("a table on a cluster needs the region's database named")
+    return _table_name(database)
+
+
+def _create_table(table: _CreateTable, cluster: str, database: str) -> list[str]:
     name = table.name
     replicated = _REPLICATED.get(table.engine)
     if replicated is None:
@@ -254,8 +263,8 @@ def _create_table(table: _CreateTable, cluster: str) -> list[str]:
     )
     key = f"cityHash64({', '.join(shard_columns)})"
     distributed_ddl = (
-        f"CREATE TABLE IF NOT EXISTS {name}{on_cluster(cluster)} AS {local} "
-        f"ENGINE = Distributed({cluster}, currentDatabase(), {local}, {key})"
+        f"CREATE TABLE IF NOT EXISTS {name}{on_cluster(cluster)} AS {database}.{local} "
+        f"ENGINE = Distributed({cluster}, {database}, {local}, {key})"
     )
     return [local_ddl, distributed_ddl]
 

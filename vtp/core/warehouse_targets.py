@@ -206,12 +206,7 @@ class ClickHouseServer:
     def __init__(self, url: str, region: str, session: Mapping[str, str] | None = None):
         self._session = dict(session or {})  # settings every client carries
         parsed = urlparse(url.replace("{region}", region))
-        database = parsed.path.strip("/") or f"vtp_{region}"
-        if region not in database:
-            raise WarehouseError(
-                f"the warehouse database {database!r} is not the region's own: name it after "
-                "the region, e.g. VTP_WAREHOUSE=http://user:pass@host:8123/vtp_{region}"
-            )
+        database = server_database(url, region)
         self.description = f"{parsed.scheme}://{parsed.hostname}:{parsed.port}/{database}"
         self._connect: _ClientArgs = {
             "host": parsed.hostname,
@@ -262,6 +257,17 @@ class ClickHouseServer:
 
     def close(self) -> None:
         pass
+
+
+def server_database(url: str, region: str) -> str:
+    """The region's database on the server ``url`` names (``{region}`` filled in)."""
+    database = urlparse(url.replace("{region}", region)).path.strip("/") or f"vtp_{region}"
+    if region not in database:
+        raise WarehouseError(
+            f"the warehouse database {database!r} is not the region's own: name it after "
+            "the region, e.g. VTP_WAREHOUSE=http://user:pass@host:8123/vtp_{region}"
+        )
+    return database
 
 
 def _locked_by_another_process(status_file: Path) -> bool:
