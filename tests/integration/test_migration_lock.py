@@ -60,6 +60,29 @@ def tables(warehouse) -> set[str]:
     return {r[0] for r in rows(found)}
 
 
+def migrate_at_once(connections: list[Connection]) -> list[list[int]]:
+    """Each connection migrates in a thread of its own, all starting together; what each
+    applied, in the order of ``connections``."""
+    results: list[list[int]] = [[] for _ in connections]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(connections))
+
+    def run(index: int, connection: Connection) -> None:
+        try:
+            start.wait()
+            results[index] = migrate(connection, options=MigrationOptions(lock_timeout_s=120))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
 def test_two_migrators_at_once_apply_each_version_once_and_one_waits(tmp_path):
     """Whoever takes the lock pauses until the other has been refused it, so the two
     really overlap, whichever thread is faster."""
@@ -73,25 +96,9 @@ def test_two_migrators_at_once_apply_each_version_once_and_one_waits(tmp_path):
             assert refused.wait(60), "the other migrator was never refused the lock"
 
     first, second = (Connection(path, before, refused.set) for _ in range(2))
-    results: dict[str, list[int]] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
-
-    def run(name: str, connection: Connection) -> None:
-        try:
-            start.wait()
-            results[name] = migrate(connection, options=MigrationOptions(lock_timeout_s=120))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(n, c)) for n, c in (("a", first), ("b", second))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = migrate_at_once([first, second])
     everything = [v for v, _, _ in available()]
-    assert sorted(results.values()) == [[], everything]  # one applied all, the other waited
+    assert sorted(results) == [[], everything]  # one applied all, the other waited
     assert refused.is_set()
     found = rows(first.query("SELECT version, count() FROM schema_migrations GROUP BY version"))
     assert sorted(found) == [(v, 1) for v in everything]
@@ -102,23 +109,7 @@ def test_two_migrators_at_once_apply_each_version_once_and_one_waits(tmp_path):
 
 def test_many_migrators_racing_freely_apply_each_version_once(tmp_path):
     connections = [Connection(tmp_path / "wh") for _ in range(4)]
-    results: list[list[int]] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(connections))
-
-    def run(connection: Connection) -> None:
-        try:
-            start.wait()
-            results.append(migrate(connection, options=MigrationOptions(lock_timeout_s=120)))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in connections]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = migrate_at_once(connections)
     everything = [v for v, _, _ in available()]
     assert sorted(results) == [[], [], [], everything]
     found = rows(connections[0].query("SELECT version FROM schema_migrations ORDER BY version"))
