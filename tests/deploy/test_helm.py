@@ -88,6 +88,7 @@ def test_the_chart_lints_strictly_with_each_regions_values(region):
         (["--set", "worker.env.KAFKA_DEBUG=all"], "'KAFKA_DEBUG' does not match"),  # VTP_* only
         (["--set", "unknown=1"], "additional properties 'unknown' not allowed"),
         (["--set", "kafka.egress.cidrs=null"], "missing property 'cidrs'"),  # eu: no Strimzi
+        (["--set", "clickhouse.cluster=eu-1"], "/clickhouse/cluster"),  # written into SQL
     ],
 )
 def test_values_outside_the_schema_are_refused_with_the_path_that_is_wrong(values, refusal):
@@ -328,3 +329,16 @@ def test_nobody_scrapes_metrics_when_no_monitoring_namespace_is_named():
         m for m in yaml.safe_load_all(done.stdout) if m and m["kind"] == "NetworkPolicy"
     ):
         assert all(rule.get("from") for rule in policy["spec"]["ingress"] or [])
+
+
+def test_a_warehouse_cluster_reaches_every_process_that_runs_migrations():
+    manifests = yaml.safe_load_all(_render("eu", "--set", "clickhouse.cluster=vtp_eu"))
+    pods = _containers([m for m in manifests if m])
+    with_warehouse = {
+        name: {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        for name, pod in pods.items()
+        if any(e["name"] == "VTP_WAREHOUSE" for e in pod["containers"][0]["env"])
+    }
+    assert with_warehouse, "no process gets the warehouse"
+    for name, env in with_warehouse.items():
+        assert env.get("VTP_WAREHOUSE_CLUSTER") == "vtp_eu", name

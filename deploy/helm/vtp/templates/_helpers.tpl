@@ -142,6 +142,10 @@ and there are at most as many replicas as brokers.
     secretKeyRef:
       name: {{ required "clickhouse.urlSecret.name: the Secret holding the warehouse URL" .Values.clickhouse.urlSecret.name }}
       key: {{ .Values.clickhouse.urlSecret.key }}
+{{- with .Values.clickhouse.cluster }}
+- name: VTP_WAREHOUSE_CLUSTER
+  value: {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 
