@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vtp.core.warehouse_targets import sql_string
+
 LOCAL_SUFFIX = "_local"
 
 # The inserts' deduplication window on a replicated table. The sink makes its inserts
@@ -121,11 +123,6 @@ def bookkeeping_sync(cluster: str) -> list[str]:
 
 
 # -- the migration lock's statements (sinks/migration_lock.py runs them) ---------------
-
-
-def sql_string(text: str) -> str:
-    """``text`` as a ClickHouse string literal (DDL takes no bound parameters)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def lock_create(comment: str, cluster: str) -> str:
