@@ -75,14 +75,17 @@ def plan(
     ]
 
 
+def _applied(warehouse: Warehouse) -> set[int]:
+    return {row[0] for row in rows(warehouse.query("SELECT version FROM schema_migrations"))}
+
+
 def _all_applied(warehouse: Warehouse, versions: list[int]) -> bool:
     """Whether every version is recorded already (versions are only ever added, so a
     replica that lags can only say no, and then the lock is taken to find out)."""
     try:
-        done = {row[0] for row in rows(warehouse.query("SELECT version FROM schema_migrations"))}
+        return set(versions) <= _applied(warehouse)
     except WarehouseError:  # no bookkeeping yet: a fresh warehouse
         return False
-    return set(versions) <= done
 
 
 def migrate(
@@ -92,9 +95,8 @@ def migrate(
 ) -> list[int]:
     """Apply pending migrations; returns the versions applied now."""
     cluster = options.cluster
-    pending = plan(
-        cluster, directory, options.database
-    )  # a statement with no rendering fails before any runs
+    # A statement with no rendering fails here, before any runs.
+    pending = plan(cluster, directory, options.database)
     if _all_applied(warehouse, [version for version, _, _ in pending]):
         return []  # every process starting up would otherwise queue for the lock
     with migration_lock(
@@ -103,7 +105,7 @@ def migrate(
         warehouse.execute(bookkeeping_ddl(cluster))
         for statement in bookkeeping_sync(cluster):
             warehouse.execute(statement)
-        done = {row[0] for row in rows(warehouse.query("SELECT version FROM schema_migrations"))}
+        done = _applied(warehouse)
         applied = []
         for version, name, rendered in pending:
             if version in done:
