@@ -214,6 +214,26 @@ class Settings:
     api_port: int = setting(
         0, "its port; 0 picks a free one (written to `<data_dir>/<region>/serve.json`)"
     )
+    pki_dir: str = setting(
+        "",
+        "folder of every region's edge certificates (`vtp pki`), each in `<pki_dir>/<region>`: "
+        "`vehicle-ca.pem`, `edge-ca.pem`, `gateway.pem`/`.key`, `revoked.txt`; empty: `<data_dir>/<region>/pki`",
+    )
+    gateway_host: str = setting("127.0.0.1", "where `vtp gateway` listens for vehicles")
+    gateway_port: int = setting(
+        0, "its port; 0 picks a free one (written to `<data_dir>/<region>/gateway.json`)"
+    )
+    gateway_rate: float = setting(2.0, "uploads per second one vehicle may send, sustained")
+    gateway_burst: int = setting(60, "uploads one vehicle may send at once (a reconnect's backlog)")
+    gateway_inflight_mb: float = setting(
+        64.0,
+        "uploads waiting for Kafka's acknowledgement, in MiB; beyond it vehicles are told to "
+        "retry later (kafka_backlog)",
+    )
+    gateway_max_connections: int = setting(20_000, "vehicle connections one gateway holds")
+    gateway_revoked_reload_s: float = setting(
+        5.0, "how often the gateway rereads `revoked.txt` (also on SIGHUP)"
+    )
     keys_dir: str = setting(
         "",
         "folder of every region's keys, each in `<keys_dir>/<region>`; empty: `<data_dir>/<region>/keys`",
@@ -272,6 +292,12 @@ class Settings:
             raise SettingsError(
                 "VTP_WORKER_STALL_S must be 0 or more than twice VTP_STATE_CHECKPOINT_S"
             )
+        if self.gateway_rate <= 0 or self.gateway_burst < 1:
+            raise SettingsError("VTP_GATEWAY_RATE must be more than 0, VTP_GATEWAY_BURST at least 1")
+        if self.gateway_inflight_mb <= 0 or self.gateway_max_connections < 1:
+            raise SettingsError(
+                "VTP_GATEWAY_INFLIGHT_MB must be more than 0, VTP_GATEWAY_MAX_CONNECTIONS at least 1"
+            )
         if self.changelog_compaction_lag_s <= 0:
             raise SettingsError("VTP_CHANGELOG_COMPACTION_LAG_S must be more than 0")
 
@@ -325,6 +351,11 @@ class Settings:
     def keys_path(self) -> Path:
         """The region's own keys: never a folder two regions could share."""
         return Path(self.keys_dir) / self.need_region() if self.keys_dir else self.home / "keys"
+
+    @property
+    def pki_path(self) -> Path:
+        """The region's edge certificates: never a folder two regions could share."""
+        return Path(self.pki_dir) / self.need_region() if self.pki_dir else self.home / "pki"
 
     @property
     def topics(self) -> Topics:
