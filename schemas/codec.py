@@ -98,6 +98,14 @@ class SchemaStore:
     def by_fingerprint(self, fp: bytes) -> Schema | None:
         return self._by_fingerprint.get(fp)
 
+    def fingerprints(self, name: str) -> frozenset[bytes]:
+        """Every version of the schema called ``name`` (short or full), as framed."""
+        return frozenset(
+            s.fingerprint
+            for (full, _), s in self._by_name.items()
+            if full == name or full.rsplit(".", 1)[-1] == name
+        )
+
     def encode(self, record: Mapping[str, Any], schema: Schema) -> bytes:
         buf = io.BytesIO()
         buf.write(MARKER)
