@@ -130,6 +130,13 @@ def _serve(args: argparse.Namespace) -> int:
     return run_serve(settings, with_sink=not args.no_sink)
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from producers.gateway import run_gateway
+
+    _logging()
+    return run_gateway(_settings(args))
+
+
 def _token(args: argparse.Namespace) -> int:
     from owner_api.tokens import issue, owner_claims
     from vtp.core.keys import load_keyring
@@ -273,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("sink", _sink, "write the region's validated uploads into its warehouse")
     p = command("serve", _serve, "the region's owner API (with its sink, in embedded mode)")
     p.add_argument("--no-sink", action="store_true", help="API only (ClickHouse server mode)")
+    command("gateway", _gateway, "the region's vehicle edge: mutual TLS, uploads to Kafka")
     p = command("token", _token, "issue an owner token for local use (signed, expiring)")
     p.add_argument("owner_id")
     p.add_argument("--ttl", type=int, default=0, help="seconds; default VTP_OWNER_TOKEN_TTL_S")
@@ -317,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from deploy.broker import BrokerError
+        from producers.gateway import GatewayError
         from sinks.sink import SinkError
         from vtp.core.cluster_ddl import ClusterDDLError
         from vtp.core.kafka import KafkaRefused
@@ -334,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             WarehouseError,
             SinkError,
             ServeError,
+            GatewayError,
             TopicError,
             KafkaRefused,
             KeyFileError,

@@ -172,6 +172,33 @@ def start_serve(settings: Settings, metrics_port: int = 0) -> Process:
     )
 
 
+def start_gateway(
+    settings: Settings, metrics_port: int = 0, timeout: float = 60.0
+) -> tuple[Process, str]:
+    """`vtp gateway` for the region's vehicles, once it listens: the process and its URL."""
+    import json
+
+    where = settings.home / "gateway.json"
+    where.unlink(missing_ok=True)
+    process = start_process(
+        settings, f"gateway-{settings.need_region()}", "gateway", metrics_port=metrics_port
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.exited() is not None:
+            raise RuntimeError(f"vtp gateway exited ({process.exited()}):\n{process.log_tail()}")
+        try:
+            state = json.loads(where.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+            continue
+        if state.get("pid") == process.popen.pid:
+            return process, str(state["url"])
+        time.sleep(0.05)
+    process.stop()
+    raise RuntimeError(f"vtp gateway did not listen within {timeout:.0f} s:\n{process.log_tail()}")
+
+
 def start_region(settings: Settings) -> tuple[list[Process], str]:
     """A region's stack as operators run it, on its broker: topics, `vtp worker` and
     `vtp serve` (sink + owner API). Returns the processes and the API's URL."""

@@ -110,3 +110,67 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
         return None
     start_http_server(port, addr=host)
     return port
+
+
+# The vehicle edge (`vtp gateway`).
+GATEWAY_CONNECTIONS = Gauge(
+    "vtp_gateway_connections", "Vehicles connected (one stream each)", ["region"]
+)
+GATEWAY_CONNECTIONS_REFUSED = Counter(
+    "vtp_gateway_connections_refused_total",
+    "Verified TLS connections refused before the stream opened: not_a_vehicle (the "
+    "certificate names no VIN), revoked, too_many_connections",
+    ["region", "reason"],
+)
+GATEWAY_TLS_ACCEPTED = Counter(
+    "vtp_gateway_tcp_accepted_total",
+    "TCP connections accepted; minus vtp_gateway_tls_established_total, the handshakes "
+    "refused (no certificate, another CA, expired) or abandoned",
+    ["region"],
+)
+GATEWAY_TLS_ESTABLISHED = Counter(
+    "vtp_gateway_tls_established_total", "Mutual TLS handshakes that succeeded", ["region"]
+)
+GATEWAY_ACCEPTED = Counter(
+    "vtp_gateway_uploads_accepted_total",
+    "Uploads Kafka acknowledged and the vehicle was told",
+    ["region"],
+)
+GATEWAY_REFUSED = Counter(
+    "vtp_gateway_uploads_refused_total",
+    "Uploads refused for good (never storable), by reason",
+    ["region", "reason"],
+)
+GATEWAY_RETRIED = Counter(
+    "vtp_gateway_uploads_retried_total",
+    "Uploads the vehicle was told to send again later: rate_limited, kafka_backlog, "
+    "kafka_unavailable, held (behind one of those on its stream)",
+    ["region", "reason"],
+)
+GATEWAY_OVERSIZE = Counter(
+    "vtp_gateway_oversize_frames_total",
+    "Streams closed for a frame over the upload size limit (1009)",
+    ["region"],
+)
+GATEWAY_ACK_SECONDS = Histogram(
+    "vtp_gateway_ack_seconds",
+    "From an upload's arrival to Kafka's acknowledgement",
+    ["region"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+GATEWAY_INFLIGHT_BYTES = Gauge(
+    "vtp_gateway_inflight_bytes", "Upload bytes waiting for Kafka's acknowledgement", ["region"]
+)
+GATEWAY_BACKPRESSURE = Gauge(
+    "vtp_gateway_backpressure",
+    "1 while the gateway tells vehicles to retry because Kafka is behind (kafka_backlog)",
+    ["region"],
+)
+GATEWAY_REVOKED = Gauge(
+    "vtp_gateway_revoked_serials", "Certificate serials in the deny-list in force", ["region"]
+)
+GATEWAY_REVOKED_RELOAD_FAILURES = Counter(
+    "vtp_gateway_revoked_reload_failures_total",
+    "Deny-list rereads that failed (the previous list stays in force)",
+    ["region"],
+)

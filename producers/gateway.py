@@ -1,0 +1,344 @@
+"""`vtp gateway`: a region's vehicle edge. Vehicles connect over mutual TLS with a
+certificate from the region's vehicle CA naming their VIN, stream uploads over one
+WebSocket each (producers/edge_wire.py has the protocol), and hear back about each
+upload once Kafka has it. The decisions are producers/edge.py's; this is the server.
+
+Why a WebSocket stream, not an HTTP/2 POST per upload: a vehicle keeps one connection
+open for hours and sends an upload every few seconds; a frame per upload costs a few
+bytes of framing where a request costs headers, and answers by upload id can come back
+in whatever order Kafka acknowledges. A stream also carries backpressure for free: a
+gateway that stops reading stops the vehicle through TCP. aiohttp (already here for
+Faust) parses frames in C; Python's HTTP/2 servers are pure Python.
+
+What the gateway refuses, and where:
+- the TLS handshake: no certificate, one that does not chain to this region's vehicle CA
+  (another maker's, another region's, a forged one), an expired one, one not for client
+  authentication;
+- before the stream opens: a certificate whose subject is not a VIN or whose serial is
+  revoked (403; ``revoked.txt`` is reread every VTP_GATEWAY_REVOKED_RELOAD_S and on
+  SIGHUP, and live streams of a newly revoked serial are closed, 4001); more than
+  VTP_GATEWAY_MAX_CONNECTIONS vehicles (503);
+- per upload, for good (``refused``): not single-object Avro, an unknown schema, a body
+  VIN other than the certificate's, a bad upload id, too many samples; a frame over
+  VTP_MAX_UPLOAD_BYTES closes the stream (1009) before it is buffered whole;
+- per upload, for now (``retry``): the vehicle is over its rate (a token bucket per VIN),
+  Kafka holds VTP_GATEWAY_INFLIGHT_MB of unacknowledged uploads (backpressure), Kafka
+  failed the write, the gateway is stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from confluent_kafka import KafkaError, Producer
+
+from producers import edge_wire
+from producers.edge import Connection, DeliveryPump, Edge, certificate_identity
+from producers.pki import read_revoked
+from vtp.core import metrics as m
+from vtp.core.kafka import producer_config
+from vtp.core.settings import Settings
+from vtp.core.topics import check_cluster_region
+
+log = logging.getLogger("vtp.gateway")
+
+# Answers a stream may owe before the gateway stops reading it: a vehicle that does not
+# read its answers stalls itself (through TCP), not the gateway.
+UNANSWERED_PER_STREAM = 256
+HANDSHAKE_TIMEOUT_S = 10.0
+HEARTBEAT_S = 30.0
+STOP_FLUSH_S = 10.0
+
+
+class GatewayError(RuntimeError):
+    """`vtp gateway` cannot start."""
+
+
+@dataclass(frozen=True)
+class EdgeFiles:
+    vehicle_ca: Path
+    cert: Path
+    key: Path
+    revoked: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> EdgeFiles:
+        pki = settings.pki_path
+        return cls(
+            pki / "vehicle-ca.pem", pki / "gateway.pem", pki / "gateway.key", pki / "revoked.txt"
+        )
+
+
+def address_file(settings: Settings) -> Path:
+    return settings.home / "gateway.json"
+
+
+def server_context(files: EdgeFiles) -> ssl.SSLContext:
+    """Mutual TLS: only certificates chaining to the region's vehicle CA get through the
+    handshake (OpenSSL also checks they are meant for client authentication)."""
+    for path in (files.vehicle_ca, files.cert, files.key):
+        if not path.is_file():
+            raise GatewayError(
+                f"{path} is missing: create the region's development PKI with `vtp pki init`, "
+                "or point VTP_PKI_DIR at your own (README, The vehicle edge)"
+            )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(files.vehicle_ca))
+    context.load_cert_chain(str(files.cert), str(files.key))
+    return context
+
+
+def gateway_producer(settings: Settings) -> Producer:
+    def on_error(error: KafkaError) -> None:
+        if error.fatal():
+            log.error("Kafka producer failed for good: %s", error)
+        else:
+            log.warning("Kafka: %s", error)
+
+    return Producer(
+        {
+            **producer_config(settings.bootstrap(), settings.kafka_extra),
+            # An acknowledgement is what the vehicle waits for: a short linger.
+            "linger.ms": 5,
+            # A write is never given up on here: while Kafka is down, uploads wait (their
+            # bytes bounded by VTP_GATEWAY_INFLIGHT_MB) and vehicles keep the rest.
+            "message.timeout.ms": 0,
+            "error_cb": on_error,
+        }
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise GatewayError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): set VTP_GATEWAY_PORT "
+            "(0 picks a free port)"
+        ) from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def run_gateway(settings: Settings) -> int:
+    region = settings.need_region()
+    files = EdgeFiles.of(settings)
+    context = server_context(files)
+    try:
+        revoked = _serials(read_revoked(files.revoked)) if files.revoked.exists() else frozenset()
+    except ValueError as exc:
+        raise GatewayError(f"{files.revoked}: {exc}") from None
+    check_cluster_region(settings)
+    sock = _bind(settings.gateway_host, settings.gateway_port)
+    producer = gateway_producer(settings)
+    m.serve_metrics(settings.metrics_port, settings.metrics_host)
+    edge = Edge(settings, producer)
+    edge.set_revoked(revoked)
+    log.info("vehicle gateway for %s: %d revoked serials", region, len(revoked))
+    asyncio.run(Gateway(settings, edge, files).serve(sock, context))
+    return 0
+
+
+def _serials(hex_serials: frozenset[str]) -> frozenset[int]:
+    return frozenset(int(s, 16) for s in hex_serials)
+
+
+class Gateway:
+    def __init__(self, settings: Settings, edge: Edge, files: EdgeFiles):
+        self.settings = settings
+        self.edge = edge
+        self.files = files
+        self.region = edge.region
+        self.reload_now = asyncio.Event()
+        self.closing: set[asyncio.Task[Any]] = set()
+
+    def close_stream(self, conn: Connection, code: int, why: bytes) -> None:
+        """Closes a vehicle's stream from outside its handler (which then ends)."""
+        task = asyncio.create_task(conn.ws.close(code=code, message=why))
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    async def serve(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        pump = DeliveryPump(self.edge, loop)
+        pump.start()
+        app = web.Application()
+        app.router.add_get(edge_wire.PATH, self.stream)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        accepted = m.GATEWAY_TLS_ACCEPTED.labels(self.region)
+        handler = runner.server
+        assert handler is not None  # set up above
+
+        def protocol() -> Any:
+            accepted.inc()
+            return handler()
+
+        server = await loop.create_server(
+            protocol, sock=sock, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+        )
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_now.set)
+        watcher = asyncio.create_task(self.watch_revoked())
+        host, port = sock.getsockname()[:2]
+        where = address_file(self.settings)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        url = f"wss://{host}:{port}{edge_wire.PATH}"
+        where.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        log.info("vehicle gateway for %s on %s", self.region, url)
+        try:
+            await stop.wait()
+        finally:
+            where.unlink(missing_ok=True)
+            watcher.cancel()
+            server.close()
+            await self.stop(pump)
+            await runner.cleanup()
+
+    async def stop(self, pump: DeliveryPump) -> None:
+        """Stops taking uploads, lets Kafka acknowledge what it has, tells the vehicles,
+        then closes: a vehicle resends only what was never acknowledged."""
+        edge = self.edge
+        edge.stopping = True
+        pump.stopping.set()
+        await asyncio.to_thread(pump.join)
+        left = await asyncio.to_thread(edge.producer.flush, STOP_FLUSH_S)
+        batch, edge.deliveries = edge.deliveries, []
+        edge.on_delivered(batch)
+        await asyncio.sleep(0)  # the answer writers run
+        for conn in list(edge.connections.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.drained(), 2.0)
+            await conn.ws.close(code=1001, message=b"gateway stopping")
+        log.info("vehicle gateway stopped; %d uploads not acknowledged by Kafka", left)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        peercert = transport.get_extra_info("peercert") if transport else None
+        identity = certificate_identity(peercert)
+        if identity is None:
+            return self._refuse("not_a_vehicle", 403, "the certificate names no VIN")
+        vin, serial = identity
+        why = self.edge.admit(vin, serial)
+        if why == "revoked":
+            return self._refuse(why, 403, "this certificate is revoked")
+        if why:
+            return self._refuse(why, 503, "too many vehicles connected: try again later")
+        ws = web.WebSocketResponse(
+            max_msg_size=self.settings.max_upload_bytes,
+            compress=False,  # no inflating a small frame into a large one
+            heartbeat=HEARTBEAT_S,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400, text="a vehicle stream is a WebSocket\n")
+        await ws.prepare(request)
+        conn = Connection(vin, serial, ws)
+        older = self.edge.opened(conn)
+        if older is not None:
+            self.close_stream(older, edge_wire.CLOSE_REPLACED, b"replaced by a newer stream")
+        writer = asyncio.create_task(self.write_answers(conn))
+        try:
+            await self.read_uploads(conn)
+        finally:
+            self.edge.closed(conn)
+            writer.cancel()
+        return ws
+
+    def _refuse(self, reason: str, status: int, text: str) -> web.Response:
+        m.GATEWAY_CONNECTIONS_REFUSED.labels(self.region, reason).inc()
+        headers = {"Retry-After": "30"} if status == 503 else None
+        return web.Response(status=status, text=f"{reason}: {text}\n", headers=headers)
+
+    async def read_uploads(self, conn: Connection) -> None:
+        ws, edge = conn.ws, self.edge
+        while True:
+            if conn.unanswered >= UNANSWERED_PER_STREAM:
+                conn.room.clear()
+                await conn.room.wait()
+            message = await ws.receive()
+            if message.type is WSMsgType.BINARY:
+                edge.on_upload(conn, message.data, time.monotonic())
+            elif message.type is WSMsgType.TEXT:
+                edge.on_text(conn, message.data)
+            elif message.type is WSMsgType.ERROR:
+                if getattr(message.data, "code", None) == edge_wire.CLOSE_TOO_BIG:
+                    m.GATEWAY_OVERSIZE.labels(self.region).inc()
+                return
+            else:  # close, closing, closed
+                return
+
+    async def write_answers(self, conn: Connection) -> None:
+        ws = conn.ws
+        try:
+            while True:
+                await conn.wake.wait()
+                conn.wake.clear()
+                answered = 0
+                if conn.acks:
+                    ids, conn.acks = conn.acks, []
+                    answered += len(ids)
+                    await ws.send_str(edge_wire.ack_message(ids))
+                while conn.others:
+                    answered += 1
+                    await ws.send_str(conn.others.popleft())
+                conn.unanswered -= answered
+                if conn.unanswered < UNANSWERED_PER_STREAM:
+                    conn.room.set()
+        except (ConnectionError, RuntimeError):
+            return  # the vehicle went away; what it was not told, it sends again
+
+    async def watch_revoked(self) -> None:
+        """Rereads the deny-list when it changes; a list that cannot be read leaves the
+        one in force (failing closed), and says so."""
+        path = self.files.revoked
+        last = _stamp(path)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.reload_now.wait(), self.settings.gateway_revoked_reload_s
+                )
+            forced = self.reload_now.is_set()
+            self.reload_now.clear()
+            self.edge.forget_idle_buckets(time.monotonic())
+            stamp = _stamp(path)
+            if stamp == last and not forced:
+                continue
+            last = stamp
+            try:
+                serials = _serials(read_revoked(path))
+            except (OSError, ValueError) as exc:
+                m.GATEWAY_REVOKED_RELOAD_FAILURES.labels(self.region).inc()
+                log.error("deny-list %s not reloaded, the previous one stays: %s", path, exc)
+                continue
+            cut = self.edge.set_revoked(serials)
+            for conn in cut:
+                self.close_stream(conn, edge_wire.CLOSE_REVOKED, b"certificate revoked")
+            log.info("deny-list reloaded: %d serials; %d streams closed", len(serials), len(cut))
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
