@@ -1,0 +1,258 @@
+"""The vehicle edge as vehicles meet it: `vtp gateway` processes on a real broker, the
+vehicle SDK's store-and-forward uplink, certificates from the region's development PKI
+(and from elsewhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from producers import edge_wire
+from producers.pki import forge_vehicle, init_region, issue_vehicle, revoke
+from producers.uplink import VehicleCredentials, VehicleUplink
+from tests.e2e.test_pipeline import free_port, scrape
+from vtp.harness import start_gateway
+
+pytestmark = pytest.mark.e2e
+
+VIN_A = "WVWZZZ1JZXW0000A1"
+VIN_B = "WVWZZZ1JZXW0000B2"
+
+
+def credentials(settings, vin: str) -> VehicleCredentials:
+    identity = issue_vehicle(settings.pki_path, vin)
+    return VehicleCredentials(
+        identity.cert_path, identity.key_path, settings.pki_path / "edge-ca.pem"
+    )
+
+
+def upload(vin: str, n: int, samples: int = 3, start_ms: int = 1_793_944_800_000) -> dict:
+    return {
+        "vin": vin,
+        "upload_id": f"{vin}-{n:05d}",
+        "sent_at_ms": start_ms + n * 10_000 + 9_000,
+        "gateway_firmware": "test",
+        "samples": [
+            {"event_time_ms": start_ms + n * 10_000 + i * 1000, "seq": n * 100 + i, "speed": 20.0}
+            for i in range(samples)
+        ],
+    }
+
+
+def topic_uploads(settings) -> list[tuple[str, str]]:
+    """(key, upload id) of every message in the region's uploads topic, in each
+    partition's order (a VIN's uploads are all in one partition)."""
+    from schemas import default_store
+
+    store = default_store()
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "group.id": "edge-test",
+            "enable.auto.commit": False,
+        }
+    )
+    found: list[tuple[str, str]] = []
+    try:
+        meta = consumer.list_topics(settings.topics.uploads, timeout=10).topics[
+            settings.topics.uploads
+        ]
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(settings.topics.uploads, p), 10
+            )
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(settings.topics.uploads, p, low)])
+            read = 0
+            while read < high - low:
+                message = consumer.poll(5)
+                assert message is not None, "the topic did not give back what it holds"
+                assert message.error() is None, message.error()
+                read += 1
+                record, _ = store.decode(message.value())
+                found.append((message.key().decode(), record["upload_id"]))
+    finally:
+        consumer.close()
+    return found
+
+
+def ids_of(settings, vin: str) -> list[str]:
+    return [u for k, u in topic_uploads(settings) if k == vin]
+
+
+@pytest.fixture(scope="module")
+def edge(region_stack):
+    """An EU region's topics and PKI, and its gateway (reloading the deny-list often)."""
+    settings = region_stack("eu", "edge", gateway_revoked_reload_s=0.3)
+    init_region(settings.pki_path, "eu")
+    port = free_port()
+    process, url = start_gateway(settings, metrics_port=port)
+    yield settings, url, port
+    process.stop()
+
+
+def test_an_upload_is_acknowledged_once_kafka_has_it_keyed_by_the_vehicle(edge, tmp_path):
+    settings, url, metrics_port = edge
+    uplink = VehicleUplink(url, credentials(settings, VIN_A), tmp_path / "spool")
+    try:
+        for n in range(20):
+            uplink.send(upload(VIN_A, n))
+        assert uplink.wait_acknowledged(30), uplink.report
+    finally:
+        report = uplink.close()
+    assert report.acknowledged == 20 and not report.refused
+    assert ids_of(settings, VIN_A)[-20:] == [f"{VIN_A}-{n:05d}" for n in range(20)]
+    metrics = scrape(metrics_port)
+    assert 'vtp_gateway_uploads_accepted_total{region="eu"}' in metrics
+
+
+def _refused_handshake(url: str, creds: VehicleCredentials, tmp_path: Path) -> str:
+    uplink = VehicleUplink(url, creds, tmp_path)
+    try:
+        uplink.send(upload(creds_vin(creds), 0))
+        assert not uplink.wait_acknowledged(3)
+    finally:
+        report = uplink.close()
+    assert report.connects == 0 and report.connect_failures > 0
+    return report.last_error
+
+
+def creds_vin(creds: VehicleCredentials) -> str:
+    return creds.cert.stem.removeprefix("forged-")
+
+
+def test_a_certificate_from_a_forged_ca_is_refused_in_the_handshake(edge, tmp_path):
+    settings, url, _ = edge
+    forged = forge_vehicle(tmp_path / "forged", VIN_B, "eu")
+    creds = VehicleCredentials(forged.cert_path, forged.key_path, settings.pki_path / "edge-ca.pem")
+    before = ids_of(settings, VIN_B)
+    error = _refused_handshake(url, creds, tmp_path / "spool")
+    assert "certificate" in error.lower() or "ssl" in error.lower(), error
+    assert ids_of(settings, VIN_B) == before
+
+
+def test_a_certificate_from_another_regions_vehicle_ca_is_refused(edge, tmp_path):
+    settings, url, _ = edge
+    china = tmp_path / "cn-pki"
+    init_region(china, "cn")
+    identity = issue_vehicle(china, VIN_B)
+    # it trusts the EU edge CA, so only its own certificate can fail the handshake
+    creds = VehicleCredentials(
+        identity.cert_path, identity.key_path, settings.pki_path / "edge-ca.pem"
+    )
+    before = ids_of(settings, VIN_B)
+    _refused_handshake(url, creds, tmp_path / "spool")
+    assert ids_of(settings, VIN_B) == before
+
+
+def test_a_vehicle_cannot_upload_for_another_vin(edge, tmp_path):
+    settings, url, _ = edge
+    uplink = VehicleUplink(url, credentials(settings, VIN_A), tmp_path / "spool")
+    before = ids_of(settings, VIN_B)
+    try:
+        uplink.send(upload(VIN_B, 0))
+        uplink.send(upload(VIN_A, 900))
+        assert uplink.wait_acknowledged(30), uplink.report
+    finally:
+        report = uplink.close()
+    assert [(i, r) for i, r, _ in report.refused] == [(f"{VIN_B}-00000", "vin_mismatch")]
+    assert report.acknowledged == 1
+    assert ids_of(settings, VIN_B) == before
+    assert f"{VIN_A}-00900" in ids_of(settings, VIN_A)
+
+
+def test_a_revoked_certificate_is_cut_off_and_refused_after_the_reload(edge, tmp_path):
+    settings, url, metrics_port = edge
+    vin = "WVWZZZ1JZXW0000C3"
+    creds = credentials(settings, vin)
+    uplink = VehicleUplink(url, creds, tmp_path / "spool")
+    try:
+        uplink.send(upload(vin, 0))
+        assert uplink.wait_acknowledged(30), uplink.report
+        assert uplink.report.connects == 1
+        revoke(settings.pki_path, creds.cert, reason="stolen")
+        deadline = time.monotonic() + 20
+        while "4001" not in uplink.report.last_error and "403" not in uplink.report.last_error:
+            assert time.monotonic() < deadline, uplink.report
+            time.sleep(0.05)
+        uplink.send(upload(vin, 1))
+        assert not uplink.wait_acknowledged(2)
+    finally:
+        report = uplink.close()
+    assert report.connects == 1  # never again after the revocation
+    assert f"{vin}-00001" not in ids_of(settings, vin)
+    assert 'reason="revoked"' in scrape(metrics_port)
+
+
+def test_a_tls_client_without_a_certificate_is_refused(edge):
+    settings, url, _ = edge
+    host, port = url.removeprefix("wss://").split("/")[0].rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(settings.pki_path / "edge-ca.pem"))
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        tls = context.wrap_socket(raw, server_hostname=host)
+        tls.sendall(b"GET /v1/uploads HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            tls.recv(1)  # TLS 1.3: the server's refusal arrives with the first read
+
+
+def test_a_spool_outlives_its_process_and_acknowledged_uploads_are_not_sent_again(edge, tmp_path):
+    settings, url, _ = edge
+    vin = "WVWZZZ1JZXW0000D4"
+    creds = credentials(settings, vin)
+    dead = f"wss://127.0.0.1:{free_port()}{edge_wire.PATH}"  # nothing listens there
+    offline = VehicleUplink(dead, creds, tmp_path / "spool")
+    for n in range(5):
+        offline.send(upload(vin, n))
+    assert not offline.wait_acknowledged(0.5)
+    offline.close()
+    online = VehicleUplink(url, creds, tmp_path / "spool")
+    try:
+        assert online.wait_acknowledged(30), online.report
+    finally:
+        online.close()
+    again = VehicleUplink(url, creds, tmp_path / "spool")
+    try:
+        again.send(upload(vin, 5))
+        assert again.wait_acknowledged(30), again.report
+    finally:
+        report = again.close()
+    assert report.acknowledged == 1
+    assert ids_of(settings, vin) == [f"{vin}-{n:05d}" for n in range(6)]
+
+
+def test_an_oversize_frame_closes_the_stream_before_it_is_buffered(edge):
+    settings, url, metrics_port = edge
+    vin = "WVWZZZ1JZXW0000E5"
+    creds = credentials(settings, vin)
+
+    async def send_big() -> int | None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url, ssl=creds.context(), max_msg_size=1 << 20) as ws,
+        ):
+            await ws.send_bytes(b"\xc3\x01" + b"\x00" * settings.max_upload_bytes)
+            async for _ in ws:
+                pass
+            return ws.close_code
+
+    assert asyncio.run(send_big()) == edge_wire.CLOSE_TOO_BIG
+    assert 'vtp_gateway_oversize_frames_total{region="eu"} 1.0' in scrape(metrics_port)
+
+
+def test_the_gateway_stops_cleanly_on_sigterm(region_stack):
+    settings = region_stack("eu", "edgestop")
+    init_region(settings.pki_path, "eu")
+    process, _ = start_gateway(settings)
+    os.kill(process.popen.pid, signal.SIGTERM)
+    assert process.popen.wait(30) == 0
+    assert not (settings.home / "gateway.json").exists()
