@@ -19,6 +19,7 @@ from cryptography.x509.verification import (
 )
 
 from producers import pki
+from vtp.cli import main
 
 VIN = "1HGCM82633A004352"
 OTHER_VIN = "WVWZZZ1JZXW000001"
@@ -311,3 +312,45 @@ def test_a_vehicle_refuses_a_name_the_gateway_certificate_lacks(eu):
     vehicle = pki.issue_vehicle(eu.directory, VIN)
     with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
         handshake(gateway_context(eu), vehicle_context(vehicle, eu.edge_ca), "elsewhere.example")
+
+
+# --- the CLI ---------------------------------------------------------------------------
+
+
+def test_vtp_pki_init_issue_revoke_show(tmp_path, monkeypatch, capsys):
+    import os
+
+    for name in [n for n in os.environ if n.startswith("VTP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("VTP_DATA_DIR", str(tmp_path))
+    folder = tmp_path / "eu" / "pki"
+
+    assert main(["pki", "init", "--region", "eu", "--host", "gw.example"]) == 0
+    assert "vehicle-ca.pem" in capsys.readouterr().out
+    assert main(["pki", "init", "--region", "eu", "--host", "gw.example"]) == 0
+    assert "nothing (all existed)" in capsys.readouterr().out
+
+    assert main(["pki", "issue", VIN, OTHER_VIN, "--region", "eu"]) == 0
+    assert sorted(p.name for p in (folder / "vehicles").iterdir()) == sorted(
+        f"{v}.{ext}" for v in (VIN, OTHER_VIN) for ext in ("pem", "key")
+    )
+    capsys.readouterr()
+    assert main(["pki", "issue", "1HGCM82633A00435X", "NOTAVIN", "--region", "eu"]) == 1
+    assert "'NOTAVIN' is not a VIN" in capsys.readouterr().err
+    assert not (folder / "vehicles" / "1HGCM82633A00435X.pem").exists()  # none or all
+
+    cert = folder / "vehicles" / f"{VIN}.pem"
+    assert main(["pki", "revoke", str(cert), "--region", "eu", "--reason", "test"]) == 0
+    serial = pki.serial_hex(pki.load_cert(cert))
+    assert capsys.readouterr().out.strip() == f"serial {serial} revoked"
+    assert pki.read_revoked(folder / "revoked.txt") == {serial}
+
+    assert main(["pki", "show", "--region", "eu"]) == 0
+    out = capsys.readouterr().out
+    assert f"CN={VIN}" in out and f"serial {serial}" in out and "REVOKED" in out
+    assert "mode 600" in out and "PRIVATE KEY" not in out and "1 revoked serial(s)" in out
+    key_text = (folder / "gateway.key").read_text().splitlines()[1]
+    assert key_text not in out
+
+    assert main(["pki", "revoke", "nothex", "--region", "eu"]) == 1
+    assert "not a certificate serial" in capsys.readouterr().err
