@@ -225,6 +225,31 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pki(args: argparse.Namespace) -> int:
+    from producers import pki
+
+    settings = _settings(args)
+    path = settings.pki_path
+    if args.pki_action == "init":
+        region = pki.init_region(path, settings.region, args.host)
+        print(f"{path}: made {', '.join(region.created) or 'nothing (all existed)'}")
+    elif args.pki_action == "issue":
+        for vin in args.vins:
+            pki.check_vin(vin)  # every VIN checked before any is issued
+        for vin in args.vins:
+            vehicle = pki.issue_vehicle(path, vin, renew=args.renew)
+            print(f"{vin}: {vehicle.cert_path}, serial {vehicle.serial_hex}")
+            if vehicle.replaced_serial_hex:
+                print(f"  serial {vehicle.replaced_serial_hex} stays valid until revoked")
+    elif args.pki_action == "revoke":
+        serial, added = pki.revoke(path, args.target, args.reason)
+        print(f"serial {serial} {'revoked' if added else 'was already revoked'}")
+    else:
+        for line in pki.describe(path):
+            print(line)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from vtp.demo import run_demo
 
@@ -301,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vehicles", type=int, default=50)
     p.add_argument("--minutes", type=float, default=15.0, help="simulated minutes")
     p.add_argument("--no-register", action="store_true", help="publish uploads only")
+    p = sub.add_parser("pki", help="the region's development PKI for the vehicle edge")
+    pki_sub = p.add_subparsers(dest="pki_action", required=True)
+    for action, text in (
+        ("init", "make the region's CAs, gateway certificate and deny-list (keeps existing CAs)"),
+        ("issue", "issue vehicle certificates (an existing one is kept unless --renew)"),
+        ("revoke", "add a certificate's serial to the region's deny-list (revoked.txt)"),
+        ("show", "each file: subject, serial, expiry (never a key's contents)"),
+    ):
+        pki_sub.add_parser(action, parents=[regional], help=text).set_defaults(func=_pki)
+    pki_sub.choices["init"].add_argument(
+        "--host", action="append", default=[], help="another name or IP of the gateway"
+    )
+    pki_sub.choices["issue"].add_argument("vins", nargs="+", metavar="VIN")
+    pki_sub.choices["issue"].add_argument("--renew", action="store_true", help="new key and serial")
+    pki_sub.choices["revoke"].add_argument("target", metavar="SERIAL_OR_CERT")
+    pki_sub.choices["revoke"].add_argument("--reason", default="", help="kept as a comment")
     p = sub.add_parser("demo", help="two region stacks end to end, each on its own broker")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes")
@@ -326,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from deploy.broker import BrokerError
         from producers.gateway import GatewayError
+        from producers.pki import PKIError
         from sinks.sink import SinkError
         from vtp.core.cluster_ddl import ClusterDDLError
         from vtp.core.kafka import KafkaRefused
@@ -348,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             KafkaRefused,
             KeyFileError,
             RegistryUnavailable,
+            PKIError,
         )
         if isinstance(exc, known):
             print(f"vtp: {exc}", file=sys.stderr)

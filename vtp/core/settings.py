@@ -293,7 +293,9 @@ class Settings:
                 "VTP_WORKER_STALL_S must be 0 or more than twice VTP_STATE_CHECKPOINT_S"
             )
         if self.gateway_rate <= 0 or self.gateway_burst < 1:
-            raise SettingsError("VTP_GATEWAY_RATE must be more than 0, VTP_GATEWAY_BURST at least 1")
+            raise SettingsError(
+                "VTP_GATEWAY_RATE must be more than 0, VTP_GATEWAY_BURST at least 1"
+            )
         if self.gateway_inflight_mb <= 0 or self.gateway_max_connections < 1:
             raise SettingsError(
                 "VTP_GATEWAY_INFLIGHT_MB must be more than 0, VTP_GATEWAY_MAX_CONNECTIONS at least 1"
