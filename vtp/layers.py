@@ -11,7 +11,8 @@ Layers, top to bottom; a module may import its own unit and any layer below its 
 - kernel: ``vtp.core``;
 - ``schemas``.
 
-The vehicle SDK (``producers.sdk``) runs on the car's side and imports only ``schemas``.
+The vehicle side (``producers.sdk``, ``producers.spool``) runs on the car and imports only
+``schemas``.
 Every first-party module must belong to a unit: a new package is outside the contract
 until it is deliberately placed in a layer here.
 """
@@ -52,7 +53,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("schemas", ("schemas",)),
 )
 OPEN_WITHIN_LAYER = {"application"}  # the application composes; stages stay apart
-ONLY_SCHEMAS = {"producers.sdk": ("schemas",)}  # the vehicle side
+ONLY_SCHEMAS = {"producers.sdk": ("schemas",), "producers.spool": ("schemas",)}  # the vehicle
 
 
 def packages(root: Path = ROOT) -> list[str]:

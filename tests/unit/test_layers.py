@@ -48,6 +48,9 @@ def test_the_vehicle_sdk_imports_only_schemas():
     assert rules({"producers.sdk": {"vtp.core.kafka", "schemas.registry"}}) == [
         "the vehicle SDK imports only schemas"
     ]
+    assert rules({"producers.spool": {"vtp.core.settings"}}) == [
+        "the vehicle SDK imports only schemas"
+    ]
     assert rules({"producers.publish": {"vtp.core.kafka"}}) == []
 
 
