@@ -54,6 +54,11 @@ def test_the_vehicle_sdk_imports_only_schemas():
     assert rules({"producers.publish": {"vtp.core.kafka"}}) == []
 
 
+def test_the_vehicle_side_imports_itself_but_not_the_gateway_beside_it():
+    edges = {"producers.uplink": {"producers.spool", "producers.edge_wire", "producers.edge"}}
+    assert rules(edges) == ["the vehicle SDK imports only schemas"]
+
+
 def test_a_package_outside_every_layer_is_refused_until_placed():
     assert rules({"gateway.edge": {"schemas"}}) == [
         "belongs to no layer (place it in vtp/layers.py)"
