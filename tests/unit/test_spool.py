@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -341,6 +342,30 @@ def test_bytes_accounting(tmp_path, opened):
     # after a restart the records acked above the gap (3, 5, 7) are pending again
     assert again.stats.bytes_pending == left + sizes[3] + sizes[5] + sizes[7]
     assert again.stats.records_pending == 11
+
+
+def test_one_thread_appends_while_another_reads_and_acks(tmp_path, opened):
+    spool = opened(tmp_path, segment_bytes=4096, fsync=False)
+    count = 2000
+    sent: list[int] = []
+
+    def sender() -> None:
+        after = None
+        while len(sent) < count:
+            for entry in spool.pending(after_seq=after, limit=16):
+                sent.append(entry.seq)
+                after = entry.seq
+                spool.ack(entry.seq)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    for i in range(count):
+        spool.append(f"u-{i}", b"t" * (i % 300))
+    thread.join(timeout=30)
+    assert not thread.is_alive() and sent == list(range(count))
+    stats = spool.stats
+    assert (stats.acked, stats.records_pending, stats.bytes_pending) == (count, 0, 0)
+    assert len(segments(tmp_path)) == 1
 
 
 def test_closed_spool_refuses_calls(tmp_path, opened):
