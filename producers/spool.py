@@ -49,7 +49,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -269,11 +269,16 @@ class Spool:
 
     def ack(self, seq: int) -> None:
         """The gateway has this record; durable (as far as ``done`` can say) on return."""
+        self.ack_many((seq,))
+
+    def ack_many(self, seqs: Iterable[int]) -> None:
+        """ack() for a batch (one gateway ack frame): ``done`` is written once, not per seq."""
         with self._mutex:
             self._check_open()
-            if self._finish(seq) is not None:
-                self._counts["acked"] += 1
-                self._settle()
+            for seq in seqs:
+                if self._finish(seq) is not None:
+                    self._counts["acked"] += 1
+            self._settle()
 
     def refuse(self, seq: int, reason: str) -> None:
         """The gateway will never store this record: done, counted, its reason kept."""
