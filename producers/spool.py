@@ -49,7 +49,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -205,7 +205,9 @@ class Spool:
     # -- the API ------------------------------------------------------------------
     def append(self, upload_id: str, payload: bytes) -> int:
         """Store one upload; it is on disk (fsynced unless fsync=False) when this returns.
-        Returns its seq. Raises SpoolFull (drop="newest") or ValueError (can never fit)."""
+        Returns its seq. When full, drop="oldest" drops the oldest records not done (even
+        ones in flight: their late ack changes nothing); drop="newest" raises SpoolFull.
+        ValueError: the record (header, upload_id and payload) is larger than max_bytes."""
         uid = upload_id.encode()
         if len(uid) > MAX_UPLOAD_ID_BYTES:
             raise ValueError(f"upload_id is {len(uid)} bytes; at most {MAX_UPLOAD_ID_BYTES}")
@@ -244,11 +246,14 @@ class Spool:
             now = self._clock()
             self._expire_oldest(now)
             out: list[Entry] = []
-            seq = after_seq + 1 if after_seq is not None else 0
-            if self._records:
-                seq = max(seq, next(iter(self._records)))
+            if not self._records:
+                return out
+            # Walk seqs, not the dict: gaps are the few records acked above an older one.
+            seq = max(-1 if after_seq is None else after_seq, next(iter(self._records)) - 1)
+            last = next(reversed(self._records))
             expired: list[int] = []
-            while len(out) < limit and seq < self._next_seq:
+            while len(out) < limit and seq < last:
+                seq += 1
                 record = self._records.get(seq)
                 if record is not None:
                     if self._expired(record, now):
@@ -256,7 +261,6 @@ class Spool:
                         expired.append(seq)
                     elif (entry := self._read(seq, record)) is not None:
                         out.append(entry)
-                seq += 1
             if expired:
                 self._counts["dropped_expired"] += len(expired)
                 self._recent.append(f"expired: {_seqs(expired[0], expired[-1])} (out of order)")
@@ -265,11 +269,16 @@ class Spool:
 
     def ack(self, seq: int) -> None:
         """The gateway has this record; durable (as far as ``done`` can say) on return."""
+        self.ack_many((seq,))
+
+    def ack_many(self, seqs: Iterable[int]) -> None:
+        """ack() for a batch (one gateway ack frame): ``done`` is written once, not per seq."""
         with self._mutex:
             self._check_open()
-            if self._finish(seq) is not None:
-                self._counts["acked"] += 1
-                self._settle()
+            for seq in seqs:
+                if self._finish(seq) is not None:
+                    self._counts["acked"] += 1
+            self._settle()
 
     def refuse(self, seq: int, reason: str) -> None:
         """The gateway will never store this record: done, counted, its reason kept."""
