@@ -448,9 +448,11 @@ func runVehicle(c *websocket.Conn, v vehicle, cfg *config, st *stats) {
 			l.unexpected++
 			continue
 		}
-		a := ev.a
-		switch {
-		case a.Ack != nil:
+		a := ev.a // each key on its own, should a frame ever carry more than one
+		if a.Ack == nil && a.Retry == nil && a.Refused == nil {
+			l.unexpected++
+		}
+		if a.Ack != nil {
 			for _, id := range a.Ack {
 				if seq, ok := take(id); ok {
 					l.acked++
@@ -461,7 +463,8 @@ func runVehicle(c *websocket.Conn, v vehicle, cfg *config, st *stats) {
 					delete(startedAt, seq)
 				}
 			}
-		case a.Retry != nil:
+		}
+		if a.Retry != nil {
 			for _, id := range a.Retry {
 				if seq, ok := take(id); ok {
 					l.retried[a.Reason]++
@@ -471,7 +474,8 @@ func runVehicle(c *websocket.Conn, v vehicle, cfg *config, st *stats) {
 			}
 			paused = true
 			retryAfter = max(retryAfter, time.Duration(a.RetryAfterMs)*time.Millisecond)
-		case a.Refused != nil:
+		}
+		if a.Refused != nil {
 			id := *a.Refused
 			if id == "" { // the gateway could not read an id: charge the oldest in flight
 				oldest := ^uint64(0)
@@ -485,8 +489,6 @@ func runVehicle(c *websocket.Conn, v vehicle, cfg *config, st *stats) {
 				l.refused[a.Reason]++
 				delete(startedAt, seq)
 			}
-		default:
-			l.unexpected++
 		}
 	}
 }
