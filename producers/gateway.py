@@ -245,7 +245,7 @@ class Gateway:
         if why:
             return self._refuse(why, 503, "too many vehicles connected: try again later")
         ws = web.WebSocketResponse(
-            max_msg_size=self.settings.max_upload_bytes,
+            max_msg_size=self.settings.max_upload_bytes + 1,  # aiohttp refuses the limit itself
             compress=False,  # no inflating a small frame into a large one
             heartbeat=HEARTBEAT_S,
         )

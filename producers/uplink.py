@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ class VehicleUplink:
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
+        self._main_task: asyncio.Task[None] | None = None
         self._thread = threading.Thread(target=self._main, name="vehicle-uplink", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -132,6 +134,11 @@ class VehicleUplink:
         self._closing = True
         self._wake()
         self._thread.join(timeout)
+        if self._thread.is_alive() and self._loop is not None and self._main_task is not None:
+            # stuck in a connect or a send: cancelling unwinds it, closing its socket
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._main_task.cancel)
+            self._thread.join(timeout)
         self.report.spool = self._spool.stats
         self._spool.close()
         return self.report
@@ -143,10 +150,12 @@ class VehicleUplink:
 
     # -- the link ------------------------------------------------------------------
     def _main(self) -> None:
-        asyncio.run(self._run())
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(self._run())
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._main_task = asyncio.current_task()
         self._wakeup = asyncio.Event()
         self._ready.set()
         wait = RECONNECT_S[0]
@@ -172,6 +181,8 @@ class VehicleUplink:
                     break
                 await self._sleep(wait * random.uniform(0.5, 1.0))
                 wait = min(RECONNECT_S[1], wait * 2)
+        # aiohttp's graceful shutdown: the TLS transports close over the next iterations
+        await asyncio.sleep(0.25)
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wakeup is not None
@@ -244,14 +255,19 @@ class _Stream:
             if message.type is not aiohttp.WSMsgType.TEXT:
                 break
             answer = edge_wire.parse_answer(message.data)
+            if answer.kind == "ack":
+                # ids not sent on this stream (answers for an earlier one) are no one's
+                popped = map(self.inflight.pop, answer.upload_ids, repeat(None))
+                acked = [seq for seq in popped if seq is not None]
+                self.spool.ack_many(acked)
+                report.acknowledged += len(acked)
+                self.answered.set()
+                continue
             for upload_id in answer.upload_ids:
                 seq = self.inflight.pop(upload_id, None)
                 if seq is None:
-                    continue  # not sent on this stream (an answer for an earlier one)
-                if answer.kind == "ack":
-                    self.spool.ack(seq)
-                    report.acknowledged += 1
-                elif answer.kind == "refused":
+                    continue
+                if answer.kind == "refused":
                     self.spool.refuse(seq, f"{answer.reason}: {answer.detail}")
                     report.refused.append((upload_id, answer.reason, answer.detail))
                     log.warning("upload %s refused: %s %s", upload_id, answer.reason, answer.detail)
