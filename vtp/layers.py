@@ -54,10 +54,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 OPEN_WITHIN_LAYER = {"application"}  # the application composes; stages stay apart
 # The vehicle side: these import only schemas and each other (they ship without the server).
-ONLY_SCHEMAS = {
-    m: ("schemas",)
-    for m in ("producers.sdk", "producers.spool", "producers.edge_wire", "producers.uplink")
-}
+ONLY_SCHEMAS = dict.fromkeys(
+    ("producers.sdk", "producers.spool", "producers.edge_wire", "producers.uplink"), ("schemas",)
+)
 
 
 def packages(root: Path = ROOT) -> list[str]:
