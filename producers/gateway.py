@@ -29,6 +29,7 @@ What the gateway refuses, and where:
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import json
 import logging
@@ -58,6 +59,15 @@ log = logging.getLogger("vtp.gateway")
 # read its answers stalls itself (through TCP), not the gateway.
 UNANSWERED_PER_STREAM = 256
 HANDSHAKE_TIMEOUT_S = 10.0
+# TLS handshakes under way at once: a peer that never finishes one holds a slot for
+# HANDSHAKE_TIMEOUT_S, and each slot holds a TLS read buffer.
+HANDSHAKES_AT_ONCE = 1024
+# Connections beyond VTP_GATEWAY_MAX_CONNECTIONS that may be open while they are answered
+# (a 503, a 403): past this the gateway stops accepting, and the kernel's backlog waits.
+CONNECTION_SLACK = 256
+# asyncio gives every TLS connection a 256 KiB read buffer (sslproto.SSLProtocol.max_size):
+# 5 GiB for 20,000 idle vehicles. TLS records are at most 16 KiB; the gateway reads 32 KiB.
+TLS_READ_BUFFER = 32 * 1024
 HEARTBEAT_S = 30.0
 STOP_FLUSH_S = 10.0
 
@@ -102,12 +112,24 @@ def server_context(files: EdgeFiles) -> ssl.SSLContext:
     return context
 
 
-def gateway_producer(settings: Settings) -> Producer:
+def gateway_producer(settings: Settings, failed: list[str]) -> Producer:
+    """The gateway's producer; a fatal error lands in ``failed`` and stops the gateway
+    (its vehicles resend to the next one)."""
+    last: dict[int, float] = {}
+
     def on_error(error: KafkaError) -> None:
         if error.fatal():
-            log.error("Kafka producer failed for good: %s", error)
-        else:
-            log.warning("Kafka: %s", error)
+            log.error("Kafka producer failed for good: %s; stopping", error)
+            failed.append(str(error))
+            signal.raise_signal(signal.SIGTERM)
+            return
+        # librdkafka reports a broker that is down every second: once a minute is plenty
+        now = time.monotonic()
+        if now - last.get(error.code(), -60.0) >= 60.0:
+            last[error.code()] = now
+            log.warning(
+                "Kafka: %s (uploads wait; vehicles are told when the budget is full)", error
+            )
 
     return Producer(
         {
@@ -148,13 +170,15 @@ def run_gateway(settings: Settings) -> int:
         raise GatewayError(f"{files.revoked}: {exc}") from None
     check_cluster_region(settings)
     sock = _bind(settings.gateway_host, settings.gateway_port)
-    producer = gateway_producer(settings)
+    failed: list[str] = []
+    producer = gateway_producer(settings, failed)
     m.serve_metrics(settings.metrics_port, settings.metrics_host)
     edge = Edge(settings, producer)
     edge.set_revoked(revoked)
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
     log.info("vehicle gateway for %s: %d revoked serials", region, len(revoked))
     asyncio.run(Gateway(settings, edge, files).serve(sock, context))
-    return 0
+    return 1 if failed else 0
 
 
 def _serials(hex_serials: frozenset[str]) -> frozenset[int]:
@@ -169,6 +193,8 @@ class Gateway:
         self.region = edge.region
         self.reload_now = asyncio.Event()
         self.closing: set[asyncio.Task[Any]] = set()
+        self.handshaking = 0
+        self.transports: set[asyncio.BaseTransport] = set()
 
     def close_stream(self, conn: Connection, code: int, why: bytes) -> None:
         """Closes a vehicle's stream from outside its handler (which then ends)."""
@@ -184,17 +210,9 @@ class Gateway:
         app.router.add_get(edge_wire.PATH, self.stream)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        accepted = m.GATEWAY_TLS_ACCEPTED.labels(self.region)
         handler = runner.server
         assert handler is not None  # set up above
-
-        def protocol() -> Any:
-            accepted.inc()
-            return handler()
-
-        server = await loop.create_server(
-            protocol, sock=sock, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
-        )
+        acceptor = asyncio.create_task(self.accept(sock, context, handler))
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -211,9 +229,47 @@ class Gateway:
         finally:
             where.unlink(missing_ok=True)
             watcher.cancel()
-            server.close()
+            acceptor.cancel()
+            sock.close()
             await self.stop(pump)
             await runner.cleanup()
+
+    async def accept(self, sock: socket.socket, context: ssl.SSLContext, protocol: Any) -> None:
+        """Accepts connections while there is room (asyncio's own server accepts without
+        bound): at most HANDSHAKES_AT_ONCE handshakes, and VTP_GATEWAY_MAX_CONNECTIONS +
+        CONNECTION_SLACK connections; beyond that, new ones wait in the kernel's backlog."""
+        loop = asyncio.get_running_loop()
+        cap = self.settings.gateway_max_connections + CONNECTION_SLACK
+        accepted = m.GATEWAY_TCP_ACCEPTED.labels(self.region)
+        while True:
+            while self.handshaking >= HANDSHAKES_AT_ONCE or self.open_connections() >= cap:
+                await asyncio.sleep(0.05)
+            conn, _ = await loop.sock_accept(sock)
+            accepted.inc()
+            self.handshaking += 1
+            task = asyncio.create_task(self.handshake(conn, context, protocol))
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+
+    async def handshake(self, conn: socket.socket, context: ssl.SSLContext, protocol: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                protocol, conn, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            # no certificate, another CA, expired, not for clients, or never finished
+            m.GATEWAY_HANDSHAKES_REFUSED.labels(self.region).inc()
+            log.debug("handshake refused: %s", exc)
+            conn.close()
+            return
+        finally:
+            self.handshaking -= 1
+        self.transports.add(transport)
+
+    def open_connections(self) -> int:
+        self.transports = {t for t in self.transports if not t.is_closing()}
+        return self.handshaking + len(self.transports)
 
     async def stop(self, pump: DeliveryPump) -> None:
         """Stops taking uploads, lets Kafka acknowledge what it has, tells the vehicles,

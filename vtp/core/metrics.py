@@ -122,14 +122,16 @@ GATEWAY_CONNECTIONS_REFUSED = Counter(
     "certificate names no VIN), revoked, too_many_connections",
     ["region", "reason"],
 )
-GATEWAY_TLS_ACCEPTED = Counter(
+GATEWAY_TCP_ACCEPTED = Counter(
     "vtp_gateway_tcp_accepted_total",
-    "TCP connections accepted; minus vtp_gateway_tls_established_total, the handshakes "
-    "refused (no certificate, another CA, expired) or abandoned",
+    "TCP connections accepted (each then shakes hands)",
     ["region"],
 )
-GATEWAY_TLS_ESTABLISHED = Counter(
-    "vtp_gateway_tls_established_total", "Mutual TLS handshakes that succeeded", ["region"]
+GATEWAY_HANDSHAKES_REFUSED = Counter(
+    "vtp_gateway_handshakes_refused_total",
+    "TLS handshakes that failed: no certificate, one not from the region's vehicle CA, "
+    "expired, not for client authentication, or not finished within 10 s",
+    ["region"],
 )
 GATEWAY_ACCEPTED = Counter(
     "vtp_gateway_uploads_accepted_total",
