@@ -230,7 +230,9 @@ class Settings:
         "uploads waiting for Kafka's acknowledgement, in MiB; beyond it vehicles are told to "
         "retry later (kafka_backlog)",
     )
-    gateway_max_connections: int = setting(20_000, "vehicle connections one gateway holds")
+    gateway_max_connections: int = setting(
+        10_000, "vehicle streams one gateway holds (about 80 KiB each, idle)"
+    )
     gateway_revoked_reload_s: float = setting(
         5.0, "how often the gateway rereads `revoked.txt` (also on SIGHUP)"
     )
