@@ -4,15 +4,18 @@ producer takes them. Used by `vtp simulate`, the demo, the tests and the benchma
 Each vehicle is provisioned with its region's endpoint: its uploads go to the cluster
 of the region it is registered in (a moved vehicle sends what it holds to the old region
 and switches at the move), and each region's registry receives only that region's view
-of its vehicles.
+of its vehicles. A vehicle given an uplink (producers/uplink.py) sends through its
+region's gateway instead; the others publish straight to Kafka, as trusted in-region
+producers do.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from producers.sdk import DeliveryReport, TelemetryPublisher, publish_registrations
 from producers.simulator import GroundTruth, Vehicle, build_fleet, new_truth, simulate
@@ -24,6 +27,12 @@ from vtp.core.topics import check_cluster_region
 # forward), so a past start is valid input. `vtp simulate` and the demo end now instead,
 # so what they publish is in the owner API's default window (the last 30 days).
 DEFAULT_START_MS = 1793944800000  # 2026-11-06T06:00:00Z
+
+
+class Uplink(Protocol):
+    """What carries one vehicle's uploads to its region's gateway: a VehicleUplink."""
+
+    def send_encoded(self, upload_id: str, value: bytes) -> int: ...
 
 
 def ending_now(duration_s: float) -> int:
@@ -42,6 +51,8 @@ class PublishSummary:
     # The first upload of each vehicle as (key, value): what a resend test sends again.
     first_uploads: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     uploads_by_region: Counter[str | None] = field(default_factory=Counter)
+    # Of those, the uploads handed to an uplink (the region's gateway), by region.
+    via_gateway: Counter[str | None] = field(default_factory=Counter)
     vehicles_sent: set[str] = field(default_factory=set)
     # Uploads of vehicles provisioned with a region that is not running here.
     unsent: int = 0
@@ -99,10 +110,13 @@ def publish_fleet(
     start_ms: int = DEFAULT_START_MS,
     publishers: dict[str, TelemetryPublisher] | None = None,
     collect_positions: bool = False,
+    uplinks: Mapping[str, Uplink] | None = None,
     **simulate_options: Any,
 ) -> PublishSummary:
     """Simulate ``vehicles`` and send each upload to the region it is provisioned with;
-    given ``publishers``, the caller flushes them."""
+    given ``publishers``, the caller flushes them. A vehicle in ``uplinks`` (by VIN) sends
+    through its uplink instead, which must lead to that region's gateway; the caller
+    waits for the uplinks' acknowledgements."""
     if isinstance(stacks, Settings):
         stacks = {stacks.need_region(): stacks}
     for settings in stacks.values():
@@ -132,7 +146,12 @@ def publish_fleet(
         value = publisher.encode(upload)
         key = upload["vin"].encode()
         summary.first_uploads.setdefault(upload["vin"], (key, value))
-        publisher.publish_raw(key, value, upload["upload_id"])
+        uplink = uplinks.get(upload["vin"]) if uplinks else None
+        if uplink is not None:
+            uplink.send_encoded(upload["upload_id"], value)
+            summary.via_gateway[region] += 1
+        else:
+            publisher.publish_raw(key, value, upload["upload_id"])
         summary.uploads += 1
         summary.samples += len(upload["samples"])
         summary.uploads_by_region[region] += 1

@@ -425,5 +425,50 @@ def read_outcomes(settings: Settings) -> Outcomes:
     )
 
 
+def vehicle_upload_ids(settings: Settings, vin: str) -> list[str]:
+    """The upload ids of every message keyed ``vin`` in the region's uploads topic, in
+    the topic's order (a VIN's uploads share one partition); "?" for one that does not
+    decode."""
+    from schemas import default_store
+
+    store = default_store()
+    topic = settings.topics.uploads
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "group.id": f"vtp-observer-{os.getpid()}-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            **settings.kafka_extra,
+        }
+    )
+    found: list[str] = []
+    key = vin.encode()
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        ends, assignment = {}, []
+        for p in meta.partitions if meta else ():
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                assignment.append(TopicPartition(topic, p, low))
+        consumer.assign(assignment)
+        deadline = time.monotonic() + 60
+        while ends and time.monotonic() < deadline:
+            for m in consumer.consume(1000, timeout=0.2):
+                if m.error():
+                    continue
+                if (m.offset() or 0) + 1 >= ends.get(m.partition(), 0):
+                    ends.pop(m.partition(), None)
+                if m.key() != key:
+                    continue
+                try:
+                    found.append(str(store.decode(m.value() or b"")[0]["upload_id"]))
+                except (ValueError, KeyError):
+                    found.append("?")
+    finally:
+        consumer.close()
+    return found
+
+
 def topic_message_count(settings: Settings, topic: str) -> int:
     return group_position(settings, "vtp-observer", [topic])[1]
