@@ -14,13 +14,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from producers import edge_wire
 from producers.pki import forge_vehicle, init_region, issue_vehicle, revoke
 from producers.uplink import VehicleCredentials, VehicleUplink
 from tests.e2e.test_pipeline import free_port, scrape
-from vtp.harness import start_gateway
+from vtp.harness import start_gateway, vehicle_upload_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -48,44 +47,6 @@ def upload(vin: str, n: int, samples: int = 3, start_ms: int = 1_793_944_800_000
     }
 
 
-def topic_uploads(settings) -> list[tuple[str, str]]:
-    """(key, upload id) of every message in the region's uploads topic, in each
-    partition's order (a VIN's uploads are all in one partition)."""
-    from schemas import default_store
-
-    store = default_store()
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap(),
-            "group.id": "edge-test",
-            "enable.auto.commit": False,
-        }
-    )
-    found: list[tuple[str, str]] = []
-    try:
-        meta = consumer.list_topics(settings.topics.uploads, timeout=10).topics[
-            settings.topics.uploads
-        ]
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(settings.topics.uploads, p), 10
-            )
-            if high <= low:
-                continue
-            consumer.assign([TopicPartition(settings.topics.uploads, p, low)])
-            read = 0
-            while read < high - low:
-                message = consumer.poll(5)
-                assert message is not None, "the topic did not give back what it holds"
-                assert message.error() is None, message.error()
-                read += 1
-                record, _ = store.decode(message.value())
-                found.append((message.key().decode(), record["upload_id"]))
-    finally:
-        consumer.close()
-    return found
-
-
 def eventually(check, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
@@ -93,10 +54,6 @@ def eventually(check, timeout: float) -> bool:
             return False
         time.sleep(0.1)
     return True
-
-
-def ids_of(settings, vin: str) -> list[str]:
-    return [u for k, u in topic_uploads(settings) if k == vin]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +77,7 @@ def test_an_upload_is_acknowledged_once_kafka_has_it_keyed_by_the_vehicle(edge, 
     finally:
         report = uplink.close()
     assert report.acknowledged == 20 and not report.refused
-    assert ids_of(settings, VIN_A)[-20:] == [f"{VIN_A}-{n:05d}" for n in range(20)]
+    assert vehicle_upload_ids(settings, VIN_A)[-20:] == [f"{VIN_A}-{n:05d}" for n in range(20)]
     assert scrape(metrics_port)['vtp_gateway_uploads_accepted_total{region="eu"}'] >= 20
 
 
@@ -143,11 +100,11 @@ def test_a_certificate_from_a_forged_ca_is_refused_in_the_handshake(edge, tmp_pa
     settings, url, _ = edge
     forged = forge_vehicle(tmp_path / "forged", VIN_B, "eu")
     creds = VehicleCredentials(forged.cert_path, forged.key_path, settings.pki_path / "edge-ca.pem")
-    before = ids_of(settings, VIN_B)
+    before = vehicle_upload_ids(settings, VIN_B)
     # TLS 1.3: the client's side of the handshake ends before the server judges its
     # certificate, so the refusal reaches it as an alert or a reset, never a stream
     assert _refused_handshake(url, creds, tmp_path / "spool")
-    assert ids_of(settings, VIN_B) == before
+    assert vehicle_upload_ids(settings, VIN_B) == before
 
 
 def test_a_certificate_from_another_regions_vehicle_ca_is_refused(edge, tmp_path):
@@ -159,15 +116,15 @@ def test_a_certificate_from_another_regions_vehicle_ca_is_refused(edge, tmp_path
     creds = VehicleCredentials(
         identity.cert_path, identity.key_path, settings.pki_path / "edge-ca.pem"
     )
-    before = ids_of(settings, VIN_B)
+    before = vehicle_upload_ids(settings, VIN_B)
     _refused_handshake(url, creds, tmp_path / "spool")
-    assert ids_of(settings, VIN_B) == before
+    assert vehicle_upload_ids(settings, VIN_B) == before
 
 
 def test_a_vehicle_cannot_upload_for_another_vin(edge, tmp_path):
     settings, url, _ = edge
     uplink = VehicleUplink(url, credentials(settings, VIN_A), tmp_path / "spool")
-    before = ids_of(settings, VIN_B)
+    before = vehicle_upload_ids(settings, VIN_B)
     try:
         uplink.send(upload(VIN_B, 0))
         uplink.send(upload(VIN_A, 900))
@@ -176,8 +133,8 @@ def test_a_vehicle_cannot_upload_for_another_vin(edge, tmp_path):
         report = uplink.close()
     assert [(i, r) for i, r, _ in report.refused] == [(f"{VIN_B}-00000", "vin_mismatch")]
     assert report.acknowledged == 1
-    assert ids_of(settings, VIN_B) == before
-    assert f"{VIN_A}-00900" in ids_of(settings, VIN_A)
+    assert vehicle_upload_ids(settings, VIN_B) == before
+    assert f"{VIN_A}-00900" in vehicle_upload_ids(settings, VIN_A)
 
 
 def test_a_revoked_certificate_is_cut_off_and_refused_after_the_reload(edge, tmp_path):
@@ -199,7 +156,7 @@ def test_a_revoked_certificate_is_cut_off_and_refused_after_the_reload(edge, tmp
     finally:
         report = uplink.close()
     assert report.connects == 1  # never again after the revocation
-    assert f"{vin}-00001" not in ids_of(settings, vin)
+    assert f"{vin}-00001" not in vehicle_upload_ids(settings, vin)
     refused = scrape(metrics_port)
     assert refused['vtp_gateway_connections_refused_total{reason="revoked",region="eu"}'] >= 1
 
@@ -242,7 +199,7 @@ def test_a_spool_outlives_its_process_and_acknowledged_uploads_are_not_sent_agai
     finally:
         report = again.close()
     assert report.acknowledged == 1
-    assert ids_of(settings, vin) == [f"{vin}-{n:05d}" for n in range(6)]
+    assert vehicle_upload_ids(settings, vin) == [f"{vin}-{n:05d}" for n in range(6)]
 
 
 def test_an_oversize_frame_closes_the_stream_before_it_is_buffered(edge):

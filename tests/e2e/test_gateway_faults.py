@@ -22,12 +22,18 @@ from producers.pki import init_region, issue_vehicle
 from producers.publish import DEFAULT_START_MS, register_fleet
 from producers.simulator import build_fleet, new_truth, simulate
 from producers.uplink import VehicleCredentials, VehicleUplink
-from tests.e2e.test_gateway import eventually, ids_of
+from tests.e2e.test_gateway import eventually
 from tests.e2e.test_pipeline import free_port, scrape
 from vtp.core.settings import load_settings
 from vtp.core.topics import create_topics
 from vtp.core.warehouse import open_warehouse, rows
-from vtp.harness import start_gateway, start_sink, start_worker, wait_drained
+from vtp.harness import (
+    start_gateway,
+    start_sink,
+    start_worker,
+    vehicle_upload_ids,
+    wait_drained,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -141,7 +147,7 @@ def test_a_vehicle_offline_for_ten_minutes_catches_up_in_order_once(edge_region,
         report = uplink.close()
     assert report.acknowledged == len(uploads) and not report.refused
     sent = [u["upload_id"] for u in uploads]
-    assert ids_of(edge.settings, vehicle.vin) == sent  # in Kafka once each, in order
+    assert vehicle_upload_ids(edge.settings, vehicle.vin) == sent  # in Kafka once each, in order
     assert wait_drained(edge.settings, [edge.gateway, *edge.processes], timeout=240)
     edge.stop()
     assert sorted(stored(edge.settings, [vehicle.vin])[vehicle.vin]) == sorted(sent)
@@ -178,7 +184,7 @@ def test_a_gateway_killed_mid_stream_loses_nothing_and_stores_nothing_twice(edge
     finally:
         reports = {vin: u.close() for vin, u in uplinks.items()}
     assert all(r.connects >= 2 and not r.refused for r in reports.values()), reports
-    in_kafka = {vin: ids_of(edge.settings, vin) for vin in routes}
+    in_kafka = {vin: vehicle_upload_ids(edge.settings, vin) for vin in routes}
     for vin, uploads in routes.items():
         sent = [u["upload_id"] for u in uploads]
         # a resend of what Kafka took just before the kill may be there twice, after it
@@ -236,7 +242,7 @@ def test_a_broker_stopped_for_a_minute_pushes_back_and_loses_nothing(tmp_path):
             uplink.close()
         if gateway is not None:
             gateway.stop()
-    assert ids_of(settings, fleet[0].vin) == [u["upload_id"] for u in uploads]
+    assert vehicle_upload_ids(settings, fleet[0].vin) == [u["upload_id"] for u in uploads]
     stop_broker(settings)
 
 
@@ -264,7 +270,7 @@ def test_a_vehicle_over_its_rate_is_told_to_slow_down_and_keeps_its_order(region
         report = uplink.close()
         gateway.stop()
     assert report.retried.get("rate_limited", 0) > 0 and report.acknowledged == 40
-    assert ids_of(settings, vin) == [f"r-{n:03d}" for n in range(40)]
+    assert vehicle_upload_ids(settings, vin) == [f"r-{n:03d}" for n in range(40)]
     assert limited['vtp_gateway_uploads_retried_total{reason="rate_limited",region="eu"}'] > 0
 
 
