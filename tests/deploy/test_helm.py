@@ -7,7 +7,9 @@ them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import yaml
 
 from deploy.k8s_schemas import fetch_schemas, schema_locations
 from deploy.tools import tool
+from producers.gateway import EdgeFiles, Gateway
 from stream_jobs.kafka_security import worker_credentials
 from vtp.core.regions import REGIONS
 from vtp.core.settings import documented_settings, load_settings
@@ -434,3 +437,56 @@ def test_a_gateway_behind_the_clusters_own_load_balancer_renders_valid():
     assert service["type"] == "ClusterIP" and "externalTrafficPolicy" not in service
     done = _kubeconform(manifests)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _kubelet_writes(folder: Path, version: int, files: dict[str, str]) -> None:
+    """What the kubelet does to a Secret, ConfigMap or projected volume that changed: the
+    new files in a new hidden folder, ``..data`` swapped to it by a rename, and the names
+    the pod sees symlinks through ``..data`` (its AtomicWriter)."""
+    data = folder / f"..v{version}"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(Path("..data") / name)
+    (folder / "..data_tmp").symlink_to(data.name)
+    os.replace(folder / "..data_tmp", folder / "..data")
+
+
+class _Edge:
+    region = "eu"
+
+    def __init__(self) -> None:
+        self.revoked: list[frozenset[int]] = []
+
+    def forget_idle_buckets(self, now: float) -> None:
+        pass
+
+    def set_revoked(self, serials: frozenset[int]) -> list[Any]:
+        self.revoked.append(serials)
+        return []
+
+
+def test_the_gateway_rereads_a_deny_list_the_kubelet_swapped_in(tmp_path):
+    """The chart mounts the deny-list ConfigMap as a folder (no subPath) so that a
+    revocation reaches running gateways: they see the swap and reread the list."""
+    folder = tmp_path / "eu"
+    folder.mkdir()
+    _kubelet_writes(folder, 1, {"revoked.txt": "# none yet\n"})
+    edge = _Edge()
+    settings = load_settings({"VTP_REGION": "eu", "VTP_GATEWAY_REVOKED_RELOAD_S": "0.05"})
+    gateway = Gateway(settings, edge, EdgeFiles.of(settings))  # a stub edge: only the deny-list
+    gateway.files = EdgeFiles(*(folder / n for n in ("ca", "crt", "key", "revoked.txt")))
+
+    async def revoke_then_wait() -> None:
+        watcher = asyncio.create_task(gateway.watch_revoked())
+        await asyncio.sleep(0.2)
+        _kubelet_writes(folder, 2, {"revoked.txt": "# revoked\n1a2b\n"})
+        for _ in range(100):
+            if edge.revoked:
+                break
+            await asyncio.sleep(0.05)
+        watcher.cancel()
+
+    asyncio.run(revoke_then_wait())
+    assert edge.revoked == [frozenset({0x1A2B})]
