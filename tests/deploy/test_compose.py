@@ -24,7 +24,7 @@ pytestmark = pytest.mark.deploy
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
 FILLED = {"VTP_IMAGE": "vtp:0.4.0", "CLICKHOUSE_PASSWORD": "not-a-real-one"}
-VTP_SERVICES = ("topics", "keys", "worker", "sink", "serve")
+VTP_SERVICES = ("topics", "keys", "worker", "sink", "serve", "gateway")
 
 
 def _compose_check(compose: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -101,7 +101,7 @@ def test_prometheus_of_the_stack_loads_vtps_rules_and_labels_the_region(tmp_path
     assert done.returncode == 0 and "SUCCESS: 1 rule files found" in done.stdout, (
         done.stdout + done.stderr
     )
-    assert content.count("labels: {region: cn}") == 3
+    assert content.count("labels: {region: cn}") == 4
     assert 'targets: ["alertmanager:9093"]' in content  # the rules fire somewhere
 
 
@@ -121,3 +121,18 @@ def test_every_vtp_variable_is_a_setting_vtp_accepts_and_nothing_listens_beyond_
     assert (
         "VTP_WAREHOUSE" not in worker and "VTP_KEYS_DIR" in worker
     )  # the worker holds no warehouse URL
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_the_gateway_reads_its_pki_folder_read_only_and_is_scraped(region):
+    project = _project(region)
+    gateway = project["services"]["gateway"]
+    settings = load_settings(gateway["environment"])
+    assert settings.gateway_host == "0.0.0.0" and gateway["command"] == ["gateway"]
+    pki = [v for v in gateway["volumes"] if v["target"] == settings.pki_dir]
+    assert len(pki) == 1 and pki[0]["type"] == "bind" and pki[0]["read_only"] is True
+    assert [(p["target"], p["host_ip"]) for p in gateway["ports"]] == [
+        (settings.gateway_port, "127.0.0.1")
+    ]
+    scrape = project["configs"]["prometheus"]["content"]
+    assert f'targets: ["gateway:{settings.metrics_port}"]' in scrape

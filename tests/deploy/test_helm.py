@@ -7,7 +7,9 @@ them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import yaml
 
 from deploy.k8s_schemas import fetch_schemas, schema_locations
 from deploy.tools import tool
+from producers.gateway import EdgeFiles, Gateway
 from stream_jobs.kafka_security import worker_credentials
 from vtp.core.regions import REGIONS
 from vtp.core.settings import documented_settings, load_settings
@@ -219,11 +222,14 @@ def test_secrets_reach_only_the_processes_that_use_them(region):
         )
 
     assert "VTP_WAREHOUSE" not in secret_env("worker") and key_files("worker") == set()
+    assert "VTP_WAREHOUSE" not in secret_env("gateway") and key_files("gateway") == set()
     assert "VTP_WAREHOUSE" in secret_env("sink") and key_files("sink") == {"pseudonym.key"}
     serve_keys = key_files("serve")
     assert "pseudonym.key" in serve_keys and {
         p.split("/")[0] for p in serve_keys - {"pseudonym.key"}
     } == {"owner", "grant", "analyst"}
+    for component, pod in pods.items():  # the edge's TLS material: the gateway's alone
+        assert any(v["name"] == "pki" for v in pod["volumes"]) == (component == "gateway")
     for pod in pods.values():
         assert pod["automountServiceAccountToken"] is False
         assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
@@ -281,6 +287,12 @@ def test_with_strimzi_the_clients_log_in_as_the_kafkauser_with_its_secret():
         (["--set", "topics.minInsync=4"], "no write could ever be acknowledged"),
         (["--set", "podDisruptionBudget.maxUnavailable=0%"], "maxUnavailable"),
         (["--set", "serve.port=9100"], "serve.port and metrics.port must differ"),
+        (["--set", "gateway.port=9100"], "gateway.port and metrics.port must differ"),
+        (["--set", "gateway.pki.secret="], "/gateway/pki/secret"),
+        (["--set", "gateway.pki.revokedConfigMap="], "/gateway/pki/revokedConfigMap"),
+        (["--set", "gateway.vehicleCidrs=null"], "vehicleCidrs"),
+        (["--set", "gateway.env.VTP_GATEWAY_HOST=127.0.0.1"], "VTP_GATEWAY_HOST"),
+        (["--set", "gateway.tls=x"], "additional properties 'tls' not allowed"),
     ],
 )
 def test_values_that_would_open_the_region_or_never_run_are_refused(values, refusal):
@@ -342,3 +354,139 @@ def test_a_warehouse_cluster_reaches_every_process_that_runs_migrations():
     assert with_warehouse, "no process gets the warehouse"
     for name, env in with_warehouse.items():
         assert env.get("VTP_WAREHOUSE_CLUSTER") == "vtp_eu", name
+
+
+def _gateway(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return next(
+        m
+        for m in manifests
+        if m["kind"] == kind and m["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+    )
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_the_gateway_reads_its_pki_from_one_folder_the_kubelet_keeps_current(region):
+    """VTP_PKI_DIR/<region> is one projected volume: the operator's Secret (CA, the
+    gateway's certificate and key) and the deny-list ConfigMap, never a subPath (a subPath
+    mount is not updated, so a revocation would need a rollout)."""
+    pod = _containers(_manifests(region))["gateway"]
+    container = pod["containers"][0]
+    assert container["args"] == ["gateway"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = load_settings({k: v for k, v in env.items() if not k.startswith("VTP_KAFKA_")})
+    assert settings.gateway_host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["vehicles"] == settings.gateway_port != settings.metrics_port == ports["metrics"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "pki")
+    assert mount == {"name": "pki", "mountPath": str(settings.pki_path), "readOnly": True}
+    sources = next(v for v in pod["volumes"] if v["name"] == "pki")["projected"]["sources"]
+    files = {
+        item["path"]: kind for s in sources for kind, src in s.items() for item in src["items"]
+    }
+    assert files == {
+        "vehicle-ca.pem": "secret",
+        "gateway.pem": "secret",
+        "gateway.key": "secret",
+        "revoked.txt": "configMap",
+    }
+    # no probe opens the vehicle port: a bare TCP connection there is a refused handshake
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "metrics" in json.dumps(container[probe]) and "vehicles" not in json.dumps(
+            container[probe]
+        ), probe
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_vehicles_reach_the_gateway_on_443_from_anywhere_and_nothing_else(region):
+    manifests = _manifests(region)
+    service = _gateway(manifests, "Service")["spec"]
+    assert service["type"] == "LoadBalancer" and service["externalTrafficPolicy"] == "Local"
+    assert service["ports"] == [
+        {"name": "vehicles", "protocol": "TCP", "port": 443, "targetPort": "vehicles"}
+    ]
+    assert not any(m["kind"] == "Ingress" for m in manifests)  # mutual TLS ends in the gateway
+    policy = _gateway(manifests, "NetworkPolicy")["spec"]
+    port = {
+        p["name"]: p["containerPort"]
+        for p in _containers(manifests)["gateway"]["containers"][0]["ports"]
+    }["vehicles"]
+    vehicles = [r for r in policy["ingress"] if r["ports"] == [{"protocol": "TCP", "port": port}]]
+    assert [b["ipBlock"]["cidr"] for b in vehicles[0]["from"]] == ["0.0.0.0/0", "::/0"]
+    assert len(policy["egress"]) == 2  # DNS and the region's Kafka, as the worker
+
+
+def test_without_the_gateway_nothing_of_it_renders():
+    done = _helm(
+        "template", "x", CHART, "-f", HELM / "values-eu.yaml", "--kube-version", KUBERNETES,
+        "--set", "gateway.enabled=false", "--set", "gateway.pki=null",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifests = [m for m in yaml.safe_load_all(done.stdout) if m]
+    assert not [m for m in manifests if m["metadata"]["name"].endswith("-gateway")]
+    monitor = next(m for m in manifests if m["kind"] == "PodMonitor")
+    assert monitor["spec"]["selector"]["matchExpressions"][0]["values"] == [
+        "worker",
+        "sink",
+        "serve",
+    ]
+
+
+def test_a_gateway_behind_the_clusters_own_load_balancer_renders_valid():
+    manifests = _render("eu", "--set", "gateway.service.type=ClusterIP")
+    service = _gateway([m for m in yaml.safe_load_all(manifests) if m], "Service")["spec"]
+    assert service["type"] == "ClusterIP" and "externalTrafficPolicy" not in service
+    done = _kubeconform(manifests)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _kubelet_writes(folder: Path, version: int, files: dict[str, str]) -> None:
+    """What the kubelet does to a Secret, ConfigMap or projected volume that changed: the
+    new files in a new hidden folder, ``..data`` swapped to it by a rename, and the names
+    the pod sees symlinks through ``..data`` (its AtomicWriter)."""
+    data = folder / f"..v{version}"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(Path("..data") / name)
+    (folder / "..data_tmp").symlink_to(data.name)
+    os.replace(folder / "..data_tmp", folder / "..data")
+
+
+class _Edge:
+    region = "eu"
+
+    def __init__(self) -> None:
+        self.revoked: list[frozenset[int]] = []
+
+    def forget_idle_buckets(self, now: float) -> None:
+        pass
+
+    def set_revoked(self, serials: frozenset[int]) -> list[Any]:
+        self.revoked.append(serials)
+        return []
+
+
+def test_the_gateway_rereads_a_deny_list_the_kubelet_swapped_in(tmp_path):
+    """The chart mounts the deny-list ConfigMap as a folder (no subPath) so that a
+    revocation reaches running gateways: they see the swap and reread the list."""
+    folder = tmp_path / "eu"
+    folder.mkdir()
+    _kubelet_writes(folder, 1, {"revoked.txt": "# none yet\n"})
+    edge = _Edge()
+    settings = load_settings({"VTP_REGION": "eu", "VTP_GATEWAY_REVOKED_RELOAD_S": "0.05"})
+    gateway = Gateway(settings, edge, EdgeFiles.of(settings))  # a stub edge: only the deny-list
+    gateway.files = EdgeFiles(*(folder / n for n in ("ca", "crt", "key", "revoked.txt")))
+
+    async def revoke_then_wait() -> None:
+        watcher = asyncio.create_task(gateway.watch_revoked())
+        await asyncio.sleep(0.2)
+        _kubelet_writes(folder, 2, {"revoked.txt": "# revoked\n1a2b\n"})
+        for _ in range(100):
+            if edge.revoked:
+                break
+            await asyncio.sleep(0.05)
+        watcher.cancel()
+
+    asyncio.run(revoke_then_wait())
+    assert edge.revoked == [frozenset({0x1A2B})]

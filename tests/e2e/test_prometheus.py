@@ -29,12 +29,15 @@ PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 def _config_for(ports: dict[str, int], into: Path) -> Path:
     """deploy/prometheus/prometheus.yml with its targets on loopback, scraped every second
     (no Alertmanager here: the alerts are read from Prometheus itself). The embedded
-    warehouse has `vtp serve` run the sink in its own process: no vtp-sink job."""
+    warehouse has `vtp serve` run the sink in its own process: no vtp-sink job; the fleet
+    publishes to Kafka directly: no vtp-gateway job."""
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS / f) for f in config["rule_files"]]
     del config["alerting"]
-    config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"] != "vtp-sink"]
+    config["scrape_configs"] = [
+        j for j in config["scrape_configs"] if j["job_name"] not in ("vtp-sink", "vtp-gateway")
+    ]
     for job in config["scrape_configs"]:
         process = job["job_name"].removeprefix("vtp-")
         job["static_configs"][0]["targets"] = [f"127.0.0.1:{ports[process]}"]

@@ -102,6 +102,18 @@ and there are at most as many replicas as brokers.
 {{- if eq (int .Values.serve.port) (int .Values.metrics.port) -}}
 {{- fail "serve.port and metrics.port must differ" -}}
 {{- end -}}
+{{- if and .Values.gateway.enabled (eq (int .Values.gateway.port) (int .Values.metrics.port)) -}}
+{{- fail "gateway.port and metrics.port must differ" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The release's long-running processes, as a JSON list: the gateway when enabled. */}}
+{{- define "vtp.components" -}}
+{{- $components := list "worker" "sink" "serve" -}}
+{{- if .Values.gateway.enabled -}}
+{{- $components = append $components "gateway" -}}
+{{- end -}}
+{{- toJson $components -}}
 {{- end -}}
 
 {{- define "vtp.env" -}}
