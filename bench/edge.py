@@ -538,6 +538,13 @@ def run(
             f"{'met' if p99 <= TARGET_P99_MS else 'missed'}), the core {half.gateway_cores:.0%} "
             f"busy at {half.cpu_us_per_upload:.1f} µs per upload"
         )
+        for r in runs[len(closed) + 1 :]:
+            print(
+                f"at {r.load['rate_offered']:,.0f}/s offered: p99 ack {r.load['p99_ms']:.1f} ms, "
+                f"the core {r.gateway_cores:.0%} busy at {r.cpu_us_per_upload:.1f} µs per upload"
+            )
+        # Open-loop arrivals batch less than a closed loop keeping a window full (fewer
+        # frames per read and per ack): a core's CPU per upload rises as the rate falls.
         for r in runs:
             busy = ", ".join(f"CPU {c} {b:.0%}" for c, b in r.core_busy.items())
             print(
