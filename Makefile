@@ -48,10 +48,11 @@ test-integration: $(STAMP) kafka-jars ## integration tests only (real broker and
 test-e2e: $(STAMP) kafka-jars ## end-to-end tests only (processes as users run them)
 	$(BIN)/pytest -q -ra tests/e2e
 
-bench: $(STAMP) kafka-jars ## measure throughput (vtp against a raw baseline), stages, owner API
+bench: $(STAMP) kafka-jars ## measure throughput (vtp against a raw baseline), stages, owner API, vehicle edge
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.owner_api --fleet 40000 --fleet-samples 100000000
+	$(BIN)/python -m bench.edge
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .
