@@ -39,6 +39,9 @@ from schemas import MAX_UPLOAD_BYTES, SchemaStore, default_store
 
 log = logging.getLogger("vtp.uplink")
 
+# Uploads sent and not answered: a resend after a lost connection comes at most this many
+# uploads late, well inside what the worker remembers to drop it (VTP_DEDUP_UPLOADS_PER_VEHICLE).
+MAX_WINDOW = 32
 RECONNECT_S = (0.2, 30.0)  # first and longest wait between attempts (doubling, jittered)
 
 
@@ -78,6 +81,8 @@ class VehicleUplink:
         schema_version: int | None = None,
         **spool_options: Any,
     ):
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be 1 to {MAX_WINDOW}")
         self.url = url
         self._context = credentials.context()
         self._store = store or default_store()
