@@ -39,7 +39,6 @@ import signal
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,10 @@ from confluent_kafka import KafkaError, Producer
 
 from producers import edge_wire
 from producers.edge import Connection, DeliveryPump, Edge, certificate_identity
-from producers.pki import read_revoked
+from producers.pki import RegionPKI, read_revoked
 from vtp.core import metrics as m
 from vtp.core.kafka import producer_config
+from vtp.core.listen import listening_socket
 from vtp.core.settings import Settings
 from vtp.core.topics import check_cluster_region
 
@@ -77,29 +77,14 @@ class GatewayError(RuntimeError):
     """`vtp gateway` cannot start."""
 
 
-@dataclass(frozen=True)
-class EdgeFiles:
-    vehicle_ca: Path
-    cert: Path
-    key: Path
-    revoked: Path
-
-    @classmethod
-    def of(cls, settings: Settings) -> EdgeFiles:
-        pki = settings.pki_path
-        return cls(
-            pki / "vehicle-ca.pem", pki / "gateway.pem", pki / "gateway.key", pki / "revoked.txt"
-        )
-
-
 def address_file(settings: Settings) -> Path:
     return settings.home / "gateway.json"
 
 
-def server_context(files: EdgeFiles) -> ssl.SSLContext:
+def server_context(files: RegionPKI) -> ssl.SSLContext:
     """Mutual TLS: only certificates chaining to the region's vehicle CA get through the
     handshake (OpenSSL also checks they are meant for client authentication)."""
-    for path in (files.vehicle_ca, files.cert, files.key):
+    for path in (files.vehicle_ca, files.gateway_cert, files.gateway_key):
         if not path.is_file():
             raise GatewayError(
                 f"{path} is missing: create the region's development PKI with `vtp pki init`, "
@@ -109,7 +94,7 @@ def server_context(files: EdgeFiles) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cafile=str(files.vehicle_ca))
-    context.load_cert_chain(str(files.cert), str(files.key))
+    context.load_cert_chain(str(files.gateway_cert), str(files.gateway_key))
     return context
 
 
@@ -146,24 +131,17 @@ def gateway_producer(settings: Settings, failed: list[str]) -> Producer:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = listening_socket(host, port, port_setting="VTP_GATEWAY_PORT", backlog=1024)
     except OSError as exc:
-        sock.close()
-        raise GatewayError(
-            f"cannot listen on {host}:{port} ({exc.strerror}): set VTP_GATEWAY_PORT "
-            "(0 picks a free port)"
-        ) from None
-    sock.listen(1024)
+        raise GatewayError(exc.strerror) from None
     sock.setblocking(False)
     return sock
 
 
 def run_gateway(settings: Settings) -> int:
     region = settings.need_region()
-    files = EdgeFiles.of(settings)
+    files = RegionPKI(settings.pki_path, ())
     context = server_context(files)
     try:
         revoked = _serials(read_revoked(files.revoked)) if files.revoked.exists() else frozenset()
@@ -201,7 +179,7 @@ def _serials(hex_serials: frozenset[str]) -> frozenset[int]:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, edge: Edge, files: EdgeFiles):
+    def __init__(self, settings: Settings, edge: Edge, files: RegionPKI):
         self.settings = settings
         self.edge = edge
         self.files = files

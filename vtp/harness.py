@@ -12,12 +12,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from vtp.core import headers as h
 from vtp.core.kafka import retry_kafka
@@ -341,8 +341,9 @@ class Outcomes:
         return sum(self.quarantined.values())
 
 
-def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[str, int | None]]:
-    """(vtp-stage, vtp-source) -> (vtp-reason, vtp-partial) of every message in ``topic``."""
+def _messages_to_end(settings: Settings, topic: str) -> Iterator[Message]:
+    """Every message ``topic`` holds now, each partition in its order (read by an observer
+    that commits nothing); gives up after a minute."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap(),
@@ -351,14 +352,11 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[
             **settings.kafka_extra,
         }
     )
-    found: dict[tuple[str, str], tuple[str, int | None]] = {}
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None:
-            return found
         ends = {}
         assignment = []
-        for p in meta.partitions:
+        for p in meta.partitions if meta else ():
             # A def, not a lambda with defaults: mypy cannot infer those against
             # retry_kafka's Callable[[], T].
             def watermarks(p: int = p) -> tuple[int, int]:
@@ -376,21 +374,28 @@ def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[
                     continue
                 offset = m.offset()
                 assert offset is not None  # the stub makes it optional; a message has one
-                # A consumed message's headers are a list of pairs; the stub's type also
-                # admits the dict a producer may be given.
-                pairs = cast("list[tuple[str, bytes | None]] | None", m.headers())
-                headers = {k: (v or b"").decode() for k, v in (pairs or [])}
-                source = headers.get(h.SOURCE, f"{topic}:{m.partition()}:{offset}")
-                partial = headers.get(h.PARTIAL)
-                found[(headers.get(h.STAGE, ""), source)] = (
-                    headers.get(h.REASON, "unknown"),
-                    int(partial) if partial else None,
-                )
+                yield m
                 if offset + 1 >= ends.get(m.partition(), 0):
                     ends.pop(m.partition(), None)
-        return found
     finally:
         consumer.close()
+
+
+def _read_to_end(settings: Settings, topic: str) -> dict[tuple[str, str], tuple[str, int | None]]:
+    """(vtp-stage, vtp-source) -> (vtp-reason, vtp-partial) of every message in ``topic``."""
+    found: dict[tuple[str, str], tuple[str, int | None]] = {}
+    for m in _messages_to_end(settings, topic):
+        # A consumed message's headers are a list of pairs; the stub's type also admits
+        # the dict a producer may be given.
+        pairs = cast("list[tuple[str, bytes | None]] | None", m.headers())
+        headers = {k: (v or b"").decode() for k, v in (pairs or [])}
+        source = headers.get(h.SOURCE, f"{topic}:{m.partition()}:{m.offset()}")
+        partial = headers.get(h.PARTIAL)
+        found[(headers.get(h.STAGE, ""), source)] = (
+            headers.get(h.REASON, "unknown"),
+            int(partial) if partial else None,
+        )
+    return found
 
 
 def stored_uploads(settings: Settings) -> int:
@@ -432,41 +437,14 @@ def vehicle_upload_ids(settings: Settings, vin: str) -> list[str]:
     from schemas import default_store
 
     store = default_store()
-    topic = settings.topics.uploads
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap(),
-            "group.id": f"vtp-observer-{os.getpid()}-{time.monotonic_ns()}",
-            "enable.auto.commit": False,
-            **settings.kafka_extra,
-        }
-    )
-    found: list[str] = []
     key = vin.encode()
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        ends, assignment = {}, []
-        for p in meta.partitions if meta else ():
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-                assignment.append(TopicPartition(topic, p, low))
-        consumer.assign(assignment)
-        deadline = time.monotonic() + 60
-        while ends and time.monotonic() < deadline:
-            for m in consumer.consume(1000, timeout=0.2):
-                if m.error():
-                    continue
-                if (m.offset() or 0) + 1 >= ends.get(m.partition(), 0):
-                    ends.pop(m.partition(), None)
-                if m.key() != key:
-                    continue
-                try:
-                    found.append(str(store.decode(m.value() or b"")[0]["upload_id"]))
-                except (ValueError, KeyError):
-                    found.append("?")
-    finally:
-        consumer.close()
+    found: list[str] = []
+    for m in _messages_to_end(settings, settings.topics.uploads):
+        if m.key() == key:
+            try:
+                found.append(str(store.decode(m.value() or b"")[0]["upload_id"]))
+            except (ValueError, KeyError):
+                found.append("?")
     return found
 
 

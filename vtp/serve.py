@@ -29,6 +29,7 @@ from sinks.migrations import MigrationOptions, migrate
 from sinks.supervisor import SinkSupervisor
 from vtp.core import metrics
 from vtp.core.keys import KeyFolder
+from vtp.core.listen import listening_socket
 from vtp.core.settings import Settings
 from vtp.core.warehouse import open_warehouse
 
@@ -44,18 +45,10 @@ class ServeError(RuntimeError):
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return listening_socket(host, port, port_setting="VTP_API_PORT", backlog=128)
     except OSError as exc:
-        sock.close()
-        raise ServeError(
-            f"cannot listen on {host}:{port} ({exc.strerror}): stop what listens there, or "
-            "set VTP_API_PORT (0 picks a free port)"
-        ) from None
-    sock.listen(128)
-    return sock
+        raise ServeError(exc.strerror) from None
 
 
 def run_serve(settings: Settings, with_sink: bool = True) -> int:

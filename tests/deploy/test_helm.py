@@ -20,7 +20,8 @@ import yaml
 
 from deploy.k8s_schemas import fetch_schemas, schema_locations
 from deploy.tools import tool
-from producers.gateway import EdgeFiles, Gateway
+from producers.gateway import Gateway
+from producers.pki import RegionPKI
 from stream_jobs.kafka_security import worker_credentials
 from vtp.core.regions import REGIONS
 from vtp.core.settings import documented_settings, load_settings
@@ -475,8 +476,7 @@ def test_the_gateway_rereads_a_deny_list_the_kubelet_swapped_in(tmp_path):
     _kubelet_writes(folder, 1, {"revoked.txt": "# none yet\n"})
     edge = _Edge()
     settings = load_settings({"VTP_REGION": "eu", "VTP_GATEWAY_REVOKED_RELOAD_S": "0.05"})
-    gateway = Gateway(settings, edge, EdgeFiles.of(settings))  # a stub edge: only the deny-list
-    gateway.files = EdgeFiles(*(folder / n for n in ("ca", "crt", "key", "revoked.txt")))
+    gateway = Gateway(settings, edge, RegionPKI(folder, ()))  # a stub edge: only the deny-list
 
     async def revoke_then_wait() -> None:
         watcher = asyncio.create_task(gateway.watch_revoked())
