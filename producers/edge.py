@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from producers import edge_wire
 from producers.edge_wire import EdgeRefusal, TokenBucket
@@ -56,6 +56,7 @@ class Connection:
         "closed",
         "held",
         "others",
+        "refusals",
         "room",
         "serial",
         "unanswered",
@@ -76,6 +77,7 @@ class Connection:
         self.room = asyncio.Event()
         self.room.set()
         self.unanswered = 0
+        self.refusals = 0  # frames refused for good on this stream
         self.held = False
         self.closed = False
 
@@ -175,9 +177,10 @@ class Edge:
             )
         except EdgeRefusal as refusal:
             self.refused[refusal.reason].inc()
-            conn.answer(
-                edge_wire.refused_message(refusal.upload_id, refusal.reason, refusal.detail)
-            )
+            conn.refusals += 1
+            # named whenever it can be read, so that the vehicle can match the answer
+            upload_id = refusal.upload_id or _upload_id(frame)
+            conn.answer(edge_wire.refused_message(upload_id, refusal.reason, refusal.detail))
             return
         bucket = self.buckets.get(conn.vin)
         if bucket is None:
@@ -202,6 +205,10 @@ class Edge:
         except BufferError:
             self._pushing_back(True)
             self._retry(conn, head.upload_id, "kafka_backlog", BACKLOG_RETRY_S)
+            return
+        except KafkaException as exc:  # the producer cannot take it now (or ever: logged)
+            log.warning("Kafka refused upload %s of %s: %s", head.upload_id, conn.vin, exc)
+            self._retry(conn, head.upload_id, "kafka_unavailable", KAFKA_FAILED_RETRY_S)
             return
         self.inflight_bytes += len(frame)
 
@@ -228,6 +235,7 @@ class Edge:
             conn.unanswered -= 1
             return
         self.refused["not_an_upload"].inc()
+        conn.refusals += 1
         conn.answer(edge_wire.refused_message("", "not_an_upload", "uploads are binary frames"))
 
     def on_delivered(self, batch: list[Delivery]) -> None:
@@ -300,6 +308,8 @@ def _upload_id(frame: bytes) -> str:
 
 
 def _is_resume(text: str) -> bool:
+    if len(text) > 64:  # never parse what cannot be a resume
+        return False
     with contextlib.suppress(ValueError):
         return bool(json.loads(text) == {"resume": True})
     return False

@@ -39,6 +39,7 @@ import signal
 import socket
 import ssl
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ CONNECTION_SLACK = 256
 # 5 GiB for 20,000 idle vehicles. TLS records are at most 16 KiB; the gateway reads 32 KiB.
 TLS_READ_BUFFER = 32 * 1024
 HEARTBEAT_S = 30.0
+# A vehicle opens one stream; a few connections per VIN cover reconnects under way.
+CONNECTIONS_PER_VEHICLE = 3
+UPGRADE_WITHIN_S = 10.0
+# Frames refused for good one stream may send before it is closed: a vehicle sending
+# garbage costs the event loop as much as one sending uploads, without a rate limit.
+REFUSALS_PER_STREAM = 100
+CLOSE_POLICY = 1008
 STOP_FLUSH_S = 10.0
 
 
@@ -143,10 +151,19 @@ def run_gateway(settings: Settings) -> int:
     region = settings.need_region()
     files = RegionPKI(settings.pki_path, ())
     context = server_context(files)
-    try:
-        revoked = _serials(read_revoked(files.revoked)) if files.revoked.exists() else frozenset()
-    except ValueError as exc:
-        raise GatewayError(f"{files.revoked}: {exc}") from None
+    try:  # refusing nobody must be a file that says so: a missing list stops the start
+        revoked = _serials(read_revoked(files.revoked))
+    except (OSError, ValueError) as exc:
+        raise GatewayError(
+            f"the deny-list {files.revoked} cannot be read ({exc}): `vtp pki init` makes an "
+            "empty one"
+        ) from None
+    kafka_limit = int(settings.kafka_extra.get("message.max.bytes", 1_000_000))
+    if settings.max_upload_bytes + 4096 > kafka_limit:
+        raise GatewayError(
+            f"VTP_MAX_UPLOAD_BYTES={settings.max_upload_bytes} does not fit the producer's "
+            f"message.max.bytes={kafka_limit} with its framing: lower it or raise that"
+        )
     check_cluster_region(settings)
     sock = _bind(settings.gateway_host, settings.gateway_port)
     failed: list[str] = []
@@ -188,6 +205,8 @@ class Gateway:
         self.closing: set[asyncio.Task[Any]] = set()
         self.handshaking = 0
         self.transports: set[asyncio.BaseTransport] = set()
+        self.by_vin: dict[str, set[asyncio.BaseTransport]] = {}
+        self.streaming: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
 
     def close_stream(self, conn: Connection, code: int, why: bytes) -> None:
         """Closes a vehicle's stream from outside its handler (which then ends)."""
@@ -258,10 +277,45 @@ class Gateway:
             return
         finally:
             self.handshaking -= 1
+        why = self.first_look(transport)
+        if why:
+            m.GATEWAY_CONNECTIONS_REFUSED.labels(self.region, why).inc()
+            transport.close()
+            return
         self.transports.add(transport)
+        # a connection that does not open its stream soon is closed: an idle TLS
+        # connection holds a slot and a buffer
+        loop.call_later(UPGRADE_WITHIN_S, self.close_unless_streaming, transport)
+
+    def first_look(self, transport: asyncio.BaseTransport) -> str | None:
+        """Why a connection that passed the handshake is closed at once, before any HTTP:
+        its certificate names no VIN or is revoked, or its VIN holds enough connections
+        already (a stolen certificate cannot fill the gateway)."""
+        identity = certificate_identity(transport.get_extra_info("peercert"))
+        if identity is None:
+            return "not_a_vehicle"
+        vin, serial = identity
+        if serial in self.edge.revoked:
+            return "revoked"
+        mine = {t for t in self.by_vin.get(vin, ()) if not t.is_closing()}
+        if len(mine) >= CONNECTIONS_PER_VEHICLE:
+            return "too_many_per_vehicle"
+        mine.add(transport)
+        self.by_vin[vin] = mine
+        return None
+
+    def close_unless_streaming(self, transport: asyncio.BaseTransport) -> None:
+        if transport not in self.streaming and not transport.is_closing():
+            transport.close()
 
     def open_connections(self) -> int:
         self.transports = {t for t in self.transports if not t.is_closing()}
+        if len(self.by_vin) > 2 * len(self.transports) + 1024:  # now and then, not always
+            self.by_vin = {
+                v: live
+                for v, ts in self.by_vin.items()
+                if (live := {t for t in ts if not t.is_closing()})
+            }
         return self.handshaking + len(self.transports)
 
     async def stop(self, pump: DeliveryPump) -> None:
@@ -299,8 +353,12 @@ class Gateway:
             heartbeat=HEARTBEAT_S,
         )
         if not ws.can_prepare(request).ok:
-            return web.Response(status=400, text="a vehicle stream is a WebSocket\n")
+            response = web.Response(status=400, text="a vehicle stream is a WebSocket\n")
+            response.force_close()
+            return response
         await ws.prepare(request)
+        if transport is not None:
+            self.streaming.add(transport)
         conn = Connection(vin, serial, ws)
         older = self.edge.opened(conn)
         if older is not None:
@@ -316,14 +374,24 @@ class Gateway:
     def _refuse(self, reason: str, status: int, text: str) -> web.Response:
         m.GATEWAY_CONNECTIONS_REFUSED.labels(self.region, reason).inc()
         headers = {"Retry-After": "30"} if status == 503 else None
-        return web.Response(status=status, text=f"{reason}: {text}\n", headers=headers)
+        response = web.Response(status=status, text=f"{reason}: {text}\n", headers=headers)
+        response.force_close()  # no keep-alive for a connection that will not stream
+        return response
 
     async def read_uploads(self, conn: Connection) -> None:
         ws, edge = conn.ws, self.edge
         while True:
             if conn.unanswered >= UNANSWERED_PER_STREAM:
+                if conn.closed:  # its writer ended: no one will make room
+                    return
                 conn.room.clear()
-                await conn.room.wait()
+                try:
+                    await asyncio.wait_for(conn.room.wait(), HEARTBEAT_S)
+                except TimeoutError:
+                    await ws.close(code=CLOSE_POLICY, message=b"answers not read")
+                    return
+                if conn.closed or ws.closed:
+                    return
             message = await ws.receive()
             if message.type is WSMsgType.BINARY:
                 edge.on_upload(conn, message.data, time.monotonic())
@@ -334,6 +402,9 @@ class Gateway:
                     m.GATEWAY_OVERSIZE.labels(self.region).inc()
                 return
             else:  # close, closing, closed
+                return
+            if conn.refusals > REFUSALS_PER_STREAM:
+                await ws.close(code=CLOSE_POLICY, message=b"too many refused frames")
                 return
 
     async def write_answers(self, conn: Connection) -> None:
@@ -355,6 +426,9 @@ class Gateway:
                     conn.room.set()
         except (ConnectionError, RuntimeError):
             return  # the vehicle went away; what it was not told, it sends again
+        finally:
+            conn.closed = True
+            conn.room.set()  # the reader, if it waits for room, ends
 
     async def watch_revoked(self) -> None:
         """Rereads the deny-list when it changes; a list that cannot be read leaves the
@@ -369,11 +443,11 @@ class Gateway:
             forced = self.reload_now.is_set()
             self.reload_now.clear()
             self.edge.forget_idle_buckets(time.monotonic())
-            stamp = _stamp(path)
-            if stamp == last and not forced:
-                continue
-            last = stamp
             try:
+                stamp = _stamp(path)
+                if stamp == last and not forced:
+                    continue
+                last = stamp
                 serials = _serials(read_revoked(path))
             except (OSError, ValueError) as exc:
                 m.GATEWAY_REVOKED_RELOAD_FAILURES.labels(self.region).inc()
@@ -386,6 +460,8 @@ class Gateway:
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced (None: it is gone; another OSError, such as
+    a broken link or no permission, is raised for the caller to count)."""
     try:
         st = path.stat()
     except FileNotFoundError:

@@ -35,14 +35,15 @@ import aiohttp
 
 from producers import edge_wire
 from producers.spool import Spool, SpoolStats
-from schemas import MAX_UPLOAD_BYTES, SchemaStore, default_store
+from schemas import MAX_ID_CHARS, MAX_UPLOAD_BYTES, SchemaStore, default_store
 
 log = logging.getLogger("vtp.uplink")
 
 # Uploads sent and not answered: a resend after a lost connection comes at most this many
 # uploads late, well inside what the worker remembers to drop it (VTP_DEDUP_UPLOADS_PER_VEHICLE).
 MAX_WINDOW = 32
-RECONNECT_S = (0.2, 30.0)  # first and longest wait between attempts (doubling, jittered)
+RECONNECT_S = (0.2, 30.0)
+STREAM_LIVED_S = 10.0  # first and longest wait between attempts (doubling, jittered)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class VehicleUplink:
             raise ValueError(f"upload {upload_id!r} is not a framed upload: {exc}") from None
         if inside != upload_id:
             raise ValueError(f"upload {upload_id!r} holds the id {inside!r}")
+        if not 1 <= len(upload_id) <= MAX_ID_CHARS:
+            raise ValueError(f"an upload id has 1 to {MAX_ID_CHARS} characters: {upload_id!r}")
         seq = self._spool.append(upload_id, value)
         self._wake()
         return seq
@@ -176,8 +179,17 @@ class VehicleUplink:
                         max_msg_size=1 << 20,
                     ) as ws:
                         self.report.connects += 1
+                        stream = _Stream(self, ws)
+                        await stream.run()
+                    # Back to a short wait only after a stream that worked: one the gateway
+                    # ends at once (an upload it will not take, say) is not retried hot.
+                    if stream.answers or time.monotonic() - stream.opened >= STREAM_LIVED_S:
                         wait = RECONNECT_S[0]
-                        await _Stream(self, ws).run()
+                    if ws.close_code == edge_wire.CLOSE_REPLACED:
+                        log.warning(
+                            "another client streams with this vehicle's certificate: waiting"
+                        )
+                        wait = RECONNECT_S[1]
                 except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
                     self.report.connect_failures += 1
                     self.report.last_error = f"{type(exc).__name__}: {exc}"
@@ -212,6 +224,8 @@ class _Stream:
         self.last_sent: int | None = None  # None: start from the oldest pending
         self.retry_at: float | None = None  # holding back until answered, then this time
         self.answered = asyncio.Event()
+        self.answers = 0
+        self.opened = time.monotonic()
 
     async def run(self) -> None:
         receiver = asyncio.create_task(self.receive())
@@ -260,6 +274,7 @@ class _Stream:
             if message.type is not aiohttp.WSMsgType.TEXT:
                 break
             answer = edge_wire.parse_answer(message.data)
+            self.answers += 1
             if answer.kind == "ack":
                 # ids not sent on this stream (answers for an earlier one) are no one's
                 popped = map(self.inflight.pop, answer.upload_ids, repeat(None))
@@ -271,6 +286,10 @@ class _Stream:
             for upload_id in answer.upload_ids:
                 seq = self.inflight.pop(upload_id, None)
                 if seq is None:
+                    if answer.kind == "refused":
+                        # one of the uploads in flight, unknown which: waiting for its
+                        # answer would hold the stream for ever; a new stream resends all
+                        raise ValueError(f"the gateway refused an upload not sent: {answer}")
                     continue
                 if answer.kind == "refused":
                     self.spool.refuse(seq, f"{answer.reason}: {answer.detail}")

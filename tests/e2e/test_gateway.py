@@ -5,6 +5,7 @@ vehicle SDK's store-and-forward uplink, certificates from the region's developme
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -148,7 +149,7 @@ def test_a_revoked_certificate_is_cut_off_and_refused_after_the_reload(edge, tmp
         assert uplink.report.connects == 1
         revoke(settings.pki_path, creds.cert, reason="stolen")
         deadline = time.monotonic() + 20
-        while "4001" not in uplink.report.last_error and "403" not in uplink.report.last_error:
+        while not uplink.report.connect_failures:  # cut off (4001), and not let back in
             assert time.monotonic() < deadline, uplink.report
             time.sleep(0.05)
         uplink.send(upload(vin, 1))
@@ -233,3 +234,122 @@ def test_the_gateway_stops_cleanly_on_sigterm(region_stack):
     os.kill(process.popen.pid, signal.SIGTERM)
     assert process.popen.wait(30) == 0
     assert not (settings.home / "gateway.json").exists()
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame (mask 0: the payload goes as it is)."""
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else b"\xfe" + n.to_bytes(2, "big")
+    return bytes([0x80 | opcode]) + size + b"\x00\x00\x00\x00" + payload
+
+
+UPGRADE = (
+    b"GET /v1/uploads HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, limit_s: float) -> tuple[bytes, float]:
+    """What the gateway sent until it closed the connection, and how long that took."""
+    started = time.monotonic()
+    got = b""
+    with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+        while chunk := await asyncio.wait_for(reader.read(65536), limit_s):
+            got += chunk
+    return got, time.monotonic() - started
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("wss://").split("/")[0].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_a_stream_sending_only_refused_frames_is_closed(edge):
+    settings, url, _ = edge
+    creds = credentials(settings, "WVWZZZ1JZXW0000F6")
+
+    async def garbage() -> bytes:
+        reader, writer = await asyncio.open_connection(*_host_port(url), ssl=creds.context())
+        writer.write(UPGRADE)
+        assert b" 101 " in await reader.readline()
+        for _ in range(300):
+            writer.write(_masked(0x2, b"junk"))
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.drain()
+        got, _ = await _read_until_closed(reader, 30)
+        writer.close()
+        await asyncio.sleep(0.25)
+        return got
+
+    got = asyncio.run(garbage())
+    assert got.count(b'"not_single_object"') <= 101  # answered until the limit, then closed
+    assert b"\x88\x19\x03\xf0" in got  # a close frame, 1008, with its reason
+
+
+def test_a_connection_that_never_opens_its_stream_is_closed(edge):
+    settings, url, _ = edge
+    creds = credentials(settings, "WVWZZZ1JZXW0000G7")
+
+    async def idle() -> float:
+        reader, writer = await asyncio.open_connection(*_host_port(url), ssl=creds.context())
+        _, took = await _read_until_closed(reader, 60)
+        writer.close()
+        await asyncio.sleep(0.25)
+        return took
+
+    assert asyncio.run(idle()) < 30  # closed after about 10 s, not the hour of a keep-alive
+
+
+def test_a_revoked_or_greedy_certificate_is_closed_right_after_the_handshake(edge, tmp_path):
+    settings, url, metrics_port = edge
+    greedy = credentials(settings, "WVWZZZ1JZXW0000H8")
+    revoked = credentials(settings, "WVWZZZ1JZXW0000J9")
+    serials = 'vtp_gateway_revoked_serials{region="eu"}'
+    listed = scrape(metrics_port)[serials]
+    revoke(settings.pki_path, revoked.cert)
+    refused = 'vtp_gateway_connections_refused_total{reason="revoked",region="eu"}'
+    before = scrape(metrics_port)[refused]
+
+    async def connections(creds: VehicleCredentials, n: int) -> list[bytes]:
+        opened = [
+            await asyncio.open_connection(*_host_port(url), ssl=creds.context()) for _ in range(n)
+        ]
+        got = [(await _read_until_closed(r, 5))[0] for r, _ in opened]
+        for _, w in opened:
+            w.close()
+        await asyncio.sleep(0.25)
+        return got
+
+    assert eventually(lambda: scrape(metrics_port)[serials] == listed + 1, 20)
+    assert asyncio.run(connections(revoked, 2)) == [b"", b""]
+    assert scrape(metrics_port)[refused] == before + 2
+    per_vehicle = 'vtp_gateway_connections_refused_total{reason="too_many_per_vehicle",region="eu"}'
+    asyncio.run(connections(greedy, 5))  # three may wait for their stream; two are closed
+    assert scrape(metrics_port)[per_vehicle] >= 2
+
+
+def test_an_upload_of_a_schema_the_gateway_does_not_know_is_refused_by_its_id(edge, tmp_path):
+    settings, url, _ = edge
+    vin = "WVWZZZ1JZXW0000K1"
+    uplink = VehicleUplink(url, credentials(settings, vin), tmp_path / "spool")
+    from schemas import default_store
+
+    store = default_store()
+    framed = store.encode(upload(vin, 0), store.get("VehicleUpload"))
+    newer = framed[:2] + b"\x01" * 8 + framed[10:]  # a writer schema from a later release
+    try:
+        uplink.send_encoded(f"{vin}-00000", newer)
+        uplink.send(upload(vin, 1))
+        assert uplink.wait_acknowledged(30), uplink.report
+    finally:
+        report = uplink.close()
+    assert [(i, r) for i, r, _ in report.refused] == [(f"{vin}-00000", "unknown_schema")]
+    assert vehicle_upload_ids(settings, vin) == [f"{vin}-00001"]
+
+
+def test_a_gateway_without_its_deny_list_does_not_start(region_stack):
+    settings = region_stack("eu", "edgenolist")
+    init_region(settings.pki_path, "eu")
+    (settings.pki_path / "revoked.txt").unlink()
+    with pytest.raises(RuntimeError, match="deny-list"):
+        start_gateway(settings)

@@ -3,6 +3,9 @@ stream."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from producers.edge import Edge, certificate_identity
@@ -52,3 +55,38 @@ def test_revoked_serials_and_a_full_gateway_are_refused_a_known_vehicle_replaces
     edge.connections[VIN] = object()  # type: ignore[assignment]
     assert edge.admit("WVWZZZ1JZXW000002", 9) == "too_many_connections"
     assert edge.admit(VIN, 8) is None  # its newer stream replaces the older
+
+
+class GoneVehicle:
+    """A WebSocket whose vehicle left without reading its answers."""
+
+    closed = False
+
+    async def send_str(self, text: str) -> None:
+        raise ConnectionResetError("the vehicle is gone")
+
+    async def receive(self) -> None:
+        await asyncio.Event().wait()  # nothing ever comes
+
+    async def close(self, **_: object) -> None:
+        self.closed = True
+
+
+def test_a_stream_owing_answers_to_a_vehicle_that_left_is_let_go():
+    from producers.edge import Connection
+    from producers.gateway import UNANSWERED_PER_STREAM, Gateway
+    from producers.pki import RegionPKI
+
+    async def scenario() -> bool:
+        settings = load_settings({}).with_(region="eu")
+        edge = Edge(settings, NoKafka())  # type: ignore[arg-type]
+        gateway = Gateway(settings, edge, RegionPKI(Path("unused"), ()))
+        conn = Connection(VIN, 1, GoneVehicle())  # type: ignore[arg-type]
+        conn.unanswered = UNANSWERED_PER_STREAM  # the reader waits for room
+        conn.answer("an answer it will never read")
+        writer = asyncio.create_task(gateway.write_answers(conn))
+        await asyncio.wait_for(gateway.read_uploads(conn), 5)  # ends: does not hang
+        await writer
+        return conn.closed
+
+    assert asyncio.run(scenario())
